@@ -1,0 +1,17 @@
+"""megatron-switch: the Switch Transformer (top-1 mixture of experts) as a Megatron-Core plugin."""
+
+from megatron_switch.arguments import add_switch_args
+from megatron_switch.config import SwitchConfig, SwitchConfigError
+from megatron_switch.initialization import switch_init_method
+from megatron_switch.layer import SwitchMLP, SwitchStats, switch_stats
+from megatron_switch.parallel import LayoutError, initialize_parallel, validate_layout
+from megatron_switch.router import SwitchRouter
+from megatron_switch.spec import get_switch_gpt_layer_spec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "SwitchConfig", "SwitchConfigError", "SwitchRouter", "SwitchMLP", "SwitchStats", "switch_stats",
+    "get_switch_gpt_layer_spec", "add_switch_args", "switch_init_method", "initialize_parallel",
+    "validate_layout", "LayoutError",
+]

@@ -1,0 +1,65 @@
+"""Megatron-LM compatible flags: --moe-switch, --num-experts and the Switch knobs.
+
+Where Megatron-LM already has a flag of the same meaning (--num-experts,
+--moe-expert-capacity-factor, ...) we use its name, and `add_switch_args` adds only the flags the
+parser does not have yet, so it can extend Megatron-LM's own parser (`extra_args_provider`)
+without redefining anything. Placement differs from Megatron's --moe-layer-freq in one way that
+follows the paper: with k, layers k, 2k, ... (1-based) are Switch layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_switch.config import ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, SwitchConfig
+
+_D = SwitchConfig  # class attributes hold the defaults
+
+
+def _flags():
+    """(flag, argparse kwargs) of every Switch flag, in help order."""
+    return [
+        ("--moe-switch", dict(action="store_true",
+                              help="Replace every k-th FFN with a Switch (top-1 MoE) layer.")),
+        ("--num-experts", dict(type=int, default=None, help="Experts per Switch layer.")),
+        ("--moe-layer-freq", dict(type=int, default=None,
+                                  help="Switch layer every k-th layer (k, 2k, ...; paper: 2). Default 1.")),
+        ("--expert-model-parallel-size", dict(type=int, default=1, help="Expert-parallel size.")),
+        ("--moe-expert-capacity-factor", dict(type=float, default=None,
+                                              help=f"Train capacity factor (default {_D.capacity_factor}; "
+                                                   "0 = dropless).")),
+        ("--switch-eval-capacity-factor", dict(type=float, default=None,
+                                               help=f"Eval capacity factor (default {_D.eval_capacity_factor}).")),
+        ("--switch-dropless", dict(action="store_true", help="No capacity limit (no dropped tokens).")),
+        ("--switch-min-capacity", dict(type=int, default=None,
+                                       help=f"Minimum slots per expert (default {_D.min_capacity}).")),
+        ("--moe-token-drop-policy", dict(type=str, default=None, choices=DROP_POLICIES,
+                                         help="position: first come first served; probs: highest gates.")),
+        ("--moe-aux-loss-coeff", dict(type=float, default=None,
+                                      help=f"Load-balancing loss alpha (default {_D.aux_loss_coeff}).")),
+        ("--moe-z-loss-coeff", dict(type=float, default=None,
+                                    help=f"Router z-loss beta (default {_D.z_loss_coeff}; ST-MoE: 1e-3).")),
+        ("--moe-input-jitter-eps", dict(type=float, default=None,
+                                        help=f"Router jitter eps (default {_D.jitter_eps}).")),
+        ("--switch-init-scale", dict(type=float, default=None,
+                                     help=f"Truncated-normal init scale s (default {_D.init_scale}).")),
+        ("--switch-expert-dropout", dict(type=float, default=None,
+                                         help="Dropout inside experts (paper fine-tuning: 0.4).")),
+        ("--switch-expert-activation", dict(type=str, default=None, choices=ACTIVATIONS,
+                                            help=f"Expert activation (default {_D.activation}).")),
+        ("--switch-no-expert-bias", dict(action="store_true", help="Experts without biases.")),
+        ("--moe-ffn-hidden-size", dict(type=int, default=None,
+                                       help="Expert FFN width (default: --ffn-hidden-size).")),
+        ("--switch-expert-backend", dict(type=str, default=None, choices=EXPERT_BACKENDS,
+                                         help="Expert GEMM backend (default auto).")),
+    ]
+
+
+def add_switch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the Switch flags that `parser` does not already define; returns the parser."""
+    existing = set(parser._option_string_actions)
+    group = parser.add_argument_group("switch", "Switch Transformer (top-1 mixture of experts)")
+    for flag, kwargs in _flags():
+        if flag not in existing:
+            group.add_argument(flag, **kwargs)
+    return parser

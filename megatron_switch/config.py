@@ -1,0 +1,145 @@
+"""SwitchConfig: every Switch Transformer knob, validated once.
+
+A config is built by hand or from an argparse namespace (`SwitchConfig.from_args`) and is
+immutable afterwards; every other module reads it and never looks at argparse again.
+Validation raises `SwitchConfigError` with the fix in the message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Optional
+
+ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
+DROP_POLICIES = ("position", "probs")
+EXPERT_BACKENDS = ("auto", "torch", "te")
+
+
+class SwitchConfigError(ValueError):
+    """A Switch setting a user can fix; the message says how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchConfig:
+    """The Switch layer's settings (paper defaults).
+
+    num_experts: experts per Switch layer (E).
+    expert_interval: every k-th transformer layer is a Switch layer (k=2 in Switch-Base, 1 in Switch-C).
+    capacity_factor: train capacity factor; None or 0 means dropless.
+    eval_capacity_factor: capacity factor outside training; None or 0 means dropless.
+    min_capacity: lower bound on the per-expert capacity C.
+    drop_policy: "position" (first come, first served in flattened [s, b] order) or "probs"
+        (keep the highest-gate tokens).
+    aux_loss_coeff: alpha of the load-balancing loss alpha * E * sum_i f_i P_i.
+    z_loss_coeff: beta of the router z-loss beta * mean_t logsumexp(logits_t)^2.
+    jitter_eps: multiplicative router-input jitter U(1 - eps, 1 + eps), training only.
+    init_scale: s of the truncated-normal init, sigma = sqrt(s / fan_in).
+    expert_dropout: dropout inside the experts, after the activation.
+    activation: "relu", "gelu", "geglu" or "swiglu" (the last two are gated).
+    expert_bias: whether expert projections carry biases.
+    expert_ffn_hidden_size: expert FFN width; None means the model's ffn_hidden_size.
+    expert_backend: "auto", "torch" or "te".
+    init_seed: base seed of the layout-independent expert and router initialisation.
+    """
+
+    num_experts: int
+    expert_interval: int = 1
+    capacity_factor: Optional[float] = 1.25
+    eval_capacity_factor: Optional[float] = 2.0
+    min_capacity: int = 4
+    drop_policy: str = "position"
+    aux_loss_coeff: float = 1e-2
+    z_loss_coeff: float = 0.0
+    jitter_eps: float = 1e-2
+    init_scale: float = 0.1
+    expert_dropout: float = 0.0
+    activation: str = "relu"
+    expert_bias: bool = True
+    expert_ffn_hidden_size: Optional[int] = None
+    expert_backend: str = "auto"
+    init_seed: int = 1234
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise SwitchConfigError(message)
+
+        need(isinstance(self.num_experts, int) and self.num_experts >= 1,
+             f"--num-experts must be a positive integer, got {self.num_experts!r}")
+        need(self.expert_interval >= 1,
+             f"--moe-layer-freq (Switch layer every k-th layer) must be >= 1, got {self.expert_interval}")
+        for name, flag in (("capacity_factor", "--moe-expert-capacity-factor"),
+                           ("eval_capacity_factor", "--switch-eval-capacity-factor")):
+            value = getattr(self, name)
+            need(value is None or (math.isfinite(value) and value >= 0),
+                 f"{flag} must be >= 0 (0 means dropless), got {value}")
+        need(self.min_capacity >= 0, f"--switch-min-capacity must be >= 0, got {self.min_capacity}")
+        need(self.drop_policy in DROP_POLICIES,
+             f"--moe-token-drop-policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
+        need(self.aux_loss_coeff >= 0, f"--moe-aux-loss-coeff must be >= 0, got {self.aux_loss_coeff}")
+        need(self.z_loss_coeff >= 0, f"--moe-z-loss-coeff must be >= 0, got {self.z_loss_coeff}")
+        need(0 <= self.jitter_eps < 1,
+             f"--moe-input-jitter-eps must be in [0, 1), got {self.jitter_eps}")
+        need(self.init_scale > 0, f"--switch-init-scale must be > 0, got {self.init_scale}")
+        need(0 <= self.expert_dropout < 1,
+             f"--switch-expert-dropout must be in [0, 1), got {self.expert_dropout}")
+        need(self.activation in ACTIVATIONS,
+             f"unknown expert activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
+        need(self.expert_ffn_hidden_size is None or self.expert_ffn_hidden_size >= 1,
+             f"--switch-expert-ffn-hidden-size must be >= 1, got {self.expert_ffn_hidden_size}")
+        need(self.expert_backend in EXPERT_BACKENDS,
+             f"--switch-expert-backend must be one of {EXPERT_BACKENDS}, got {self.expert_backend!r}")
+
+    @property
+    def gated(self) -> bool:
+        return self.activation in ("geglu", "swiglu")
+
+    def capacity_factor_for(self, training: bool) -> Optional[float]:
+        """The capacity factor in force; None means dropless."""
+        cf = self.capacity_factor if training else self.eval_capacity_factor
+        return cf if cf else None
+
+    def capacity(self, num_tokens: int, training: bool) -> Optional[int]:
+        """C = max(min_capacity, ceil(cf * T / E)); None when dropless."""
+        cf = self.capacity_factor_for(training)
+        if cf is None:
+            return None
+        return max(self.min_capacity, math.ceil(cf * num_tokens / self.num_experts))
+
+    def is_switch_layer(self, layer_number: int) -> bool:
+        """Layer numbers are 1-based, as in Megatron; layers k, 2k, ... are Switch layers."""
+        return layer_number % self.expert_interval == 0
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SwitchConfig":
+        """Build from a namespace parsed with `add_switch_args` (Megatron-LM flag names)."""
+        if getattr(args, "num_experts", None) is None:
+            raise SwitchConfigError("--moe-switch needs --num-experts N")
+        get = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)
+        freq = get("moe_layer_freq", 1)
+        if not isinstance(freq, int):
+            raise SwitchConfigError(
+                f"--moe-layer-freq must be an integer k (Switch layer every k-th layer), got {freq!r}")
+        capacity_factor = get("moe_expert_capacity_factor", cls.capacity_factor)
+        if getattr(args, "switch_dropless", False):
+            capacity_factor = None
+        return cls(
+            num_experts=args.num_experts,
+            expert_interval=freq,
+            capacity_factor=capacity_factor,
+            eval_capacity_factor=get("switch_eval_capacity_factor", cls.eval_capacity_factor),
+            min_capacity=get("switch_min_capacity", cls.min_capacity),
+            drop_policy=get("moe_token_drop_policy", cls.drop_policy),
+            aux_loss_coeff=get("moe_aux_loss_coeff", cls.aux_loss_coeff),
+            z_loss_coeff=get("moe_z_loss_coeff", cls.z_loss_coeff),
+            jitter_eps=get("moe_input_jitter_eps", cls.jitter_eps),
+            init_scale=get("switch_init_scale", cls.init_scale),
+            expert_dropout=get("switch_expert_dropout", cls.expert_dropout),
+            activation=get("switch_expert_activation", cls.activation),
+            expert_bias=not getattr(args, "switch_no_expert_bias", False),
+            expert_ffn_hidden_size=get("moe_ffn_hidden_size", None),
+            expert_backend=get("switch_expert_backend", cls.expert_backend),
+            init_seed=get("seed", cls.init_seed),
+        )

@@ -1,0 +1,105 @@
+"""Token permutation and the expert-parallel all-to-all.
+
+Shapes: T local tokens, h hidden, E experts, P expert-parallel ranks, E_l = E / P local experts,
+C capacity. Experts are laid out contiguously: rank p owns experts [p * E_l, (p + 1) * E_l).
+
+- `CapacityDispatcher` (capacity mode, each rank its own routing group): tokens are written into
+  an [E * C, h] buffer at slot `expert * C + position`; one static-shape all-to-all gives each rank
+  [E_l, P * C, h]; one more brings the outputs back. Dropped tokens read a zero row.
+- `GroupedDispatcher` (dropless, or a routing group shared by several ranks): kept tokens are
+  sorted by expert, split sizes are exchanged, and an uneven all-to-all moves exactly the kept
+  tokens; experts see variable counts.
+Both only move indices and [*, h] rows: nothing of size T x E x C exists. With no expert-parallel
+group (P = 1) the same code runs with the collectives as identities.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import torch
+
+from megatron_switch.comm import Group, all_to_all, group_size
+from megatron_switch.router import Routing
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatchMeta:
+    """What `combine` needs to put expert outputs back in token order.
+
+    source_rows: [R] token index (capacity: slot index) of each row sent.
+    tokens_per_local_expert: counts for the grouped expert path; None for the padded one.
+    """
+
+    num_tokens: int
+    source_rows: torch.Tensor
+    tokens_per_local_expert: Optional[List[int]] = None
+    send_splits: Optional[List[int]] = None
+    recv_splits: Optional[List[int]] = None
+    regroup: Optional[torch.Tensor] = None
+
+
+class CapacityDispatcher:
+    """Static shapes: [E * C, h] per rank, one all-to-all each way."""
+
+    def __init__(self, num_experts: int, ep_group: Group):
+        self.num_experts, self.ep_group = num_experts, ep_group
+        self.ep = group_size(ep_group)
+
+    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, DispatchMeta]:
+        E, C, h = self.num_experts, routing.capacity, x_Th.shape[-1]
+        trash = E * C
+        slot_T = torch.where(routing.kept, routing.expert * C + routing.position,
+                             torch.full_like(routing.expert, trash))
+        buffer = x_Th.new_zeros(trash + 1, h).index_copy(0, slot_T, x_Th)[:trash]
+        received = all_to_all(buffer, self.ep_group)  # [P (source), E_l, C, h]
+        E_l = E // self.ep
+        x_ENh = received.view(self.ep, E_l, C, h).transpose(0, 1).reshape(E_l, self.ep * C, h)
+        return x_ENh, DispatchMeta(x_Th.shape[0], slot_T)
+
+    def combine(self, y_ENh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        E_l, _, h = y_ENh.shape
+        send = y_ENh.view(E_l, self.ep, -1, h).transpose(0, 1).reshape(-1, h)
+        slots = all_to_all(send, self.ep_group)  # [E * C, h] in this rank's slot order
+        slots = torch.cat([slots, slots.new_zeros(1, h)])
+        return slots.index_select(0, meta.source_rows)
+
+
+class GroupedDispatcher:
+    """Exactly the kept tokens move: split sizes first, then an uneven all-to-all."""
+
+    def __init__(self, num_experts: int, ep_group: Group):
+        self.num_experts, self.ep_group = num_experts, ep_group
+        self.ep = group_size(ep_group)
+
+    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, DispatchMeta]:
+        E, P = self.num_experts, self.ep
+        E_l = E // P
+        kept = routing.kept
+        key = torch.where(kept, routing.expert, torch.full_like(routing.expert, E))
+        order = torch.argsort(key, stable=True)
+        send_counts_PE = torch.bincount(key, minlength=E + 1)[:E].view(P, E_l)
+        num_kept = int(send_counts_PE.sum())
+        rows = order[:num_kept]
+        x_sent = x_Th.index_select(0, rows)
+        if P == 1:
+            return x_sent, DispatchMeta(x_Th.shape[0], rows, send_counts_PE[0].tolist())
+        recv_counts_PE = torch.empty_like(send_counts_PE)
+        torch.distributed.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
+        send_splits = send_counts_PE.sum(1).tolist()
+        recv_splits = recv_counts_PE.sum(1).tolist()
+        received = all_to_all(x_sent, self.ep_group, recv_splits, send_splits)  # (source, expert)
+        local_expert = torch.repeat_interleave(
+            torch.arange(E_l, device=x_Th.device).repeat(P), recv_counts_PE.flatten())
+        regroup = torch.argsort(local_expert, stable=True)
+        meta = DispatchMeta(x_Th.shape[0], rows, recv_counts_PE.sum(0).tolist(), send_splits,
+                            recv_splits, regroup)
+        return received.index_select(0, regroup), meta
+
+    def combine(self, y_Nh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        h = y_Nh.shape[-1]
+        if meta.regroup is not None:
+            y_Nh = torch.empty_like(y_Nh).index_copy(0, meta.regroup, y_Nh)
+            y_Nh = all_to_all(y_Nh, self.ep_group, meta.send_splits, meta.recv_splits)
+        return y_Nh.new_zeros(meta.num_tokens, h).index_copy(0, meta.source_rows, y_Nh)

@@ -1,0 +1,127 @@
+"""SwitchMLP: router -> dispatch -> experts -> combine, as the `mlp` of a Megatron TransformerLayer.
+
+`forward(hidden [s, b, h]) -> (output [s, b, h], None)`, the signature of Megatron's MLP, so the
+layer drops into any TransformerLayer spec and works through pipeline stages. The load-balancing
+and z losses reach the gradient through Megatron's `MoEAuxLossAutoScaler`, attached to the output;
+per-layer statistics of the last forward are in `layer.last_stats`.
+
+Tensor parallelism: without sequence parallelism every TP rank holds the same [s, b, h]; each routes
+and sends its 1/TP share of the sequence, and the outputs are all-gathered, so no expert work is
+duplicated. With sequence parallelism the tokens arrive already sharded. Either way the routing
+group is the whole micro-batch (see router.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional, Tuple
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_switch.comm import Group, gather_rows, group_rank, group_size, scatter_rows
+from megatron_switch.config import SwitchConfig, SwitchConfigError
+from megatron_switch.dispatch import CapacityDispatcher, GroupedDispatcher
+from megatron_switch.experts import TorchExperts
+from megatron_switch.router import SwitchRouter
+
+
+@dataclasses.dataclass(frozen=True)
+class SwitchStats:
+    """One Switch layer's routing statistics from its last forward (detached).
+
+    aux_loss, z_loss: with coefficients applied. dropped_fraction: share of the routing group's
+    tokens that found no slot. tokens_per_expert: [E] argmax counts over the routing group.
+    """
+
+    aux_loss: torch.Tensor
+    z_loss: torch.Tensor
+    dropped_fraction: torch.Tensor
+    tokens_per_expert: torch.Tensor
+
+
+def _default_group(getter_name: str, size_name: str) -> Group:
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if getattr(parallel_state, size_name)() == 1:
+        return None
+    return getattr(parallel_state, getter_name)()
+
+
+class SwitchMLP(MegatronModule):
+    """A bank of E experts with top-1 routing; E / EP of them live on this rank."""
+
+    def __init__(self, config: TransformerConfig, submodules=None, switch: Optional[SwitchConfig] = None,
+                 layer_number: int = 1, ep_group: Group = "default", tp_group: Group = "default"):
+        super().__init__(config=config)
+        if switch is None:
+            raise SwitchConfigError("SwitchMLP needs a SwitchConfig: build the spec with "
+                                    "get_switch_gpt_layer_spec(config, switch_config)")
+        self.switch = switch
+        self.ep_group = (_default_group("get_expert_model_parallel_group",
+                                        "get_expert_model_parallel_world_size")
+                         if ep_group == "default" else ep_group)
+        self.tp_group = (_default_group("get_tensor_model_parallel_group",
+                                        "get_tensor_model_parallel_world_size")
+                         if tp_group == "default" else tp_group)
+        ep = group_size(self.ep_group)
+        if switch.num_experts % ep:
+            raise SwitchConfigError(
+                f"--num-experts {switch.num_experts} is not divisible by the expert-parallel size {ep}")
+        num_local = switch.num_experts // ep
+        self.layer_number = layer_number
+        self.router = SwitchRouter(config, switch, layer_number)
+        self.experts = TorchExperts(config, switch, num_local, group_rank(self.ep_group) * num_local,
+                                    layer_number)
+        self.capacity_dispatcher = CapacityDispatcher(switch.num_experts, self.ep_group)
+        self.grouped_dispatcher = GroupedDispatcher(switch.num_experts, self.ep_group)
+        self.last_stats: Optional[SwitchStats] = None
+
+    def set_layer_number(self, layer_number: int) -> None:
+        """Called by TransformerLayer; re-draws the layout-independent init for that layer number."""
+        if layer_number != self.layer_number:
+            self.layer_number = layer_number
+            self.router.reset_parameters(layer_number)
+            self.experts.reset_parameters(layer_number)
+
+    @property
+    def token_group(self) -> Group:
+        """Ranks sharing one micro-batch's tokens: the TP group when TP > 1."""
+        return self.tp_group
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None, **unused) -> Tuple[torch.Tensor, None]:
+        """[s, b, h] (the local sequence shard under sequence parallelism) -> ([s, b, h], None)."""
+        shard_tokens = group_size(self.tp_group) > 1 and not self.config.sequence_parallel
+        x = scatter_rows(hidden_states, self.tp_group) if shard_tokens else hidden_states
+        x_Th = x.reshape(-1, x.shape[-1])
+
+        routing = self.router(x_Th, self.token_group)
+        static = routing.capacity is not None and group_size(self.token_group) == 1
+        dispatcher = self.capacity_dispatcher if static else self.grouped_dispatcher
+        expert_in, meta = dispatcher.dispatch(x_Th, routing)
+        expert_out = (self.experts.forward_padded(expert_in) if meta.tokens_per_local_expert is None
+                      else self.experts.forward_grouped(expert_in, meta.tokens_per_local_expert))
+        y_Th = dispatcher.combine(expert_out, meta)
+        y_Th = (y_Th.float() * routing.gate[:, None]).to(hidden_states.dtype)
+
+        aux_loss = routing.aux_loss + routing.z_loss
+        y = y_Th.view_as(x)
+        if self.training and aux_loss.requires_grad:
+            y = MoEAuxLossAutoScaler.apply(y, aux_loss)
+        if shard_tokens:
+            y = gather_rows(y, self.tp_group)
+
+        self.last_stats = SwitchStats(
+            aux_loss=routing.aux_loss.detach(), z_loss=routing.z_loss.detach(),
+            dropped_fraction=routing.num_dropped.detach().float() / routing.num_group_tokens,
+            tokens_per_expert=routing.tokens_per_expert.detach())
+        return y, None
+
+
+def switch_stats(model: torch.nn.Module) -> Dict[int, SwitchStats]:
+    """The last forward's statistics of every Switch layer in `model`, keyed by layer number."""
+    return {m.layer_number: m.last_stats for m in model.modules()
+            if isinstance(m, SwitchMLP) and m.last_stats is not None}

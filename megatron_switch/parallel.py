@@ -1,0 +1,126 @@
+"""Expert-parallel groups beside TP/PP/DP, and the layout checks that come before them.
+
+`validate_layout` is pure: it checks a (world, TP, PP, EP, num_experts) layout and raises
+`LayoutError` naming the violated constraint and a valid alternative, before any process group
+exists. `initialize_parallel` validates, then creates the default group (if needed) and
+Megatron's groups through `megatron.core.parallel_state`, with expert tensor parallelism 1:
+the expert-parallel group folds over TP x DP, and expert parameters are reduced over the
+expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """A parallel layout that cannot work; the message says which constraint and what would."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelLayout:
+    world_size: int
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    num_experts: Optional[int] = None
+    etp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def expert_dp(self) -> int:
+        return self.world_size // (self.etp * self.ep * self.pp)
+
+
+def _divisors(n: int):
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _closest_ep(world_size: int, pp: int, etp: int, ep: int, num_experts: Optional[int]) -> int:
+    """The largest EP <= ep that divides the experts and the ranks left after PP and ETP."""
+    ranks = world_size // (pp * etp) if world_size % (pp * etp) == 0 else 1
+    fits = [d for d in _divisors(ranks) if d <= ep and (num_experts is None or num_experts % d == 0)]
+    return max(fits) if fits else 1
+
+
+def validate_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1,
+                    num_experts: Optional[int] = None, etp: int = 1) -> ParallelLayout:
+    """Check a layout before any process group exists; raise LayoutError with a valid alternative."""
+    for name, value in (("world size", world_size), ("--tensor-model-parallel-size", tp),
+                        ("--pipeline-model-parallel-size", pp), ("--expert-model-parallel-size", ep),
+                        ("--expert-tensor-parallel-size", etp)):
+        if not isinstance(value, int) or value < 1:
+            raise LayoutError(f"{name} must be a positive integer, got {value!r}")
+    if num_experts is not None and num_experts < 1:
+        raise LayoutError(f"--num-experts must be >= 1, got {num_experts}")
+    if num_experts is None and ep > 1:
+        raise LayoutError(f"--expert-model-parallel-size {ep} needs --num-experts")
+    model = tp * pp
+    if world_size % model:
+        fits = [d for d in _divisors(world_size) if world_size % (d * pp) == 0 and d <= tp]
+        raise LayoutError(
+            f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {model}: launch a "
+            f"multiple of {model} processes (e.g. {model * max(1, -(-world_size // model))}), or use "
+            f"--tensor-model-parallel-size {max(fits) if fits else 1}"
+            + ("" if world_size % pp == 0 else f" with --pipeline-model-parallel-size 1"))
+    if num_experts is not None and num_experts % ep:
+        raise LayoutError(
+            f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}: "
+            f"each rank must hold the same number of experts; use --expert-model-parallel-size "
+            f"{_closest_ep(world_size, pp, etp, ep, num_experts)}")
+    expert_model = etp * ep * pp
+    if world_size % expert_model:
+        raise LayoutError(
+            f"world size {world_size} is not divisible by ETP x EP x PP = {etp} x {ep} x {pp} = "
+            f"{expert_model}: the expert-parallel group folds over the {world_size // pp} ranks of a "
+            f"pipeline stage; use --expert-model-parallel-size "
+            f"{_closest_ep(world_size, pp, etp, ep, num_experts)}")
+    return ParallelLayout(world_size, tp, pp, ep, num_experts, etp)
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Optional[int] = None,
+                        backend: Optional[str] = None, timeout_minutes: float = 10) -> ParallelLayout:
+    """Validate the layout, then create the default process group (from torchrun's or SLURM's
+    environment, if not created yet) and Megatron's TP/PP/DP/EP groups.
+
+    backend: None picks NCCL with CUDA, gloo otherwise.
+    """
+    if dist.is_initialized():
+        world_size = dist.get_world_size()
+    else:
+        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    layout = validate_layout(world_size, tp, pp, ep, num_experts)
+    if not dist.is_initialized():
+        rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
+            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+    return layout
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

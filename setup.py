@@ -1,0 +1,24 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-switch",
+    version="0.1.0",
+    description="Switch Transformer (top-1 mixture of experts) for NVIDIA Megatron-Core",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["megatron_switch", "megatron_switch.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy",
+        "psutil",
+    ],
+    extras_require={
+        # Transformer Engine's PyTorch extension compiles against CUDA: install it in a GPU image.
+        "te": ["transformer-engine[pytorch]>=2.0"],
+        "dali": ["nvidia-dali-cuda120>=1.40"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "safetensors", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["megatron-switch=megatron_switch.cli:main"]},
+)

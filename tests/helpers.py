@@ -1,0 +1,59 @@
+"""Shared test helpers: tiny Megatron configs, spawned gloo process groups, reference FFNs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import warnings
+
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+
+def tiny_config(hidden=16, ffn=32, layers=2, heads=2, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kwargs = dict(num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
+                  use_cpu_initialization=True, hidden_dropout=0.0, attention_dropout=0.0)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, fn, world_size, port, args):
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        from megatron_switch.parallel import destroy_parallel
+
+        destroy_parallel()
+
+
+def spawn(fn, world_size: int, *args) -> None:
+    """Run fn(rank, world_size, *args) in `world_size` fresh processes; a failure in any fails the test.
+
+    fn must be a module-level function; it calls initialize_parallel(...) itself.
+    """
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
+                       join=True, start_method="spawn")
+
+
+def dense_ffn(x, w1, w2, b1=None, b2=None, activation="relu"):
+    """A plain FFN in nn.Linear layout: w1 [f', h], w2 [h, f]; gated activations split [gate; up]."""
+    h = F.linear(x, w1, b1)
+    if activation in ("geglu", "swiglu"):
+        gate, up = h.chunk(2, dim=-1)
+        h = (F.gelu if activation == "geglu" else F.silu)(gate) * up
+    else:
+        h = {"relu": F.relu, "gelu": F.gelu}[activation](h)
+    return F.linear(h, w2, b2)

@@ -1,0 +1,235 @@
+"""Single-process Switch layer: against a slow per-token loop, a dense FFN, hand-computed losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from megatron_switch import SwitchConfig, SwitchMLP, switch_stats
+from megatron_switch.router import load_balancing_loss, queue_positions, router_z_loss
+from tests.helpers import dense_ffn, tiny_config
+from tests.reference import slow_switch
+
+
+def make_layer(switch: SwitchConfig, hidden=16, ffn=32, **config):
+    return SwitchMLP(tiny_config(hidden=hidden, ffn=ffn, **config), switch=switch,
+                     ep_group=None, tp_group=None)
+
+
+def params(layer):
+    e = layer.experts
+    return layer.router.weight, e.weight1, e.weight2, e.bias1, e.bias2
+
+
+def run_with_aux(layer, x, upstream):
+    """Forward, then backward of sum(y * upstream) plus the attached aux losses."""
+    y, bias = layer(x)
+    assert bias is None
+    (y * upstream).sum().backward()
+    return y
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "geglu", "swiglu"])
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_path_equals_slow_loop(activation, policy, capacity_factor, bias):
+    torch.manual_seed(0)
+    switch = SwitchConfig(num_experts=4, capacity_factor=capacity_factor, min_capacity=1,
+                          drop_policy=policy, activation=activation, expert_bias=bias,
+                          aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter_eps=0.0)
+    layer = make_layer(switch)
+    if bias:
+        with torch.no_grad():
+            layer.experts.bias1.normal_()
+            layer.experts.bias2.normal_()
+    x = torch.randn(6, 4, 16, requires_grad=True)
+    upstream = torch.randn(6, 4, 16)
+    y = run_with_aux(layer, x, upstream)
+
+    ref_params = [None if p is None else p.detach().clone().requires_grad_() for p in params(layer)]
+    x_ref = x.detach().clone().requires_grad_()
+    capacity = switch.capacity(24, training=True)
+    y_ref, loss_ref, kept, _ = slow_switch(x_ref.reshape(-1, 16), *ref_params, capacity=capacity,
+                                           policy=policy, activation=activation,
+                                           aux_coeff=1e-2, z_coeff=1e-3)
+    ((y_ref.view(6, 4, 16) * upstream).sum() + loss_ref).backward()
+
+    if capacity_factor is not None:
+        assert (~kept).sum() > 0, "the case must drop tokens to test dropping"
+    stats = layer.last_stats
+    assert math.isclose(float(stats.dropped_fraction), float((~kept).float().mean()), abs_tol=1e-7)
+    torch.testing.assert_close(y.view(-1, 16), y_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.aux_loss + stats.z_loss, loss_ref.detach(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
+    for p, p_ref in zip(params(layer), ref_params):
+        if p is not None:
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_one_expert_equals_dense_ffn(activation):
+    torch.manual_seed(1)
+    layer = make_layer(SwitchConfig(num_experts=1, capacity_factor=1.0, activation=activation,
+                                    jitter_eps=0.0, aux_loss_coeff=0.0))
+    x = torch.randn(5, 3, 16, requires_grad=True)
+    upstream = torch.randn(5, 3, 16)
+    y = run_with_aux(layer, x, upstream)
+    assert float(layer.last_stats.dropped_fraction) == 0.0
+
+    e = layer.experts
+    w1, w2, b1, b2 = (t[0].detach().clone().requires_grad_() for t in (e.weight1, e.weight2, e.bias1, e.bias2))
+    x_ref = x.detach().clone().requires_grad_()
+    y_ref = dense_ffn(x_ref, w1, w2, b1, b2, activation)
+    (y_ref * upstream).sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    for got, want in zip((e.weight1, e.weight2, e.bias1, e.bias2), (w1, w2, b1, b2)):
+        torch.testing.assert_close(got.grad[0], want.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_aux_loss_matches_paper_formula_by_hand():
+    # 4 tokens, 2 experts; argmax counts (3, 1) -> f = (0.75, 0.25);
+    # probs rows (0.9, 0.1), (0.6, 0.4), (0.7, 0.3), (0.2, 0.8) -> P = (0.6, 0.4).
+    # alpha * E * sum f_i P_i = 0.01 * 2 * (0.75 * 0.6 + 0.25 * 0.4) = 0.011
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.7, 0.3], [0.2, 0.8]])
+    loss = load_balancing_loss(torch.tensor([3, 1]), probs.sum(0), 4, 0.01)
+    assert math.isclose(float(loss), 0.011, rel_tol=1e-6)
+    # Perfect balance gives alpha (the paper's minimum).
+    uniform = load_balancing_loss(torch.tensor([2, 2]), torch.full((2,), 2.0), 4, 0.01)
+    assert math.isclose(float(uniform), 0.01, rel_tol=1e-6)
+
+
+def test_z_loss_by_hand_and_through_layer():
+    # logits rows (0, 0) and (ln 3, 0): logsumexp = ln 2, ln 4; mean of squares.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    expected = 1e-3 * (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    lse_sq = torch.logsumexp(logits, -1).square().sum()
+    assert math.isclose(float(router_z_loss(lse_sq, 2, 1e-3)), expected, rel_tol=1e-6)
+
+    layer = make_layer(SwitchConfig(num_experts=2, z_loss_coeff=1e-3, aux_loss_coeff=0.0, jitter_eps=0.0),
+                       hidden=2)
+    with torch.no_grad():
+        layer.router.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    layer(torch.tensor([[0.0, 5.0], [math.log(3.0), 1.0]]).view(2, 1, 2))
+    assert math.isclose(float(layer.last_stats.z_loss), expected, rel_tol=1e-6)
+
+
+def test_aux_loss_reaches_router_gradient_without_changing_output():
+    torch.manual_seed(2)
+    layer = make_layer(SwitchConfig(num_experts=4, aux_loss_coeff=1.0, jitter_eps=0.0))
+    x = torch.randn(8, 2, 16)
+    y, _ = layer(x)
+    y.sum().backward()
+    with_aux = layer.router.weight.grad.clone()
+    layer.zero_grad()
+    layer.switch = layer.router.switch = SwitchConfig(num_experts=4, aux_loss_coeff=0.0, jitter_eps=0.0)
+    y2, _ = layer(x)
+    y2.sum().backward()
+    torch.testing.assert_close(y, y2)
+    assert not torch.allclose(with_aux, layer.router.weight.grad)
+
+
+def test_jitter_touches_router_input_only():
+    torch.manual_seed(3)
+    layer = make_layer(SwitchConfig(num_experts=4, capacity_factor=None, jitter_eps=0.5))
+    seen = {}
+    original = layer.experts.forward_grouped
+
+    def spy(x, counts):
+        seen["x"] = x.detach().clone()
+        return original(x, counts)
+
+    layer.experts.forward_grouped = spy
+    x = torch.randn(8, 2, 16)
+    x_before = x.clone()
+    y, _ = layer(x)
+    torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # input not modified in place
+    rows = torch.argsort(layer.router(x.view(-1, 16)).expert, stable=True)
+    # Every expert input row is an untouched input row (the jittered copy stays in the router).
+    expert_rows = seen["x"]
+    matches = (expert_rows[:, None, :] == x.view(-1, 16)[None, :, :]).all(-1).any(-1)
+    assert matches.all()
+    assert len(rows) == 16
+    # and jitter does change the router's logits
+    layer.train()
+    l1 = layer.router(x.view(-1, 16)).logits
+    l2 = layer.router(x.view(-1, 16)).logits
+    assert not torch.equal(l1, l2)
+    layer.eval()
+    torch.testing.assert_close(layer.router(x.view(-1, 16)).logits, layer.router(x.view(-1, 16)).logits,
+                               rtol=0, atol=0)
+
+
+def test_router_stays_float32_in_bf16_model(single_process_groups):
+    from megatron.core.transformer.module import Float16Module
+
+    config = tiny_config(bf16=True, params_dtype=torch.bfloat16)
+    layer = SwitchMLP(config, switch=SwitchConfig(num_experts=4), ep_group=None, tp_group=None)
+    wrapped = Float16Module(config, layer)
+    assert layer.router.weight.dtype == torch.float32
+    assert layer.experts.weight1.dtype == torch.bfloat16
+    layer.bfloat16()
+    layer.half()
+    layer.bfloat16()
+    assert layer.router.weight.dtype == torch.float32
+    seen = {}
+
+    def hook(module, inputs, routing):
+        seen["logits"] = routing.logits.dtype
+        seen["gate"] = routing.gate.dtype
+
+    layer.router.register_forward_hook(hook)
+    layer.register_forward_hook(lambda module, inputs, out: seen.update(output=out[0].dtype))
+    y, _ = wrapped(torch.randn(4, 2, 16))
+    y.float().sum().backward()
+    assert seen == {"logits": torch.float32, "gate": torch.float32, "output": torch.bfloat16}
+    assert layer.router.weight.grad.dtype == torch.float32
+
+
+class MaxNumel(TorchDispatchMode):
+    """Records the largest tensor any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("capacity_factor", [1.0, None])
+def test_no_tensor_of_size_tokens_x_experts_x_capacity(capacity_factor):
+    T, h, ffn, E = 512, 8, 8, 64
+    layer = make_layer(SwitchConfig(num_experts=E, capacity_factor=capacity_factor, min_capacity=1),
+                       hidden=h, ffn=ffn)
+    x = torch.randn(T, 1, h, requires_grad=True)
+    C = layer.switch.capacity(T, True) or T
+    with MaxNumel() as probe:
+        y, _ = layer(x)
+        y.sum().backward()
+    bound = max(T * max(h, E), E * C * max(h, ffn), E * h * ffn) + E * C  # + trash row slack
+    assert probe.largest <= bound < T * E * C // 4
+
+
+def test_queue_positions_first_come_and_probs():
+    expert = torch.tensor([1, 0, 1, 1, 0])
+    gate = torch.tensor([0.2, 0.9, 0.8, 0.5, 0.3])
+    assert queue_positions(expert, gate, 2, "position").tolist() == [0, 0, 1, 2, 1]
+    assert queue_positions(expert, gate, 2, "probs").tolist() == [2, 0, 0, 1, 1]
+
+
+def test_switch_stats_collects_every_layer():
+    layer = make_layer(SwitchConfig(num_experts=4))
+    model = torch.nn.Sequential(layer)
+    layer(torch.randn(4, 2, 16))
+    stats = switch_stats(model)
+    assert list(stats) == [1]
+    assert int(stats[1].tokens_per_expert.sum()) == 8
