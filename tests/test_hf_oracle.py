@@ -1,0 +1,75 @@
+"""Hugging Face's SwitchTransformersSparseMLP as an outside oracle for one Switch block.
+
+HF groups tokens per sequence and takes a fixed integer capacity; one sequence with
+cf = C * E / T gives our layer the same routing group and capacity.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_switch import SwitchConfig, SwitchMLP
+from tests.helpers import tiny_config
+
+transformers = pytest.importorskip("transformers")
+from transformers.models.switch_transformers.modeling_switch_transformers import (  # noqa: E402
+    SwitchTransformersSparseMLP,
+)
+
+H, FFN, E = 16, 32, 4
+
+
+def build_pair(seq_len: int, capacity: int, activation: str):
+    torch.manual_seed(0)
+    hf_config = transformers.SwitchTransformersConfig(
+        d_model=H, d_ff=FFN, num_experts=E, expert_capacity=capacity, router_jitter_noise=0.0,
+        dense_act_fn=activation, dropout_rate=0.0, router_bias=False)
+    hf = SwitchTransformersSparseMLP(hf_config)
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ours = SwitchMLP(tiny_config(hidden=H, ffn=FFN), ep_group=None, tp_group=None, switch=SwitchConfig(
+        num_experts=E, capacity_factor=capacity * E / seq_len, eval_capacity_factor=capacity * E / seq_len,
+        min_capacity=0, activation=activation, expert_bias=False, jitter_eps=0.0))
+    assert ours.switch.capacity(seq_len, True) == capacity
+    with torch.no_grad():
+        ours.router.weight.copy_(hf.router.classifier.weight)
+        for i in range(E):
+            ours.experts.weight1[i].copy_(hf.experts[f"expert_{i}"].wi.weight)
+            ours.experts.weight2[i].copy_(hf.experts[f"expert_{i}"].wo.weight)
+    return hf, ours
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("training", [True, False])
+def test_same_routing_dropping_and_outputs_as_hugging_face(activation, training):
+    seq_len, capacity = 32, 5
+    hf, ours = build_pair(seq_len, capacity, activation)
+    hf.train(training)
+    ours.train(training)
+    x = torch.randn(1, seq_len, H) * 2
+
+    dispatch_mask, hf_gate, _ = hf.router(x.clone())
+    hf_out = hf(x.clone())
+    routing = ours.router(x[0])
+    y, _ = ours(x.transpose(0, 1))
+
+    hf_kept = dispatch_mask[0].sum(-1).bool()
+    assert (~hf_kept).sum() > 0, "the case must overflow some expert"
+    torch.testing.assert_close(routing.kept, hf_kept, rtol=0, atol=0)
+    assert torch.equal(dispatch_mask[0].argmax(-1)[hf_kept], routing.expert[hf_kept])
+    torch.testing.assert_close(routing.gate, hf_gate[0, :, 0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(y.transpose(0, 1), hf_out, rtol=1e-5, atol=1e-6)
+    assert torch.count_nonzero(y[~hf_kept.view(seq_len)]) == 0  # dropped tokens give 0 in both
+
+
+def test_each_sequence_routed_alone_matches_hugging_face_batch():
+    seq_len, capacity = 16, 3
+    hf, ours = build_pair(seq_len, capacity, "relu")
+    hf.eval()
+    ours.eval()
+    x = torch.randn(3, seq_len, H) * 2
+    hf_out = hf(x.clone())
+    for b in range(3):
+        y, _ = ours(x[b:b + 1].transpose(0, 1))
+        torch.testing.assert_close(y.transpose(0, 1), hf_out[b:b + 1], rtol=1e-5, atol=1e-6)
