@@ -23,6 +23,34 @@ from megatron_switch.initialization import seeded_generator, truncated_normal_
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
 
 
+class _BankProjection(torch.autograd.Function):
+    """y[e] = x[e] @ w[e]^T (+ b[e]) for every expert e of a bank.
+
+    Shapes: x [E, N, in], w [E, out, in], b [E, out] or None -> y [E, N, out].
+    The bias is fused into the GEMM (baddbmm), and the weight gradient is produced in the
+    weight's own [E, out, in] layout (autograd's bmm backward yields a transposed view that
+    costs a copy of the whole bank per step).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ENi, w_Eoi, b_Eo):
+        ctx.save_for_backward(x_ENi, w_Eoi)
+        ctx.has_bias = b_Eo is not None
+        if b_Eo is None:
+            return torch.bmm(x_ENi, w_Eoi.transpose(1, 2))
+        return torch.baddbmm(b_Eo[:, None, :], x_ENi, w_Eoi.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy_ENo):
+        x_ENi, w_Eoi = ctx.saved_tensors
+        dx = torch.bmm(dy_ENo, w_Eoi) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw = torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi))
+        db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db
+
+
 def expert_ffn_size(config: TransformerConfig, switch: SwitchConfig) -> int:
     return switch.expert_ffn_hidden_size or config.ffn_hidden_size
 
@@ -71,13 +99,8 @@ class TorchExperts(MegatronModule):
 
     def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
         """[E_l, N, h] -> [E_l, N, h]: every expert gets the same number N of token slots."""
-        h = torch.bmm(x_ENh, self.weight1.transpose(1, 2))
-        if self.bias1 is not None:
-            h = h + self.bias1[:, None, :]
-        y = torch.bmm(self._ffn_tail(h), self.weight2.transpose(1, 2))
-        if self.bias2 is not None:
-            y = y + self.bias2[:, None, :]
-        return y
+        h = _BankProjection.apply(x_ENh, self.weight1, self.bias1)
+        return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2)
 
     def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""

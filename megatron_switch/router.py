@@ -18,7 +18,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_switch.comm import Group, all_gather_no_grad, group_rank, group_size, sum_backward, sum_forward
+from megatron_switch.comm import Group, all_gather_no_grad, group_rank, sum_backward, sum_forward
 from megatron_switch.config import SwitchConfig
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 
@@ -64,6 +64,71 @@ def router_z_loss(logsumexp_sq_sum: torch.Tensor, num_tokens: int, coeff: float)
     return coeff * logsumexp_sq_sum / num_tokens
 
 
+ROUTER_CHUNK_ELEMENTS = 1 << 20  # [rows, E] scores computed at a time (4 MiB in float32)
+
+
+class _RouterScores(torch.autograd.Function):
+    """Top-1 scores of a float32 router, computed in row chunks, with nothing of size [T, E] kept.
+
+    forward(x [T, h], w [E, h]) -> (expert [T], gate [T], prob_sum [E], logsumexp [T]) where
+    p = softmax(x w^T), expert = argmax p (first on ties), gate = p[t, expert], prob_sum = sum_t p.
+    Backward recomputes each chunk's p exactly as forward did (same ops, same saved row max and
+    sum) and applies d logits = p * (u - <u, p>) + g_lse * p with u = g_prob_sum + g_gate * onehot.
+    Memory: two [rows, E] buffers at a time, rows = ROUTER_CHUNK_ELEMENTS / E.
+    """
+
+    @staticmethod
+    def _chunks(num_tokens: int, num_experts: int):
+        rows = max(1, ROUTER_CHUNK_ELEMENTS // num_experts)
+        return [(i, min(i + rows, num_tokens)) for i in range(0, num_tokens, rows)]
+
+    @staticmethod
+    def _probs(x_rh, w_Eh, max_r, sum_r):
+        return (x_rh @ w_Eh.t()).sub_(max_r[:, None]).exp_().div_(sum_r[:, None])
+
+    @staticmethod
+    def forward(ctx, x_Th, w_Eh):
+        T, E = x_Th.shape[0], w_Eh.shape[0]
+        expert_T = torch.empty(T, dtype=torch.long, device=x_Th.device)
+        max_T, sum_T, gate_T = (x_Th.new_empty(T) for _ in range(3))
+        prob_sum_E = x_Th.new_zeros(E)
+        for a, b in _RouterScores._chunks(T, E):
+            scores_rE = x_Th[a:b] @ w_Eh.t()
+            torch.amax(scores_rE, dim=-1, out=max_T[a:b])
+            scores_rE.sub_(max_T[a:b, None]).exp_()
+            torch.sum(scores_rE, dim=-1, out=sum_T[a:b])
+            probs_rE = scores_rE.div_(sum_T[a:b, None])
+            torch.argmax(probs_rE, dim=-1, out=expert_T[a:b])
+            gate_T[a:b] = probs_rE.gather(1, expert_T[a:b, None]).squeeze(1)
+            prob_sum_E += probs_rE.sum(0)
+        lse_T = max_T + sum_T.log()
+        ctx.save_for_backward(x_Th, w_Eh, max_T, sum_T, expert_T, gate_T)
+        ctx.mark_non_differentiable(expert_T)
+        return expert_T, gate_T, prob_sum_E, lse_T
+
+    @staticmethod
+    def backward(ctx, _, g_gate_T, g_prob_sum_E, g_lse_T):
+        x_Th, w_Eh, max_T, sum_T, expert_T, gate_T = ctx.saved_tensors
+        zeros = lambda t: torch.zeros_like(t)
+        g_gate_T = zeros(gate_T) if g_gate_T is None else g_gate_T
+        g_prob_sum_E = zeros(w_Eh[:, 0]) if g_prob_sum_E is None else g_prob_sum_E
+        g_lse_T = zeros(max_T) if g_lse_T is None else g_lse_T
+        g_x = torch.empty_like(x_Th) if ctx.needs_input_grad[0] else None
+        g_w = torch.zeros_like(w_Eh) if ctx.needs_input_grad[1] else None
+        for a, b in _RouterScores._chunks(*expert_T.shape, w_Eh.shape[0]):
+            probs_rE = _RouterScores._probs(x_Th[a:b], w_Eh, max_T[a:b], sum_T[a:b])
+            g_gate_term = g_gate_T[a:b] * gate_T[a:b]
+            inner_r = g_gate_term + probs_rE @ g_prob_sum_E  # <u, p> per row
+            g_scores_rE = (g_prob_sum_E[None, :] + (g_lse_T[a:b] - inner_r)[:, None]).mul_(probs_rE)
+            del probs_rE
+            g_scores_rE.scatter_add_(1, expert_T[a:b, None], g_gate_term[:, None])
+            if g_x is not None:
+                torch.mm(g_scores_rE, w_Eh, out=g_x[a:b])
+            if g_w is not None:
+                g_w.addmm_(g_scores_rE.t(), x_Th[a:b])
+        return g_x, g_w
+
+
 @dataclasses.dataclass(frozen=True)
 class Routing:
     """The router's decision for the T tokens on this rank.
@@ -71,6 +136,7 @@ class Routing:
     expert: [T] int64 chosen expert. gate: [T] float32 probability of it (differentiable).
     position: [T] place in the expert's queue over the whole routing group.
     capacity: slots per expert, None when dropless.
+    logsumexp: [T] float32 logsumexp of the router logits (the z-loss input).
     aux_loss, z_loss: scalars with their coefficients applied (differentiable).
     tokens_per_expert: [E] argmax counts over the routing group, before dropping.
     num_group_tokens: tokens in the routing group. num_dropped: dropped tokens in the group.
@@ -80,7 +146,7 @@ class Routing:
     gate: torch.Tensor
     position: torch.Tensor
     capacity: Optional[int]
-    logits: torch.Tensor
+    logsumexp: torch.Tensor
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     tokens_per_expert: torch.Tensor
@@ -128,10 +194,7 @@ class SwitchRouter(MegatronModule):
             noise = torch.empty_like(x_Th).uniform_(1 - switch.jitter_eps, 1 + switch.jitter_eps)
             x_Th = x_Th * noise
         weight_Eh = sum_backward(self.weight, token_group)
-        logits_TE = x_Th @ weight_Eh.t()
-        probs_TE = torch.softmax(logits_TE, dim=-1)
-        expert_T = torch.argmax(probs_TE, dim=-1)
-        gate_T = probs_TE.gather(1, expert_T[:, None]).squeeze(1)
+        expert_T, gate_T, prob_sum_E, lse_T = _RouterScores.apply(x_Th, weight_Eh)
 
         # The routing group's decisions, in flattened [s, b] order (rank shares are contiguous).
         group_expert = all_gather_no_grad(expert_T, token_group)
@@ -143,10 +206,10 @@ class SwitchRouter(MegatronModule):
         position_T = positions[offset:offset + expert_T.numel()]
 
         tokens_per_expert = torch.bincount(group_expert, minlength=switch.num_experts)
-        prob_sum_E = sum_forward(probs_TE.sum(0), token_group)
+        prob_sum_E = sum_forward(prob_sum_E, token_group)
         aux_loss = load_balancing_loss(tokens_per_expert, prob_sum_E, num_tokens, switch.aux_loss_coeff)
-        lse_sq_sum = sum_forward(torch.logsumexp(logits_TE, dim=-1).square().sum(), token_group)
+        lse_sq_sum = sum_forward(lse_T.square().sum(), token_group)
         z_loss = router_z_loss(lse_sq_sum, num_tokens, switch.z_loss_coeff)
         num_dropped = (positions >= capacity).sum() if capacity is not None else positions.new_zeros(())
-        return Routing(expert_T, gate_T, position_T, capacity, logits_TE, aux_loss, z_loss,
+        return Routing(expert_T, gate_T, position_T, capacity, lse_T, aux_loss, z_loss,
                        tokens_per_expert, num_tokens, num_dropped)
