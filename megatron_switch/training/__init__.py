@@ -1,0 +1,1 @@
+"""Training utilities on megatron-core that also run on CPU (gloo)."""
