@@ -5,12 +5,14 @@ C capacity. Experts are laid out contiguously: rank p owns experts [p * E_l, (p 
 
 - `CapacityDispatcher` (capacity mode, each rank its own routing group): tokens are written into
   an [E * C, h] buffer at slot `expert * C + position`; one static-shape all-to-all gives each rank
-  [E_l, P * C, h]; one more brings the outputs back. Dropped tokens read a zero row.
+  [E_l, P * C, h]; one more brings the outputs back.
 - `GroupedDispatcher` (dropless, or a routing group shared by several ranks): kept tokens are
   sorted by expert, split sizes are exchanged, and an uneven all-to-all moves exactly the kept
   tokens; experts see variable counts.
-Both only move indices and [*, h] rows: nothing of size T x E x C exists. With no expert-parallel
-group (P = 1) the same code runs with the collectives as identities.
+Both return the expert outputs as rows [R, h] with each token's row in `DispatchMeta.token_rows`;
+`gather_scale` then forms y_t = gate_t * kept_t * rows[token_rows_t] in one pass. Only indices and
+[*, h] rows move: nothing of size T x E x C exists. With no expert-parallel group (P = 1) the same
+code runs with the collectives as identities.
 """
 
 from __future__ import annotations
@@ -26,14 +28,13 @@ from megatron_switch.router import Routing
 
 @dataclasses.dataclass(frozen=True)
 class DispatchMeta:
-    """What `combine` needs to put expert outputs back in token order.
+    """What `combine` and `gather_scale` need to put expert outputs back in token order.
 
-    source_rows: [R] token index (capacity: slot index) of each row sent.
+    token_rows: [T] row of each token in the combined output (any valid row for a dropped token).
     tokens_per_local_expert: counts for the grouped expert path; None for the padded one.
     """
 
-    num_tokens: int
-    source_rows: torch.Tensor
+    token_rows: torch.Tensor
     tokens_per_local_expert: Optional[List[int]] = None
     send_splits: Optional[List[int]] = None
     recv_splits: Optional[List[int]] = None
@@ -52,18 +53,19 @@ class CapacityDispatcher:
         trash = E * C
         slot_T = torch.where(routing.kept, routing.expert * C + routing.position,
                              torch.full_like(routing.expert, trash))
-        buffer = x_Th.new_zeros(trash + 1, h).index_copy(0, slot_T, x_Th)[:trash]
+        buffer = x_Th.new_zeros(trash + 1, h)
+        buffer.index_copy_(0, slot_T, x_Th)  # dropped tokens land in the last row, cut off below
+        buffer = buffer[:trash]
         received = all_to_all(buffer, self.ep_group)  # [P (source), E_l, C, h]
         E_l = E // self.ep
         x_ENh = received.view(self.ep, E_l, C, h).transpose(0, 1).reshape(E_l, self.ep * C, h)
-        return x_ENh, DispatchMeta(x_Th.shape[0], slot_T)
+        return x_ENh, DispatchMeta(torch.where(routing.kept, slot_T, torch.zeros_like(slot_T)))
 
     def combine(self, y_ENh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+        """[E_l, P * C, h] -> [E * C, h]: this rank's slots, back from their experts."""
         E_l, _, h = y_ENh.shape
         send = y_ENh.view(E_l, self.ep, -1, h).transpose(0, 1).reshape(-1, h)
-        slots = all_to_all(send, self.ep_group)  # [E * C, h] in this rank's slot order
-        slots = torch.cat([slots, slots.new_zeros(1, h)])
-        return slots.index_select(0, meta.source_rows)
+        return all_to_all(send, self.ep_group)
 
 
 class GroupedDispatcher:
@@ -83,8 +85,10 @@ class GroupedDispatcher:
         num_kept = int(send_counts_PE.sum())
         rows = order[:num_kept]
         x_sent = x_Th.index_select(0, rows)
+        token_rows = torch.zeros_like(routing.expert)
+        token_rows[rows] = torch.arange(num_kept, device=rows.device)
         if P == 1:
-            return x_sent, DispatchMeta(x_Th.shape[0], rows, send_counts_PE[0].tolist())
+            return x_sent, DispatchMeta(token_rows, send_counts_PE[0].tolist())
         recv_counts_PE = torch.empty_like(send_counts_PE)
         torch.distributed.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
         send_splits = send_counts_PE.sum(1).tolist()
@@ -93,13 +97,43 @@ class GroupedDispatcher:
         local_expert = torch.repeat_interleave(
             torch.arange(E_l, device=x_Th.device).repeat(P), recv_counts_PE.flatten())
         regroup = torch.argsort(local_expert, stable=True)
-        meta = DispatchMeta(x_Th.shape[0], rows, recv_counts_PE.sum(0).tolist(), send_splits,
-                            recv_splits, regroup)
+        meta = DispatchMeta(token_rows, recv_counts_PE.sum(0).tolist(), send_splits, recv_splits, regroup)
         return received.index_select(0, regroup), meta
 
     def combine(self, y_Nh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
-        h = y_Nh.shape[-1]
+        """Expert outputs -> [kept tokens, h] in this rank's sorted send order."""
         if meta.regroup is not None:
             y_Nh = torch.empty_like(y_Nh).index_copy(0, meta.regroup, y_Nh)
             y_Nh = all_to_all(y_Nh, self.ep_group, meta.send_splits, meta.recv_splits)
-        return y_Nh.new_zeros(meta.num_tokens, h).index_copy(0, meta.source_rows, y_Nh)
+        return y_Nh
+
+
+class _GatherScale(torch.autograd.Function):
+    """y[t] = (rows[index[t]] * weight[t]) in float32, cast to rows' dtype; one pass each way."""
+
+    @staticmethod
+    def forward(ctx, rows_Rh, index_T, weight_T):
+        ctx.save_for_backward(rows_Rh, index_T, weight_T)
+        y_Th = rows_Rh.index_select(0, index_T)
+        if y_Th.dtype == torch.float32:
+            return y_Th.mul_(weight_T[:, None])
+        return (y_Th.float() * weight_T[:, None]).to(rows_Rh.dtype)
+
+    @staticmethod
+    def backward(ctx, dy_Th):
+        rows_Rh, index_T, weight_T = ctx.saved_tensors
+        d_rows = d_weight = None
+        if ctx.needs_input_grad[0]:
+            scaled = (dy_Th.float() * weight_T[:, None]).to(rows_Rh.dtype)
+            # scatter_add_ (not index_add_, several times slower on CPU); dropped tokens add zeros.
+            d_rows = torch.zeros_like(rows_Rh).scatter_add_(0, index_T[:, None].expand_as(scaled), scaled)
+        if ctx.needs_input_grad[2]:
+            d_weight = (dy_Th.float() * rows_Rh.index_select(0, index_T).float()).sum(-1)
+        return d_rows, None, d_weight
+
+
+def gather_scale(rows_Rh: torch.Tensor, index_T: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
+    """[R, h] expert outputs, [T] row per token, [T] float32 weight -> [T, h] weighted outputs."""
+    if rows_Rh.shape[0] == 0:  # every token dropped: zeros, still connected to the router's graph
+        return rows_Rh.new_zeros(index_T.shape[0], rows_Rh.shape[1]) * weight_T[:, None].to(rows_Rh.dtype)
+    return _GatherScale.apply(rows_Rh, index_T, weight_T)

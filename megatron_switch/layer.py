@@ -24,7 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.comm import Group, gather_rows, group_rank, group_size, scatter_rows
 from megatron_switch.config import SwitchConfig, SwitchConfigError
-from megatron_switch.dispatch import CapacityDispatcher, GroupedDispatcher
+from megatron_switch.dispatch import CapacityDispatcher, GroupedDispatcher, gather_scale
 from megatron_switch.experts import TorchExperts
 from megatron_switch.router import SwitchRouter
 
@@ -104,8 +104,8 @@ class SwitchMLP(MegatronModule):
         expert_in, meta = dispatcher.dispatch(x_Th, routing)
         expert_out = (self.experts.forward_padded(expert_in) if meta.tokens_per_local_expert is None
                       else self.experts.forward_grouped(expert_in, meta.tokens_per_local_expert))
-        y_Th = dispatcher.combine(expert_out, meta)
-        y_Th = (y_Th.float() * routing.gate[:, None]).to(hidden_states.dtype)
+        rows = dispatcher.combine(expert_out, meta)
+        y_Th = gather_scale(rows, meta.token_rows, routing.gate * routing.kept)
 
         aux_loss = routing.aux_loss + routing.z_loss
         y = y_Th.view_as(x)

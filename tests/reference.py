@@ -21,7 +21,7 @@ def slow_switch(x_Th, router_weight, weight1, weight2, bias1, bias2, *, capacity
     gate = [probs[t, expert[t]] for t in range(T)]
     order = list(range(T))
     if policy == "probs":
-        order.sort(key=lambda t: (-float(gate[t]), t))
+        order.sort(key=lambda t: (-float(gate[t].detach()), t))
     served = [0] * E
     kept = [False] * T
     for t in order:

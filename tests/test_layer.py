@@ -233,3 +233,13 @@ def test_switch_stats_collects_every_layer():
     stats = switch_stats(model)
     assert list(stats) == [1]
     assert int(stats[1].tokens_per_expert.sum()) == 8
+
+
+def test_gather_scale_with_no_kept_rows_gives_zeros_and_keeps_graph():
+    from megatron_switch.dispatch import gather_scale
+
+    gate = torch.rand(5, requires_grad=True)
+    y = gather_scale(torch.empty(0, 3), torch.zeros(5, dtype=torch.long), gate)
+    assert y.shape == (5, 3) and torch.count_nonzero(y) == 0
+    y.sum().backward()
+    assert torch.equal(gate.grad, torch.zeros(5))
