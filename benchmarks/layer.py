@@ -109,11 +109,12 @@ def run_memory(impl, **shape):
     grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
     return dict(param_bytes=param_bytes, grad_bytes=grad_bytes,
                 peak_beyond_params_and_grads_bytes=max(0, peak - baseline - grad_bytes),
-                tensor_peak_beyond_params_and_grads_bytes=tensor_peak(step) - param_bytes - grad_bytes)
+                tensor_peak_beyond_params_and_grads_bytes=tensor_peak(step, param_bytes + grad_bytes))
 
 
-def tensor_peak(step) -> int:
-    """Peak bytes of live tensors during one step, from torch's memory profiler timeline."""
+def tensor_peak(step, known_bytes: int):
+    """Peak bytes of live tensors during one step beyond `known_bytes`, from torch's memory
+    profiler timeline; None where the timeline misses tensors the step never touched."""
     import tempfile
 
     import torch
@@ -125,7 +126,8 @@ def tensor_peak(step) -> int:
         prof.export_memory_timeline(path, device="cpu")
         with open(path) as f:
             _, sizes = json.load(f)
-    return max(sum(row) for row in sizes)
+    beyond = max(sum(row) for row in sizes) - known_bytes
+    return beyond if beyond >= 0 else None
 
 
 def child(args):

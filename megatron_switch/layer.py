@@ -43,6 +43,9 @@ class SwitchStats:
     tokens_per_expert: torch.Tensor
 
 
+FROM_PARALLEL_STATE = object()  # default: take the group from megatron.core.parallel_state
+
+
 def _default_group(getter_name: str, size_name: str) -> Group:
     if not parallel_state.model_parallel_is_initialized():
         return None
@@ -52,10 +55,14 @@ def _default_group(getter_name: str, size_name: str) -> Group:
 
 
 class SwitchMLP(MegatronModule):
-    """A bank of E experts with top-1 routing; E / EP of them live on this rank."""
+    """A bank of E experts with top-1 routing; E / EP of them live on this rank.
+
+    ep_group / tp_group: process groups (None: a single rank); by default Megatron's expert-parallel
+    and tensor-parallel groups when megatron.core.parallel_state is initialised.
+    """
 
     def __init__(self, config: TransformerConfig, submodules=None, switch: Optional[SwitchConfig] = None,
-                 layer_number: int = 1, ep_group: Group = "default", tp_group: Group = "default"):
+                 layer_number: int = 1, ep_group=FROM_PARALLEL_STATE, tp_group=FROM_PARALLEL_STATE):
         super().__init__(config=config)
         if switch is None:
             raise SwitchConfigError("SwitchMLP needs a SwitchConfig: build the spec with "
@@ -63,10 +70,10 @@ class SwitchMLP(MegatronModule):
         self.switch = switch
         self.ep_group = (_default_group("get_expert_model_parallel_group",
                                         "get_expert_model_parallel_world_size")
-                         if ep_group == "default" else ep_group)
+                         if ep_group is FROM_PARALLEL_STATE else ep_group)
         self.tp_group = (_default_group("get_tensor_model_parallel_group",
                                         "get_tensor_model_parallel_world_size")
-                         if tp_group == "default" else tp_group)
+                         if tp_group is FROM_PARALLEL_STATE else tp_group)
         ep = group_size(self.ep_group)
         if switch.num_experts % ep:
             raise SwitchConfigError(

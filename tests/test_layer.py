@@ -148,12 +148,10 @@ def test_jitter_touches_router_input_only():
     x_before = x.clone()
     y, _ = layer(x)
     torch.testing.assert_close(x, x_before, rtol=0, atol=0)  # input not modified in place
-    rows = torch.argsort(layer.router(x.view(-1, 16)).expert, stable=True)
     # Every expert input row is an untouched input row (the jittered copy stays in the router).
     expert_rows = seen["x"]
     matches = (expert_rows[:, None, :] == x.view(-1, 16)[None, :, :]).all(-1).any(-1)
-    assert matches.all()
-    assert len(rows) == 16
+    assert matches.all() and expert_rows.shape[0] == 16
     # and jitter does change the router's logits
     layer.train()
     l1 = layer.router(x.view(-1, 16)).logsumexp
