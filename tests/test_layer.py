@@ -241,3 +241,36 @@ def test_gather_scale_with_no_kept_rows_gives_zeros_and_keeps_graph():
     assert y.shape == (5, 3) and torch.count_nonzero(y) == 0
     y.sum().backward()
     assert torch.equal(gate.grad, torch.zeros(5))
+
+
+def test_truncated_normal_init_scale_and_cut():
+    from megatron_switch.initialization import switch_init_method
+
+    w = torch.empty(512, 1024)
+    switch_init_method(0.1)(w)
+    sigma = math.sqrt(0.1 / 1024)
+    assert w.abs().max() <= 2 * sigma
+    # A normal cut at +-2 sigma has standard deviation 0.8796 sigma.
+    assert abs(float(w.std()) / sigma - 0.8796) < 0.01
+    layer = make_layer(SwitchConfig(num_experts=4, init_scale=0.1), hidden=64, ffn=256)
+    for weight, fan_in in ((layer.experts.weight1, 64), (layer.experts.weight2, 256), (layer.router.weight, 64)):
+        assert weight.abs().max() <= 2 * math.sqrt(0.1 / fan_in) + 1e-7
+    # Expert e of a layer draws the same numbers wherever it lives (layout-independent init).
+    other = SwitchMLP(tiny_config(hidden=64, ffn=256), switch=SwitchConfig(num_experts=4), ep_group=None,
+                      tp_group=None)
+    torch.testing.assert_close(other.experts.weight1, layer.experts.weight1, rtol=0, atol=0)
+
+
+def test_expert_dropout_acts_inside_experts_in_training_only():
+    torch.manual_seed(4)
+    layer = make_layer(SwitchConfig(num_experts=2, capacity_factor=None, expert_dropout=0.5, jitter_eps=0.0))
+    x = torch.randn(6, 2, 16)
+    layer.eval()
+    y_eval_1, _ = layer(x)
+    y_eval_2, _ = layer(x)
+    torch.testing.assert_close(y_eval_1, y_eval_2, rtol=0, atol=0)
+    layer.train()
+    y_train, _ = layer(x)
+    assert not torch.allclose(y_train, y_eval_1)
+    # Routing is untouched by expert dropout.
+    assert torch.equal(layer.router(x.view(-1, 16)).expert, torch.argmax(x.view(-1, 16) @ layer.router.weight.t(), -1))

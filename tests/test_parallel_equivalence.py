@@ -40,6 +40,23 @@ def reference_run(config, switch, replica):
     return layer, y.detach(), x.grad, grads, layer.last_stats
 
 
+def count_expert_rows(experts):
+    """Record how many token rows the expert bank computes in each call."""
+    counts = []
+    padded, grouped = experts.forward_padded, experts.forward_grouped
+
+    def forward_padded(x_ENh):
+        counts.append(x_ENh.shape[0] * x_ENh.shape[1])
+        return padded(x_ENh)
+
+    def forward_grouped(x_Nh, tokens_per_expert):
+        counts.append(x_Nh.shape[0])
+        return grouped(x_Nh, tokens_per_expert)
+
+    experts.forward_padded, experts.forward_grouped = forward_padded, forward_grouped
+    return counts
+
+
 def check_layout(tp: int, sp: bool, switch: SwitchConfig) -> None:
     from megatron.core import parallel_state as ps
 
@@ -60,10 +77,17 @@ def check_layout(tp: int, sp: bool, switch: SwitchConfig) -> None:
     def shard(t):
         return t.chunk(tp, dim=0)[tp_rank] if sp else t
 
+    rows_computed = count_expert_rows(layer.experts)
     x, upstream = (shard(t) for t in replica_batch(dp_rank))
     x.requires_grad_()
     y, _ = layer(x)
     (y * upstream).sum().backward()
+    if tp > 1:
+        # No duplicated expert work: over all ranks, experts process each kept token exactly once.
+        rows = torch.tensor(float(sum(rows_computed)))
+        dist.all_reduce(rows)
+        kept = sum(S * B * (1 - float(r[4].dropped_fraction)) for r in refs)
+        assert round(float(rows)) == round(kept), (float(rows), kept)
 
     torch.testing.assert_close(y, shard(y_ref), **TOL)
     torch.testing.assert_close(x.grad, shard(xgrad_ref), **TOL)
