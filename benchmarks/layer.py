@@ -29,8 +29,14 @@ SPEED = dict(tokens=4096, hidden=512, ffn=2048, experts=(8, 64))
 MEMORY = dict(tokens=4096, hidden=512, ffn=128, experts=(8, 256, 2048))
 
 
-def build(impl: str, tokens: int, hidden: int, ffn: int, experts: int):
-    """Returns (module, step) where step() runs one forward+backward."""
+def build(impl: str, tokens: int, hidden: int, ffn: int, experts: int, grads: str = "fresh"):
+    """Returns (module, step) where step() runs one forward+backward.
+
+    grads "fresh": gradients set to None before each step (PyTorch's default zero_grad).
+    grads "accumulate": persistent gradient buffers, as in training with Megatron's DDP; the
+    Switch banks accumulate into `main_grad` with gradient-accumulation fusion, the others
+    through autograd into `.grad`.
+    """
     import torch
 
     torch.manual_seed(0)
@@ -45,9 +51,13 @@ def build(impl: str, tokens: int, hidden: int, ffn: int, experts: int):
         from megatron_switch import SwitchConfig, SwitchMLP
 
         config = TransformerConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn,
-                                   num_attention_heads=1, use_cpu_initialization=True)
+                                   num_attention_heads=1, use_cpu_initialization=True,
+                                   gradient_accumulation_fusion=grads == "accumulate")
         module = SwitchMLP(config, switch=SwitchConfig(num_experts=experts, capacity_factor=1.0,
                                                        min_capacity=0), ep_group=None, tp_group=None)
+        if grads == "accumulate":
+            for w in (module.experts.weight1, module.experts.weight2):
+                w.main_grad = torch.zeros_like(w)
         forward = lambda: module(x)[0]
     elif impl == "huggingface":
         from transformers import SwitchTransformersConfig
@@ -72,15 +82,16 @@ def build(impl: str, tokens: int, hidden: int, ffn: int, experts: int):
         raise ValueError(impl)
 
     def step():
-        module.zero_grad(set_to_none=True)
+        if grads == "fresh":
+            module.zero_grad(set_to_none=True)
         x.grad = None
         forward().sum().backward()
 
     return module, step
 
 
-def run_speed(impl, reps, **shape):
-    module, step = build(impl, **shape)
+def run_speed(impl, reps, grads, **shape):
+    module, step = build(impl, grads=grads, **shape)
     step()
     step()
     times = []
@@ -137,20 +148,22 @@ def child(args):
     torch.set_num_threads(args.threads)
     shape = dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts)
     try:
-        result = run_speed(args.impl, args.reps, **shape) if args.kind == "speed" else run_memory(args.impl, **shape)
+        result = (run_speed(args.impl, args.reps, args.grads, **shape) if args.kind == "speed"
+                  else run_memory(args.impl, **shape))
     except Exception as err:  # a peer that cannot run here is reported, not fatal
         result = dict(error=f"{type(err).__name__}: {err}")
-    print(json.dumps(dict(kind=args.kind, impl=args.impl, **shape, **result)))
+    print(json.dumps(dict(kind=args.kind, impl=args.impl, grads=args.grads, **shape, **result)))
 
 
-def spawn_case(kind, impl, reps, threads, tokens, hidden, ffn, experts):
+def spawn_case(kind, impl, reps, threads, tokens, hidden, ffn, experts, grads="fresh"):
     cmd = [sys.executable, __file__, "--child", "--kind", kind, "--impl", impl, "--reps", str(reps),
+           "--grads", grads,
            "--threads", str(threads), "--tokens", str(tokens), "--hidden", str(hidden), "--ffn", str(ffn),
            "--experts", str(experts)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, THP_MEM_ALLOC_ENABLE="1"))
     lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
     if proc.returncode or not lines:
-        return dict(kind=kind, impl=impl, experts=experts, error=proc.stderr[-2000:])
+        return dict(kind=kind, impl=impl, grads=grads, experts=experts, error=proc.stderr[-2000:])
     return json.loads(lines[-1])
 
 
@@ -163,6 +176,7 @@ def main():
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--kind", choices=("speed", "memory"))
     parser.add_argument("--impl")
+    parser.add_argument("--grads", choices=("fresh", "accumulate"), default="fresh")
     for name in ("tokens", "hidden", "ffn", "experts"):
         parser.add_argument(f"--{name}", type=int)
     args = parser.parse_args()
@@ -170,11 +184,12 @@ def main():
         return child(args)
 
     cases = []
-    for experts in SPEED["experts"]:
-        for impl in ("dense", "switch", "huggingface", "megatron-core"):
-            shape = dict(tokens=SPEED["tokens"], hidden=SPEED["hidden"], ffn=SPEED["ffn"], experts=experts)
-            cases.append(spawn_case("speed", impl, args.reps, args.threads, **shape))
-            print(json.dumps(cases[-1])[:300], flush=True)
+    for grads in ("fresh", "accumulate"):
+        for experts in SPEED["experts"]:
+            for impl in ("dense", "switch", "huggingface", "megatron-core"):
+                shape = dict(tokens=SPEED["tokens"], hidden=SPEED["hidden"], ffn=SPEED["ffn"], experts=experts)
+                cases.append(spawn_case("speed", impl, args.reps, args.threads, grads=grads, **shape))
+                print(json.dumps(cases[-1])[:300], flush=True)
     if not args.skip_memory:
         for experts in MEMORY["experts"]:
             for impl in ("dense", "switch", "huggingface"):
@@ -185,11 +200,14 @@ def main():
                 print(json.dumps(cases[-1])[:300], flush=True)
 
     summary = {}
-    for experts in SPEED["experts"]:
-        by_impl = {c["impl"]: c for c in cases if c["kind"] == "speed" and c.get("experts") == experts}
-        dense = by_impl["dense"].get("median_s")
-        summary[f"speed_E{experts}"] = {impl: (round(c["median_s"] / dense, 3) if "median_s" in c and dense else c.get("error", "")[:200])
-                                        for impl, c in by_impl.items()}
+    for grads in ("fresh", "accumulate"):
+        for experts in SPEED["experts"]:
+            by_impl = {c["impl"]: c for c in cases if c["kind"] == "speed" and c.get("experts") == experts
+                       and c.get("grads") == grads}
+            dense = by_impl["dense"].get("median_s")
+            summary[f"time_vs_dense_E{experts}_{grads}_grads"] = {
+                impl: (round(c["median_s"] / dense, 3) if "median_s" in c and dense else c.get("error", "")[:200])
+                for impl, c in by_impl.items()}
     for impl in ("switch", "huggingface"):
         for metric in ("peak_beyond_params_and_grads_bytes", "tensor_peak_beyond_params_and_grads_bytes"):
             mem = {c["experts"]: c.get(metric) for c in cases if c["kind"] == "memory" and c["impl"] == impl}

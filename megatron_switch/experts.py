@@ -23,19 +23,30 @@ from megatron_switch.initialization import seeded_generator, truncated_normal_
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
 
 
+def _wgrad_placeholder(weight: torch.Tensor):
+    """What backward returns for a weight whose gradient went into `main_grad` (Megatron's contract)."""
+    if not hasattr(weight, "grad_added_to_main_grad"):
+        return None
+    weight.grad_added_to_main_grad = True
+    if getattr(weight, "zero_out_wgrad", False):
+        return torch.zeros_like(weight)
+    return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # never written
+
+
 class _BankProjection(torch.autograd.Function):
     """y[e] = x[e] @ w[e]^T (+ b[e]) for every expert e of a bank.
 
     Shapes: x [E, N, in], w [E, out, in], b [E, out] or None -> y [E, N, out].
-    The bias is fused into the GEMM (baddbmm), and the weight gradient is produced in the
-    weight's own [E, out, in] layout (autograd's bmm backward yields a transposed view that
-    costs a copy of the whole bank per step).
+    The bias is fused into the GEMM (baddbmm). The weight gradient is produced in the weight's own
+    [E, out, in] layout (autograd's bmm backward yields a transposed view that costs a copy of the
+    whole bank), or, with gradient-accumulation fusion and a `main_grad` buffer (Megatron's DDP),
+    accumulated straight into it, so no bank-sized gradient is allocated per step.
     """
 
     @staticmethod
-    def forward(ctx, x_ENi, w_Eoi, b_Eo):
+    def forward(ctx, x_ENi, w_Eoi, b_Eo, fuse_wgrad):
         ctx.save_for_backward(x_ENi, w_Eoi)
-        ctx.has_bias = b_Eo is not None
+        ctx.has_bias, ctx.fuse_wgrad = b_Eo is not None, fuse_wgrad
         if b_Eo is None:
             return torch.bmm(x_ENi, w_Eoi.transpose(1, 2))
         return torch.baddbmm(b_Eo[:, None, :], x_ENi, w_Eoi.transpose(1, 2))
@@ -46,9 +57,17 @@ class _BankProjection(torch.autograd.Function):
         dx = torch.bmm(dy_ENo, w_Eoi) if ctx.needs_input_grad[0] else None
         dw = None
         if ctx.needs_input_grad[1]:
-            dw = torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi))
+            main_grad = getattr(w_Eoi, "main_grad", None) if ctx.fuse_wgrad else None
+            if main_grad is None:
+                dw = torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi))
+            else:
+                if main_grad.dtype == dy_ENo.dtype:
+                    main_grad.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)
+                else:
+                    main_grad.add_(torch.bmm(dy_ENo.transpose(1, 2), x_ENi))
+                dw = _wgrad_placeholder(w_Eoi)
         db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db
+        return dx, dw, db, None
 
 
 def expert_ffn_size(config: TransformerConfig, switch: SwitchConfig) -> int:
@@ -99,8 +118,9 @@ class TorchExperts(MegatronModule):
 
     def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
         """[E_l, N, h] -> [E_l, N, h]: every expert gets the same number N of token slots."""
-        h = _BankProjection.apply(x_ENh, self.weight1, self.bias1)
-        return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2)
+        fuse = self.config.gradient_accumulation_fusion
+        h = _BankProjection.apply(x_ENh, self.weight1, self.bias1, fuse)
+        return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, fuse)
 
     def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""

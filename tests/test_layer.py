@@ -274,3 +274,22 @@ def test_expert_dropout_acts_inside_experts_in_training_only():
     assert not torch.allclose(y_train, y_eval_1)
     # Routing is untouched by expert dropout.
     assert torch.equal(layer.router(x.view(-1, 16)).expert, torch.argmax(x.view(-1, 16) @ layer.router.weight.t(), -1))
+
+
+def test_gradient_accumulation_fusion_accumulates_into_main_grad():
+    torch.manual_seed(5)
+    switch = SwitchConfig(num_experts=4, capacity_factor=1.0, jitter_eps=0.0)
+    plain = make_layer(switch)
+    fused = SwitchMLP(tiny_config(gradient_accumulation_fusion=True), switch=switch, ep_group=None, tp_group=None)
+    bank = (fused.experts.weight1, fused.experts.weight2)
+    for w in bank:
+        w.main_grad = torch.zeros_like(w)
+        w.grad_added_to_main_grad = False
+    x = torch.randn(6, 2, 16)
+    for _ in range(2):  # two micro-batches accumulate
+        for layer in (plain, fused):
+            layer(x)[0].square().sum().backward()
+    for w, ref in zip(bank, (plain.experts.weight1, plain.experts.weight2)):
+        torch.testing.assert_close(w.main_grad, ref.grad, rtol=1e-5, atol=1e-6)
+        assert w.grad_added_to_main_grad
+    torch.testing.assert_close(fused.router.weight.grad, plain.router.weight.grad)
