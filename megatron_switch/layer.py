@@ -94,6 +94,39 @@ class SwitchMLP(MegatronModule):
             self.router.reset_parameters(layer_number)
             self.experts.reset_parameters(layer_number)
 
+    # Checkpoint keys of the expert bank (global expert axis first), as megatron-core's grouped
+    # experts name them, so a checkpoint reshards across EP/TP/PP and moves between backends.
+    EXPERT_KEYS = {"weight1": "linear_fc1.weight", "bias1": "linear_fc1.bias",
+                   "weight2": "linear_fc2.weight", "bias2": "linear_fc2.bias"}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
+        """Router: replicated. Experts: [E, ...] tensors sharded over EP, replicated over expert-DP."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        state = make_sharded_tensors_for_checkpoint(
+            {"router.weight": self.router.weight}, prefix, sharded_offsets=sharded_offsets,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+            dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        ep_rank, ep = group_rank(self.ep_group), group_size(self.ep_group)
+        replica_id = (0, 0, parallel_state.get_expert_data_parallel_rank())
+        for name, key in self.EXPERT_KEYS.items():
+            param = getattr(self.experts, name)
+            if param is None:
+                continue
+            full_key = f"{prefix}experts.{key}"
+            state[full_key] = ShardedTensor.from_rank_offsets(
+                full_key, param, *sharded_offsets, (len(sharded_offsets), ep_rank, ep),
+                replica_id=replica_id, prepend_axis_num=len(sharded_offsets))
+        return state
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Accept the checkpoint key names for the expert bank (see EXPERT_KEYS).
+        for name, key in self.EXPERT_KEYS.items():
+            if f"{prefix}experts.{key}" in state_dict:
+                state_dict[f"{prefix}experts.{name}"] = state_dict.pop(f"{prefix}experts.{key}")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @property
     def token_group(self) -> Group:
         """Ranks sharing one micro-batch's tokens: the TP group when TP > 1."""

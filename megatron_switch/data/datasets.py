@@ -1,0 +1,44 @@
+"""GPT train/valid/test datasets over indexed .bin/.idx files, through megatron.core.datasets."""
+
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Tuple
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+from megatron_switch.data.preprocess import DataError
+
+
+def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """Megatron's --data-path: `PREFIX` ... or `WEIGHT PREFIX WEIGHT PREFIX ...`."""
+    items = list(data_path)
+    if len(items) > 1 and len(items) % 2 == 0:
+        try:
+            weights = [float(w) for w in items[0::2]]
+            return items[1::2], weights
+        except ValueError:
+            pass
+    return items, None
+
+
+def check_prefixes(prefixes: Sequence[str]) -> None:
+    for prefix in prefixes:
+        missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"--data-path {prefix}: {', '.join(missing)} not found; create the dataset "
+                            f"with `megatron-switch preprocess --input FILES --output-prefix {prefix}`")
+
+
+def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
+                       num_samples: Tuple[int, int, int], tokenizer, cache: str):
+    """(train, valid, test) GPTDatasets; a split with weight 0 comes back as None."""
+    prefixes, weights = parse_data_path(data_path)
+    check_prefixes(prefixes)
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
+        path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
+    return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()

@@ -1,0 +1,107 @@
+"""Tokenizers for preprocessing and training: a built-in byte-level tokenizer, and Hugging Face
+tokenizers (a local tokenizer directory or file) when `transformers` is installed.
+
+Both follow megatron.core's MegatronTokenizerBase, which its GPTDataset expects (`eod`, `pad`).
+"""
+
+from __future__ import annotations
+
+import numpy
+
+from megatron.core.tokenizers import MegatronTokenizerBase
+
+TOKENIZER_TYPES = ("ByteLevelTokenizer", "HuggingFaceTokenizer")
+
+
+class ByteLevelTokenizer(MegatronTokenizerBase):
+    """UTF-8 bytes 0-255 are tokens 0-255; 256 ends a document (eod), 257 pads."""
+
+    def __init__(self):
+        super().__init__(path="", config={})
+        self.unique_identifiers = {"class": type(self).__name__}  # keys megatron's dataset cache
+
+    def tokenize(self, text: str) -> numpy.ndarray:
+        return numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8).astype(numpy.int64)
+
+    def detokenize(self, ids) -> str:
+        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, *args, **kwargs):
+        raise NotImplementedError("ByteLevelTokenizer has no chat template")
+
+    @property
+    def vocab(self):
+        return {bytes([i]).decode("latin-1"): i for i in range(256)}
+
+    @property
+    def inv_vocab(self):
+        return {i: bytes([i]).decode("latin-1") for i in range(256)}
+
+    @property
+    def vocab_size(self) -> int:
+        return 258
+
+    @property
+    def eod(self) -> int:
+        return 256
+
+    @property
+    def pad(self) -> int:
+        return 257
+
+
+class HuggingFaceTokenizer(MegatronTokenizerBase):
+    """A Hugging Face tokenizer loaded from a local path (no download)."""
+
+    def __init__(self, path: str):
+        super().__init__(path=path, config={})
+        self.unique_identifiers = {"class": type(self).__name__, "path": path}
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as err:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`; "
+                             "or use --tokenizer-type ByteLevelTokenizer") from err
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        eod = self._tokenizer.eos_token_id
+        self._eod = eod if eod is not None else len(self._tokenizer)
+
+    def tokenize(self, text: str) -> numpy.ndarray:
+        return numpy.asarray(self._tokenizer(text, add_special_tokens=False)["input_ids"], dtype=numpy.int64)
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode(list(ids))
+
+    def apply_chat_template(self, *args, **kwargs):
+        return self._tokenizer.apply_chat_template(*args, **kwargs)
+
+    @property
+    def vocab(self):
+        return self._tokenizer.get_vocab()
+
+    @property
+    def inv_vocab(self):
+        return {v: k for k, v in self.vocab.items()}
+
+    @property
+    def vocab_size(self) -> int:
+        return max(len(self._tokenizer), self._eod + 1)
+
+    @property
+    def eod(self) -> int:
+        return self._eod
+
+    @property
+    def pad(self) -> int:
+        pad = self._tokenizer.pad_token_id
+        return self._eod if pad is None else pad
+
+
+def build_tokenizer(tokenizer_type: str = "ByteLevelTokenizer", tokenizer_model: str | None = None):
+    if tokenizer_type == "ByteLevelTokenizer":
+        return ByteLevelTokenizer()
+    if tokenizer_type == "HuggingFaceTokenizer":
+        if not tokenizer_model:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH "
+                             "(a local tokenizer directory)")
+        return HuggingFaceTokenizer(tokenizer_model)
+    raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}: use one of {', '.join(TOKENIZER_TYPES)}")
