@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence, Tuple
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
 from megatron_switch.data.preprocess import DataError
 
@@ -32,11 +32,42 @@ def check_prefixes(prefixes: Sequence[str]) -> None:
                             f"with `megatron-switch preprocess --input FILES --output-prefix {prefix}`")
 
 
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def used_split(split: str, num_samples: Sequence[int], prefixes: Sequence[str]) -> str:
+    """The --split string with unused splits (0 samples requested) set to 0, after checking that
+    every used split holds at least one document of every dataset (Megatron's rounding)."""
+    try:
+        weights = [float(w) for w in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise DataError(f"--split {split!r}: expected comma-separated weights such as 969,30,1") from None
+    weights = (weights + [0.0, 0.0, 0.0])[:3]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise DataError(f"--split {split!r}: weights must be >= 0 with a positive sum")
+    weights = [w if n > 0 else 0.0 for w, n in zip(weights, num_samples)]
+    if sum(weights) <= 0:
+        raise DataError(f"--split {split!r} gives no documents to training")
+    total = sum(weights)
+    bounds = [0.0]
+    for w in weights:
+        bounds.append(bounds[-1] + w / total)
+    for prefix in prefixes:
+        documents = len(IndexedDataset(prefix))
+        edges = [int(round(documents * b)) for b in bounds]
+        for name, w, a, b in zip(SPLIT_NAMES, weights, edges, edges[1:]):
+            if w > 0 and b <= a:
+                raise DataError(f"--split {split}: the {name} split of {prefix} ({documents} documents) "
+                                f"is empty; give it a larger share or use more data")
+    return ",".join(f"{w:g}" for w in weights)
+
+
 def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, seed: int,
                        num_samples: Tuple[int, int, int], tokenizer, cache: str):
-    """(train, valid, test) GPTDatasets; a split with weight 0 comes back as None."""
+    """(train, valid, test) GPTDatasets; a split that is not used comes back as None."""
     prefixes, weights = parse_data_path(data_path)
     check_prefixes(prefixes)
+    split = used_split(split, num_samples, prefixes)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend=(prefixes, weights), split=split,
         path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,

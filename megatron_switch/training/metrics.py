@@ -1,0 +1,135 @@
+"""What a run reports: per-interval lines, a metrics.jsonl, TensorBoard scalars, and at the end a
+loss-curve PNG and an expert-load heatmap PNG (layers x experts, share of routed tokens)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_switch.layer import SwitchMLP
+
+
+def is_reporting_rank() -> bool:
+    """The rank that prints: last pipeline stage, first tensor- and data-parallel rank."""
+    return (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_data_parallel_rank() == 0)
+
+
+class SwitchStatsAccumulator:
+    """Sums each Switch layer's statistics over every training micro-batch of a logging interval
+    (a forward hook on each Switch layer; evaluation forwards are not counted)."""
+
+    def __init__(self, model: torch.nn.Module, num_layers: int, num_experts: int):
+        self.layers = [m for m in model.modules() if isinstance(m, SwitchMLP)]
+        self.num_layers, self.num_experts = num_layers, max(num_experts, 1)
+        self.reset()
+        for layer in self.layers:
+            layer.register_forward_hook(self._record)
+
+    def reset(self) -> None:
+        # rows: global layer number - 1; columns: aux, z, dropped fraction, count, then E loads
+        self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64)
+
+    def _record(self, layer, inputs, output) -> None:
+        if not layer.training:
+            return
+        stats = layer.last_stats
+        row = self.table[layer.layer_number - 1]
+        row[0] += float(stats.aux_loss)
+        row[1] += float(stats.z_loss)
+        row[2] += float(stats.dropped_fraction)
+        row[3] += 1
+        row[4:] += stats.tokens_per_expert.double()
+
+    def reduce(self) -> torch.Tensor:
+        """All ranks: the table summed over pipeline stages and data-parallel replicas."""
+        table = self.table.clone()
+        for group in (parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()):
+            dist.all_reduce(table, group=group)
+        return table
+
+
+class Reporter:
+    def __init__(self, args):
+        self.args = args
+        self.enabled = is_reporting_rank()
+        self.history: List[Dict] = []
+        self.load = None
+        self.writer = None
+        self.plots_dir = args.plots_dir or os.path.join(args.save or ".", "plots")
+        if self.enabled:
+            os.makedirs(self.plots_dir, exist_ok=True)
+            if args.tensorboard_dir:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(args.tensorboard_dir)
+
+    def log(self, iteration: int, lm_loss: float, table: torch.Tensor, lr: float, tokens_per_s: float,
+            grad_norm: float, valid_loss: Optional[float] = None) -> None:
+        switch_rows = table[table[:, 3] > 0]
+        counts = switch_rows[:, 3:4].clamp(min=1)
+        per_layer = switch_rows[:, :3] / counts
+        aux, z = float(per_layer[:, 0].sum()), float(per_layer[:, 1].sum())
+        dropped = float(per_layer[:, 2].mean()) if len(per_layer) else 0.0
+        load = switch_rows[:, 4:]
+        self.load = load if self.load is None else self.load + load
+        record = dict(iteration=iteration, lm_loss=lm_loss, aux_loss=aux, z_loss=z, dropped_fraction=dropped,
+                      lr=lr, tokens_per_s=tokens_per_s, grad_norm=grad_norm)
+        if valid_loss is not None:
+            record["valid_lm_loss"] = valid_loss
+        if not self.enabled:
+            return
+        self.history.append(record)
+        line = (f" iteration {iteration:7d}/{self.args.train_iters:7d} | lm loss {lm_loss:.4f} | "
+                f"aux loss {aux:.4e} | z loss {z:.4e} | dropped {dropped:.3f} | "
+                f"tokens/s {tokens_per_s:,.0f} | lr {lr:.3e} | grad norm {grad_norm:.3f}")
+        if valid_loss is not None:
+            line += f" | valid lm loss {valid_loss:.4f}"
+        print(line, flush=True)
+        with open(os.path.join(self.plots_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.writer:
+            for key, value in record.items():
+                if key != "iteration":
+                    self.writer.add_scalar(key, value, iteration)
+
+    def finish(self) -> None:
+        if not self.enabled or not self.history:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        its = [r["iteration"] for r in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(its, [r["lm_loss"] for r in self.history], label="train lm loss")
+        valid = [(r["iteration"], r["valid_lm_loss"]) for r in self.history if "valid_lm_loss" in r]
+        if valid:
+            ax.plot(*zip(*valid), "o-", label="valid lm loss")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.set_title("Switch GPT training")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(self.plots_dir, "loss.png"), dpi=120)
+        plt.close(fig)
+        if self.load is not None and len(self.load):
+            share = (self.load / self.load.sum(1, keepdim=True).clamp(min=1)).numpy()
+            fig, ax = plt.subplots(figsize=(max(5, share.shape[1] * 0.4), max(2.5, share.shape[0] * 0.6)))
+            image = ax.imshow(share, aspect="auto", cmap="viridis")
+            ax.set_xlabel("expert")
+            ax.set_ylabel("Switch layer")
+            ax.set_title("share of routed tokens (uniform = %.3f)" % (1.0 / share.shape[1]))
+            fig.colorbar(image, ax=ax)
+            fig.tight_layout()
+            fig.savefig(os.path.join(self.plots_dir, "expert_load.png"), dpi=120)
+            plt.close(fig)
+        if self.writer:
+            self.writer.close()
+        print(f" plots and metrics written to {self.plots_dir}", flush=True)

@@ -1,0 +1,100 @@
+"""Build the GPT model of a run, with an initialisation that does not depend on the layout.
+
+Every parameter is drawn from a generator seeded by (seed, its global name) at its full,
+unsharded shape, and this rank keeps its tensor-parallel slice; Switch layers draw each expert by
+(seed, layer, expert) themselves. So 1 process, TP x EP and PP runs start from the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_switch.initialization import seeded_generator, switch_init_method, truncated_normal_
+from megatron_switch.layer import SwitchMLP
+from megatron_switch.spec import get_switch_gpt_layer_spec
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return int(math.ceil(vocab_size / multiple) * multiple)
+
+
+def transformer_config(args) -> TransformerConfig:
+    init = (switch_init_method(args.switch_init_scale or 0.1) if args.init_method == "switch" else None)
+    extra = dict(init_method=init, output_layer_init_method=init) if init else {}
+    return TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, normalization=args.normalization,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, use_cpu_initialization=True,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        sequence_parallel=args.sequence_parallel, bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32, **extra)
+
+
+def global_name(name: str, layer_offset: int) -> str:
+    return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + layer_offset}.", name)
+
+
+def init_dense_parameters(model: torch.nn.Module, args) -> None:
+    """Draw every non-Switch parameter at its full shape from (seed, global name); keep this rank's
+    tensor-parallel slice. Norm weights 1, biases 0, weights N(0, std) (output projections scaled
+    by 1/sqrt(2 L), as Megatron does) or the paper's truncated normal with --init-method switch."""
+    switch_params = {id(p) for m in model.modules() if isinstance(m, SwitchMLP) for p in m.parameters()}
+    offset = get_transformer_layer_offset(model.config)
+    tp, tp_rank = (parallel_state.get_tensor_model_parallel_world_size(),
+                   parallel_state.get_tensor_model_parallel_rank())
+    for name, param in model.named_parameters():
+        if id(param) in switch_params:
+            continue
+        gname = global_name(name, offset)
+        shape = list(param.shape)
+        sharded = getattr(param, "tensor_model_parallel", False)
+        if sharded:
+            shape[param.partition_dim] *= tp
+        if param.dim() == 1:
+            full = torch.ones(shape) if "norm" in gname and gname.endswith("weight") else torch.zeros(shape)
+        else:
+            generator = seeded_generator(args.seed, zlib.crc32(gname.encode()))
+            full = torch.empty(shape)
+            if args.init_method == "switch":
+                truncated_normal_(full, args.switch_init_scale or 0.1, generator=generator)
+            else:
+                std = args.init_method_std
+                if gname.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                    std /= math.sqrt(2.0 * args.num_layers)
+                full.normal_(0.0, std, generator=generator)
+        if sharded:
+            full = full.chunk(tp, dim=param.partition_dim)[tp_rank]
+        with torch.no_grad():
+            param.copy_(full)
+
+
+def build_model(args, vocab_size: int) -> torch.nn.Module:
+    config = transformer_config(args)
+    switch = args.switch
+    if switch is None:  # a dense GPT: no Switch layer anywhere
+        from megatron_switch.config import SwitchConfig
+
+        switch = SwitchConfig(num_experts=1, expert_interval=args.num_layers + 1)
+    model = GPTModel(
+        config=config, transformer_layer_spec=get_switch_gpt_layer_spec(config, switch),
+        vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by,
+                                     args.tensor_model_parallel_size),
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type="learned_absolute")
+    init_dense_parameters(model, args)
+    return model

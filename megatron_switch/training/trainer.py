@@ -1,0 +1,249 @@
+"""The per-rank training loop: data, model, optimizer, steps, checkpoints, signals, reports.
+
+CPU (gloo) path: plain PyTorch AdamW on the model's parameters (float32 master copies under
+--bf16); gradients reduced as Megatron's DDP does (dense over DP, experts over expert-DP,
+`training.gradients`); global gradient-norm clipping over every model-parallel dimension.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import time
+from typing import Dict, List
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+from megatron_switch.compat import apply_cpu_shims
+from megatron_switch.parallel import destroy_parallel, initialize_parallel
+from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_switch.training.gradients import allreduce_gradients
+from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
+from megatron_switch.training.model import build_model
+from megatron_switch.training.schedule import forward_backward
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    numpy.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _datasets(args, tokenizer):
+    from megatron_switch.data.corpus import cache_dir, default_corpus
+    from megatron_switch.data.datasets import build_gpt_datasets
+
+    data_path = args.data_path
+    if not data_path:
+        if dist.get_rank() == 0:
+            default_corpus(tokenizer, args.tokenizer_type)
+        dist.barrier()
+        data_path = [default_corpus(tokenizer, args.tokenizer_type)]
+    eval_batches = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
+    sizes = (args.train_iters * args.global_batch_size, eval_batches * args.global_batch_size, 0)
+    cache = args.data_cache_path or os.path.join(cache_dir(), "index-cache")
+    return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, sizes, tokenizer, cache)
+
+
+def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]]:
+    """This DP rank's micro-batches of the global batch starting at sample `consumed`
+    (Megatron's sampler order: each group of micro x DP samples is split over the DP ranks)."""
+    dp, dp_rank = args.data_parallel_size, parallel_state.get_data_parallel_rank()
+    micro = args.micro_batch_size
+    batches = []
+    for m in range(args.global_batch_size // (micro * dp)):
+        start = consumed + m * micro * dp + dp_rank * micro
+        samples = [dataset[i] for i in range(start, start + micro)]
+        batches.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).long()
+                        if k != "loss_mask" else torch.stack([torch.as_tensor(s[k]) for s in samples]).float()
+                        for k in ("tokens", "labels", "loss_mask", "position_ids")})
+    return batches
+
+
+def _param_groups(params, weight_decay: float):
+    decay = [p for n, p in params if p.dim() > 1]
+    no_decay = [p for n, p in params if p.dim() <= 1]
+    return [dict(params=decay, weight_decay=weight_decay, wd_mult=1.0, lr_mult=1.0),
+            dict(params=no_decay, weight_decay=0.0, wd_mult=0.0, lr_mult=1.0)]
+
+
+def global_grad_norm(params) -> float:
+    """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
+    per expert-parallel group, every pipeline stage included."""
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dense = torch.zeros(1, dtype=torch.float64)
+    expert = torch.zeros(1, dtype=torch.float64)
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.double().square().sum()
+        if not getattr(p, "allreduce", True):
+            expert += sq
+        elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            dense += sq
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return math.sqrt(float(dense + expert))
+
+
+class _ExitSignal:
+    def __init__(self, enabled: bool):
+        self.received = False
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.received else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(args) -> None:
+    """Entry point of one rank (under torchrun, srun or the local launcher)."""
+    from megatron_switch.data.tokenizers import build_tokenizer
+
+    initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+                        args.expert_model_parallel_size, args.num_experts if args.switch else None)
+    apply_cpu_shims()
+    try:
+        _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model))
+    finally:
+        destroy_parallel()
+
+
+def _train(args, tokenizer) -> None:
+    _seed_all(args.seed)
+    train_ds, valid_ds, _ = _datasets(args, tokenizer)
+    model = build_model(args, tokenizer.vocab_size)
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(model.config, model)
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    # Float32 master weights under --bf16 (the router is float32 already).
+    masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
+    for master, p in zip(masters, params):
+        if master is not p:
+            master.allreduce = getattr(p, "allreduce", True)
+            master.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
+    optimizer = torch.optim.AdamW(
+        _param_groups(list(zip([n for n, _ in named], masters)), args.weight_decay),
+        lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    group_params = [p for g in optimizer.param_groups for p in g["params"]]
+    model_params_in_optimizer_order = [params[masters.index(m)] for m in group_params] if args.bf16 else group_params
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+
+    iteration, consumed = 0, 0
+    if args.load:
+        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler)
+        iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
+        if args.bf16:
+            with torch.no_grad():
+                for master, p in zip(masters, params):
+                    if master is not p:
+                        master.copy_(p.float())
+        if is_print_rank():
+            print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
+
+    def save(it: int) -> None:
+        path = save_checkpoint(args.save, it, model, optimizer, model_params_in_optimizer_order, scheduler,
+                               {"iteration": it, "consumed_train_samples": consumed})
+        if is_print_rank():
+            print(f" saved checkpoint {path}", flush=True)
+
+    num_experts = args.switch.num_experts if args.switch else 1
+    stats = SwitchStatsAccumulator(model, args.num_layers, num_experts)
+    reporter = Reporter(args)
+    exit_signal = _ExitSignal(args.exit_signal_handler)
+    start_time = time.time()
+    interval_start, interval_losses = time.perf_counter(), []
+    model.train()
+    while iteration < args.train_iters:
+        batches = _micro_batches(train_ds, consumed, args)
+        for p in params:
+            p.grad = None
+        loss = forward_backward(model, batches, args)
+        if args.bf16:
+            for master, p in zip(masters, params):
+                if master is not p:
+                    master.grad = None if p.grad is None else p.grad.float()
+        allreduce_gradients(masters)
+        grad_norm = global_grad_norm(masters)
+        if args.clip_grad > 0 and grad_norm > args.clip_grad:
+            for p in masters:
+                if p.grad is not None:
+                    p.grad.mul_(args.clip_grad / (grad_norm + 1e-6))
+        optimizer.step()
+        scheduler.step(increment=1)
+        if args.bf16:
+            with torch.no_grad():
+                for master, p in zip(masters, params):
+                    if master is not p:
+                        p.copy_(master)
+        iteration += 1
+        consumed += args.global_batch_size
+        if loss is not None:
+            interval_losses.append(float(loss))
+
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            lm = torch.tensor([sum(interval_losses), len(interval_losses)], dtype=torch.float64)
+            dist.all_reduce(lm, group=parallel_state.get_data_parallel_group())
+            table = stats.reduce()
+            valid = None
+            if args.eval_interval and valid_ds is not None and iteration % args.eval_interval == 0:
+                valid = evaluate(model, valid_ds, iteration, args)
+            elapsed = time.perf_counter() - interval_start
+            steps = len(interval_losses) or args.log_interval
+            tokens_per_s = steps * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
+            reporter.log(iteration, float(lm[0] / lm[1]) if lm[1] else float("nan"), table,
+                         optimizer.param_groups[0]["lr"], tokens_per_s, grad_norm, valid)
+            stats.reset()
+            interval_start, interval_losses = time.perf_counter(), []
+
+        timed_out = (args.exit_duration_in_mins is not None
+                     and (time.time() - start_time) / 60 > args.exit_duration_in_mins)
+        stop = exit_signal.any_rank() if args.exit_signal_handler else False
+        if args.save and (stop or timed_out or (args.save_interval and iteration % args.save_interval == 0)
+                          or iteration == args.train_iters):
+            save(iteration)
+        if stop or timed_out:
+            if is_print_rank():
+                print(f" exiting at iteration {iteration} ({'signal' if stop else 'time limit'})", flush=True)
+            break
+    reporter.finish()
+
+
+def evaluate(model, dataset, iteration: int, args) -> float:
+    """Mean LM loss over --eval-iters global batches of the validation split (all ranks)."""
+    model.eval()
+    eval_index = (iteration // args.eval_interval - 1) * args.eval_iters
+    losses = []
+    with torch.no_grad():
+        for k in range(args.eval_iters):
+            batches = _micro_batches(dataset, (eval_index + k) * args.global_batch_size, args)
+            loss = forward_backward(model, batches, args, forward_only=True)
+            if loss is not None:
+                losses.append(float(loss))
+    model.train()
+    total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total[0] / total[1])
+
+
+def is_print_rank() -> bool:
+    return dist.get_rank() == 0

@@ -1,0 +1,140 @@
+"""`megatron-switch train` end to end on CPU: learning, layouts, resume, signals, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import free_port
+
+SMALL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+         "--micro-batch-size", "2", "--moe-switch", "--num-experts", "4", "--moe-layer-freq", "2",
+         "--untie-embeddings-and-output-weights", "--log-interval", "1"]
+EXACT = ["--moe-input-jitter-eps", "0"]  # jitter draws from each rank's RNG stream
+
+
+def run_train(args, cwd, check=True):
+    env = dict(os.environ, MEGATRON_SWITCH_CACHE=os.path.join(str(cwd), "cache"))
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "megatron_switch.train", "--master-port", str(free_port()), *args],
+                          capture_output=True, text=True, cwd=cwd, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def metrics(plots_dir):
+    with open(os.path.join(plots_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_ep2_run_learns_and_reports(tmp_path):
+    run_train(["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "8",
+               "--train-iters", "30", "--lr", "3e-3", "--save", str(tmp_path / "ckpt"),
+               "--eval-interval", "15", "--eval-iters", "2"], tmp_path)
+    m = metrics(tmp_path / "ckpt" / "plots")
+    assert len(m) == 30
+    assert m[-1]["lm_loss"] < m[0]["lm_loss"] - 1.0
+    assert all(0 < r["aux_loss"] < 1 and 0 <= r["dropped_fraction"] < 1 and r["tokens_per_s"] > 0 for r in m)
+    assert "valid_lm_loss" in m[14] and "valid_lm_loss" in m[29]
+    for png in ("loss.png", "expert_load.png"):
+        assert os.path.getsize(tmp_path / "ckpt" / "plots" / png) > 1000
+    with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt") as f:
+        assert f.read().strip() == "30"
+
+
+@pytest.mark.parametrize("layout", [
+    ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
+    ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "256"],
+], ids=["tp2xep2", "pp2"])
+def test_layouts_match_one_process(tmp_path, layout):
+    common = [*SMALL, *EXACT, "--global-batch-size", "8", "--train-iters", "4"]
+    # Megatron pads the vocabulary to a multiple of 128 x TP; 256 keeps one process at TP=2's size.
+    run_train(["--nproc-per-node", "1", *common, "--make-vocab-size-divisible-by", "256",
+               "--plots-dir", str(tmp_path / "one")], tmp_path)
+    run_train([*layout, *common, "--plots-dir", str(tmp_path / "many")], tmp_path)
+    for one, many in zip(metrics(tmp_path / "one"), metrics(tmp_path / "many")):
+        for key in ("lm_loss", "aux_loss", "dropped_fraction", "grad_norm"):
+            assert many[key] == pytest.approx(one[key], rel=2e-5, abs=1e-6), (key, one, many)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    common = ["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
+              "--lr-decay-iters", "6", "--lr-warmup-iters", "2"]
+    run_train([*common, "--train-iters", "6", "--plots-dir", str(tmp_path / "straight")], tmp_path)
+    run_train([*common, "--train-iters", "3", "--save", str(tmp_path / "ckpt"),
+               "--plots-dir", str(tmp_path / "first")], tmp_path)
+    resumed = run_train([*common, "--train-iters", "6", "--load", str(tmp_path / "ckpt"),
+                         "--plots-dir", str(tmp_path / "second")], tmp_path)
+    assert "loaded checkpoint" in resumed.stdout and "at iteration 3" in resumed.stdout
+    straight = metrics(tmp_path / "straight")
+    assert [r["iteration"] for r in metrics(tmp_path / "second")] == [4, 5, 6]
+    for a, b in zip(straight[3:], metrics(tmp_path / "second")):
+        for key in ("lm_loss", "aux_loss", "z_loss", "dropped_fraction", "grad_norm", "lr"):
+            assert a[key] == b[key], (key, a, b)
+
+
+def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
+    env = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"))
+    args = [sys.executable, "-m", "megatron_switch.train", "--master-port", str(free_port()),
+            "--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
+            "--train-iters", "100000", "--save", str(tmp_path / "ckpt"), "--exit-signal-handler"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    seen = []
+    for line in proc.stdout:  # wait for training to be under way, then signal every process
+        seen.append(line)
+        if line.startswith(" iteration") and len([l for l in seen if l.startswith(" iteration")]) == 3:
+            os.killpg(proc.pid, signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait() == 0, "".join(seen) + rest
+    assert "exiting at iteration" in rest and "saved checkpoint" in rest
+    with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt") as f:
+        saved = int(f.read())
+    assert saved >= 3
+    resumed = run_train(["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL,
+                         "--global-batch-size", "4", "--train-iters", str(saved + 1),
+                         "--load", str(tmp_path / "ckpt"), "--plots-dir", str(tmp_path / "p")], tmp_path)
+    assert f"at iteration {saved}" in resumed.stdout
+
+
+def test_missing_and_corrupt_checkpoints_fail_clearly_and_touch_nothing(tmp_path):
+    proc = run_train([*SMALL, "--train-iters", "2", "--load", str(tmp_path / "nowhere")], tmp_path, check=False)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+    ckpt = tmp_path / "ckpt"
+    run_train([*SMALL, "--train-iters", "2", "--save", str(ckpt), "--plots-dir", str(tmp_path / "p")], tmp_path)
+    shard = next(p for p in (ckpt / "iter_0000002").iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])  # truncate a data file
+    before = {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")}
+    proc = run_train([*SMALL, "--train-iters", "4", "--load", str(ckpt), "--save", str(ckpt),
+                      "--plots-dir", str(tmp_path / "p2")], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "checkpoint" in proc.stderr and "iter_0000002 cannot be loaded" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in ckpt.rglob("*")} == before
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("garbage")
+    proc = run_train([*SMALL, "--load", str(ckpt)], tmp_path, check=False)
+    assert proc.returncode == 2 and "expected an iteration number" in proc.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--data-path", "/nonexistent/corpus"], "/nonexistent/corpus.bin"),
+    (["--global-batch-size", "3"], "--global-batch-size 3 is not divisible"),
+    (["--num-experts", "4"], "add --moe-switch"),
+    (["--moe-switch", "--num-experts", "6", "--nproc-per-node", "4", "--expert-model-parallel-size", "4"],
+     "not divisible by --expert-model-parallel-size 4"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--fp16"], "use --bf16"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["--save-interval", "5"], "--save-interval needs --save"),
+])
+def test_bad_flags_fail_before_any_process_starts(tmp_path, flags, message):
+    proc = run_train(["--train-iters", "1", *flags], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
