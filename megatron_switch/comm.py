@@ -15,6 +15,13 @@ import torch.distributed as dist
 Group = Optional[dist.ProcessGroup]
 
 
+def comm_device() -> torch.device:
+    """Where tensors for the default backend live: the current GPU under NCCL, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def group_size(group: Group) -> int:
     return 1 if group is None else dist.get_world_size(group)
 

@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_switch.comm import comm_device
 from megatron_switch.layer import SwitchMLP
 
 
@@ -48,10 +49,10 @@ class SwitchStatsAccumulator:
 
     def reduce(self) -> torch.Tensor:
         """All ranks: the table summed over pipeline stages and data-parallel replicas."""
-        table = self.table.clone()
+        table = self.table.to(comm_device(), copy=True)
         for group in (parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()):
             dist.all_reduce(table, group=group)
-        return table
+        return table.cpu()
 
 
 class Reporter:

@@ -34,7 +34,7 @@ def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forwar
                      ) -> Optional[torch.Tensor]:
     """Runs every micro-batch; returns the mean loss on the last stage (None elsewhere)."""
     num_micro = len(batches)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro))
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro, device=batches[0]["tokens"].device))
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
     pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -42,7 +42,8 @@ def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forwar
     for batch in batches:
         received = None
         if pipelined and not first:
-            received = torch.empty(_activation_shape(args, batch["tokens"].shape[0]), dtype=dtype)
+            received = torch.empty(_activation_shape(args, batch["tokens"].shape[0]), dtype=dtype,
+                                   device=batch["tokens"].device)
             dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
             received.requires_grad_(not forward_only)
             model.set_input_tensor(received)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_switch.comm import comm_device
 from megatron_switch.compat import apply_cpu_shims
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
 from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
@@ -60,9 +61,10 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
     for m in range(args.global_batch_size // (micro * dp)):
         start = consumed + m * micro * dp + dp_rank * micro
         samples = [dataset[i] for i in range(start, start + micro)]
-        batches.append({k: torch.stack([torch.as_tensor(s[k]) for s in samples]).long()
-                        if k != "loss_mask" else torch.stack([torch.as_tensor(s[k]) for s in samples]).float()
-                        for k in ("tokens", "labels", "loss_mask", "position_ids")})
+        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(comm_device())
+                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
+        batch["loss_mask"] = batch["loss_mask"].float()
+        batches.append(batch)
     return batches
 
 
@@ -77,8 +79,8 @@ def global_grad_norm(params) -> float:
     """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
     per expert-parallel group, every pipeline stage included."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dense = torch.zeros(1, dtype=torch.float64)
-    expert = torch.zeros(1, dtype=torch.float64)
+    dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
+    expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
     for p in params:
         if p.grad is None:
             continue
@@ -89,7 +91,7 @@ def global_grad_norm(params) -> float:
             dense += sq
     dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
     dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
-    return math.sqrt(float(dense + expert))
+    return math.sqrt(float((dense + expert).item()))
 
 
 class _ExitSignal:
@@ -103,7 +105,7 @@ class _ExitSignal:
         self.received = True
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.received else 0.0])
+        flag = torch.tensor([1.0 if self.received else 0.0], device=comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -124,7 +126,7 @@ def train(args) -> None:
 def _train(args, tokenizer) -> None:
     _seed_all(args.seed)
     train_ds, valid_ds, _ = _datasets(args, tokenizer)
-    model = build_model(args, tokenizer.vocab_size)
+    model = build_model(args, tokenizer.vocab_size).to(comm_device())
     if args.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -141,7 +143,8 @@ def _train(args, tokenizer) -> None:
         _param_groups(list(zip([n for n, _ in named], masters)), args.weight_decay),
         lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     group_params = [p for g in optimizer.param_groups for p in g["params"]]
-    model_params_in_optimizer_order = [params[masters.index(m)] for m in group_params] if args.bf16 else group_params
+    model_of_master = {id(m): p for m, p in zip(masters, params)}
+    model_params_in_optimizer_order = [model_of_master[id(m)] for m in group_params]
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -201,7 +204,8 @@ def _train(args, tokenizer) -> None:
             interval_losses.append(float(loss))
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            lm = torch.tensor([sum(interval_losses), len(interval_losses)], dtype=torch.float64)
+            lm = torch.tensor([sum(interval_losses), len(interval_losses)], dtype=torch.float64,
+                              device=comm_device())
             dist.all_reduce(lm, group=parallel_state.get_data_parallel_group())
             table = stats.reduce()
             valid = None
@@ -240,7 +244,7 @@ def evaluate(model, dataset, iteration: int, args) -> float:
             if loss is not None:
                 losses.append(float(loss))
     model.train()
-    total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+    total = torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=comm_device())
     dist.all_reduce(total)
     return float(total[0] / total[1])
 
