@@ -1,5 +1,14 @@
 """megatron-switch: the Switch Transformer (top-1 mixture of experts) as a Megatron-Core plugin."""
 
+import warnings
+
+# megatron-core warns at import that Transformer Engine and apex are absent (they are optional: torch
+# fallbacks are used) and TransformerConfig warns about its own default; only these are silenced.
+QUIET_IMPORT_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                         "full scope is deprecated")  # the last: TransformerConfig's own default
+for _message in QUIET_IMPORT_WARNINGS:
+    warnings.filterwarnings("ignore", message=_message)
+
 from megatron_switch.arguments import add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.initialization import switch_init_method

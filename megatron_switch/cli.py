@@ -9,6 +9,11 @@ import sys
 import warnings
 from typing import List, Optional
 
+from megatron_switch import QUIET_IMPORT_WARNINGS
+
+# Spawned workers import megatron-core before any code of ours runs: tell them through the environment.
+os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in QUIET_IMPORT_WARNINGS))
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -17,7 +22,6 @@ def _free_port() -> int:
 
 
 def _local_rank_entry(rank: int, args) -> None:
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
     import torch
 

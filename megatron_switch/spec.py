@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib.util
+import logging
 import math
 from typing import Optional
 
@@ -30,6 +31,17 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_switch.config import SwitchConfig
 from megatron_switch.layer import SwitchMLP
+
+
+class _QuietSwitchMLPSpec(logging.Filter):
+    """TransformerLayer warns about every MLP spec it does not know, and SwitchMLP is one by design
+    (its settings travel in the spec's params); drop that one message."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSwitchMLPSpec())
 
 
 class SDPAttention(DotProductAttention):
