@@ -79,6 +79,7 @@ class Reporter:
         dropped = float(per_layer[:, 2].mean()) if len(per_layer) else 0.0
         load = switch_rows[:, 4:]
         self.load = load if self.load is None else self.load + load
+        self.load_layers = [int(i) + 1 for i in torch.nonzero(table[:, 3] > 0).flatten()]
         record = dict(iteration=iteration, lm_loss=lm_loss, aux_loss=aux, z_loss=z, dropped_fraction=dropped,
                       lr=lr, tokens_per_s=tokens_per_s, grad_norm=grad_norm)
         if valid_loss is not None:
@@ -125,7 +126,8 @@ class Reporter:
             fig, ax = plt.subplots(figsize=(max(5, share.shape[1] * 0.4), max(2.5, share.shape[0] * 0.6)))
             image = ax.imshow(share, aspect="auto", cmap="viridis")
             ax.set_xlabel("expert")
-            ax.set_ylabel("Switch layer")
+            ax.set_ylabel("layer")
+            ax.set_yticks(range(len(self.load_layers)), [str(n) for n in self.load_layers])
             ax.set_title("share of routed tokens (uniform = %.3f)" % (1.0 / share.shape[1]))
             fig.colorbar(image, ax=ax)
             fig.tight_layout()
