@@ -22,15 +22,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def stdlib_bytes(limit: int = 4 << 20) -> torch.Tensor:
-    """Up to `limit` bytes of the standard library's .py files, in a fixed order."""
-    root = os.path.dirname(os.__file__)
+    """Up to `limit` bytes of the embedded corpus (the standard library's .py files) as tokens."""
+    from megatron_switch.data.corpus import stdlib_sources
+
     chunks, total = [], 0
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py") and total < limit:
-            with open(os.path.join(root, name), "rb") as f:
-                data = f.read()
-            chunks.append(data)
-            total += len(data)
+    for path in stdlib_sources():
+        if total >= limit:
+            break
+        with open(path, "rb") as f:
+            chunks.append(f.read())
+        total += len(chunks[-1])
     return torch.frombuffer(bytearray(b"".join(chunks)[:limit]), dtype=torch.uint8).long()
 
 
