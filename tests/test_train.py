@@ -63,9 +63,10 @@ def test_layouts_match_one_process(tmp_path, layout):
             assert many[key] == pytest.approx(one[key], rel=2e-5, abs=1e-6), (key, one, many)
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
+def test_resume_is_bit_identical(tmp_path, precision):
     common = ["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
-              "--lr-decay-iters", "6", "--lr-warmup-iters", "2"]
+              "--lr-decay-iters", "6", "--lr-warmup-iters", "2", *precision]
     run_train([*common, "--train-iters", "6", "--plots-dir", str(tmp_path / "straight")], tmp_path)
     run_train([*common, "--train-iters", "3", "--save", str(tmp_path / "ckpt"),
                "--plots-dir", str(tmp_path / "first")], tmp_path)

@@ -6,7 +6,7 @@ complete save is renamed into place, and only then does the tracker file (itself
 atomically) point at it, so a killed save never becomes the latest.
 
 Contents: the model's sharded state (global expert axis, so it reshards across TP/PP/EP), Adam's
-moments sharded like their parameters, the LR scheduler, the iteration and consumed samples, and
+moments and any float32 master weights (--bf16) sharded like their parameters, the LR scheduler, the iteration and consumed samples, and
 each rank's RNG states (restored when the world size is unchanged).
 """
 
@@ -55,14 +55,22 @@ def latest_checkpoint(root: str) -> Tuple[int, str]:
 
 
 def _optimizer_sharded_state(optimizer, model_sharded: Dict, params_in_optimizer_order: Sequence):
+    """Adam's moments, and the float32 master weights where they are not the model's own
+    parameters (--bf16), each sharded exactly like its model parameter."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
+        make_sharded_optimizer_tensor,
         optim_state_to_sharding_state,
     )
 
     state = optimizer.state_dict()
     id_map = get_param_id_to_sharded_param_map(model_sharded, params_in_optimizer_order)
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    state["main_params"] = {
+        index: make_sharded_optimizer_tensor(id_map[index], master, "optimizer.main_param")
+        for index, (master, param) in enumerate(zip(masters, params_in_optimizer_order))
+        if master is not param}
     return state
 
 
@@ -145,6 +153,10 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
                               f"or start without --load") from None
     model.load_state_dict(loaded["model"])
     optimizer_state = loaded["optimizer"]
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for index, value in optimizer_state.pop("main_params").items():
+            masters[index].copy_(value)
     for state in optimizer_state["state"].values():
         state["step"] = torch.tensor(loaded["optimizer_step"])
     optimizer.load_state_dict(optimizer_state)

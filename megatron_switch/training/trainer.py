@@ -155,11 +155,6 @@ def _train(args, tokenizer) -> None:
     if args.load:
         common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
-        if args.bf16:
-            with torch.no_grad():
-                for master, p in zip(masters, params):
-                    if master is not p:
-                        master.copy_(p.float())
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
 
