@@ -36,7 +36,7 @@ def metrics(plots_dir):
 def test_ep2_run_learns_and_reports(tmp_path):
     run_train(["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "8",
                "--train-iters", "30", "--lr", "3e-3", "--save", str(tmp_path / "ckpt"),
-               "--eval-interval", "15", "--eval-iters", "2"], tmp_path)
+               "--eval-interval", "15", "--eval-iters", "2", "--tensorboard-dir", str(tmp_path / "tb")], tmp_path)
     m = metrics(tmp_path / "ckpt" / "plots")
     assert len(m) == 30
     assert m[-1]["lm_loss"] < m[0]["lm_loss"] - 1.0
@@ -46,6 +46,12 @@ def test_ep2_run_learns_and_reports(tmp_path):
         assert os.path.getsize(tmp_path / "ckpt" / "plots" / png) > 1000
     with open(tmp_path / "ckpt" / "latest_checkpointed_iteration.txt") as f:
         assert f.read().strip() == "30"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("lm_loss")] == list(range(1, 31))
+    assert {"aux_loss", "dropped_fraction", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
 
 
 @pytest.mark.parametrize("layout", [
