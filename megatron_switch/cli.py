@@ -6,7 +6,6 @@ import argparse
 import os
 import socket
 import sys
-import warnings
 from typing import List, Optional
 
 from megatron_switch import QUIET_IMPORT_WARNINGS

@@ -71,7 +71,7 @@ def validate_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1,
             f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} = {model}: launch a "
             f"multiple of {model} processes (e.g. {model * max(1, -(-world_size // model))}), or use "
             f"--tensor-model-parallel-size {max(fits) if fits else 1}"
-            + ("" if world_size % pp == 0 else f" with --pipeline-model-parallel-size 1"))
+            + ("" if world_size % pp == 0 else " with --pipeline-model-parallel-size 1"))
     if num_experts is not None and num_experts % ep:
         raise LayoutError(
             f"--num-experts {num_experts} is not divisible by --expert-model-parallel-size {ep}: "

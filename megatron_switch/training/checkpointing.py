@@ -13,10 +13,9 @@ each rank's RNG states (restored when the world size is unchanged).
 from __future__ import annotations
 
 import os
-import pickle
 import random
 import shutil
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 import numpy
 import torch
