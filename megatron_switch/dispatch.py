@@ -134,6 +134,9 @@ class _GatherScale(torch.autograd.Function):
 
 def gather_scale(rows_Rh: torch.Tensor, index_T: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
     """[R, h] expert outputs, [T] row per token, [T] float32 weight -> [T, h] weighted outputs."""
-    if rows_Rh.shape[0] == 0:  # every token dropped: zeros, still connected to the router's graph
-        return rows_Rh.new_zeros(index_T.shape[0], rows_Rh.shape[1]) * weight_T[:, None].to(rows_Rh.dtype)
+    if rows_Rh.shape[0] == 0:
+        # Every token dropped: zeros that stay connected to the router and to the (empty) expert
+        # outputs, so this rank's backward still runs the collectives its peers wait for.
+        zeros = rows_Rh.new_zeros(index_T.shape[0], rows_Rh.shape[1])
+        return zeros * weight_T[:, None].to(rows_Rh.dtype) + rows_Rh.sum()
     return _GatherScale.apply(rows_Rh, index_T, weight_T)

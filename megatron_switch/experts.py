@@ -125,10 +125,9 @@ class TorchExperts(MegatronModule):
     def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""
         outputs = []
+        # Empty groups run too: every expert stays in the autograd graph on every rank, so each
+        # rank's backward issues the same collectives even when its experts received no token.
         for e, x_nh in enumerate(torch.split(x_Nh, tokens_per_expert)):
-            if x_nh.shape[0] == 0:
-                outputs.append(x_nh)
-                continue
             h = F.linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
             outputs.append(F.linear(self._ffn_tail(h), self.weight2[e],
                                     None if self.bias2 is None else self.bias2[e]))

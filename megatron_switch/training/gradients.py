@@ -30,8 +30,15 @@ def _all_reduce_flat(grads, group) -> None:
 
 
 def allreduce_gradients(params: Iterable[torch.nn.Parameter], sequence_parallel: bool = False) -> None:
-    """Reduce `.grad` of every parameter in place, one bucket per group and dtype."""
-    params = [p for p in params if p.grad is not None]
+    """Reduce `.grad` of every parameter in place, one bucket per group and dtype.
+
+    A parameter without a gradient on this rank (an expert bank that received no token) gets a
+    zero gradient first, so every rank contributes buckets of the same layout.
+    """
+    params = [p for p in params if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     if sequence_parallel:
         _all_reduce_flat([p.grad for p in params if getattr(p, "sequence_parallel", False)],
                          parallel_state.get_tensor_model_parallel_group())
