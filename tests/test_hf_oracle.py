@@ -10,6 +10,11 @@ import pytest
 import torch
 
 from megatron_switch import SwitchConfig, SwitchMLP
+from megatron_switch.checkpoint.huggingface import (
+    WeightMappingError,
+    export_huggingface_sparse_mlp,
+    import_huggingface_sparse_mlp,
+)
 from tests.helpers import tiny_config
 
 transformers = pytest.importorskip("transformers")
@@ -32,11 +37,7 @@ def build_pair(seq_len: int, capacity: int, activation: str):
         num_experts=E, capacity_factor=capacity * E / seq_len, eval_capacity_factor=capacity * E / seq_len,
         min_capacity=0, activation=activation, expert_bias=False, jitter_eps=0.0))
     assert ours.switch.capacity(seq_len, True) == capacity
-    with torch.no_grad():
-        ours.router.weight.copy_(hf.router.classifier.weight)
-        for i in range(E):
-            ours.experts.weight1[i].copy_(hf.experts[f"expert_{i}"].wi.weight)
-            ours.experts.weight2[i].copy_(hf.experts[f"expert_{i}"].wo.weight)
+    import_huggingface_sparse_mlp(ours, hf.state_dict())
     return hf, ours
 
 
@@ -73,3 +74,30 @@ def test_each_sequence_routed_alone_matches_hugging_face_batch():
     for b in range(3):
         y, _ = ours(x[b:b + 1].transpose(0, 1))
         torch.testing.assert_close(y.transpose(0, 1), hf_out[b:b + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_export_round_trips_to_hugging_face_and_checks_shapes():
+    hf, ours = build_pair(16, 3, "relu")
+    exported = export_huggingface_sparse_mlp(ours)
+    assert exported.keys() == hf.state_dict().keys()
+    for key, value in hf.state_dict().items():
+        assert torch.equal(exported[key], value), key
+    fresh = transformers.SwitchTransformersConfig(d_model=H, d_ff=FFN, num_experts=E, expert_capacity=3)
+    target = SwitchTransformersSparseMLP(fresh)
+    target.load_state_dict(exported)
+    x = torch.randn(1, 16, H)
+    torch.testing.assert_close(target.eval()(x), hf.eval()(x))
+    bad = dict(hf.state_dict(), **{"experts.expert_2.wo.weight": torch.zeros(H, FFN + 1)})
+    with pytest.raises(WeightMappingError, match=r"experts.expert_2.wo.weight: shape \(16, 33\)"):
+        import_huggingface_sparse_mlp(ours, bad)
+
+
+def test_gated_experts_map_to_wi_0_and_wi_1():
+    layer = SwitchMLP(tiny_config(hidden=H, ffn=FFN), ep_group=None, tp_group=None,
+                      switch=SwitchConfig(num_experts=E, activation="geglu", expert_bias=False))
+    exported = export_huggingface_sparse_mlp(layer)
+    assert exported["experts.expert_1.wi_0.weight"].shape == (FFN, H)
+    other = SwitchMLP(tiny_config(hidden=H, ffn=FFN), ep_group=None, tp_group=None,
+                      switch=SwitchConfig(num_experts=E, activation="geglu", expert_bias=False, init_seed=7))
+    import_huggingface_sparse_mlp(other, exported)
+    assert torch.equal(other.experts.weight1, layer.experts.weight1)

@@ -1,0 +1,1 @@
+"""Checkpoint interchange: Hugging Face SwitchTransformers weights to and from Switch layers."""

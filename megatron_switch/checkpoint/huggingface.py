@@ -1,0 +1,71 @@
+"""Hugging Face `SwitchTransformersSparseMLP` weights <-> a `SwitchMLP`.
+
+Hugging Face keys (per MoE block, under any prefix):
+  router.classifier.weight            [E, h]
+  experts.expert_{i}.wi.weight        [f, h]        (ReLU/GELU experts)
+  experts.expert_{i}.wi_0.weight, .wi_1.weight      (gated experts: act(wi_0 x) * wi_1 x)
+  experts.expert_{i}.wo.weight        [h, f]
+Hugging Face experts have no biases: importing zeroes ours, exporting refuses non-zero ones.
+Under expert parallelism each rank imports or exports its own experts (global indices).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+import torch
+
+from megatron_switch.layer import SwitchMLP
+
+
+class WeightMappingError(ValueError):
+    """Weights that do not fit the layer; the message names the key and the shapes."""
+
+
+def _take(state: Mapping[str, torch.Tensor], key: str, shape) -> torch.Tensor:
+    if key not in state:
+        raise WeightMappingError(f"missing key {key!r} in the Hugging Face state dict")
+    tensor = state[key]
+    if tuple(tensor.shape) != tuple(shape):
+        raise WeightMappingError(f"{key}: shape {tuple(tensor.shape)}, the Switch layer needs {tuple(shape)}")
+    return tensor
+
+
+def import_huggingface_sparse_mlp(layer: SwitchMLP, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
+    """Copy a Hugging Face MoE block's router and this rank's experts into `layer`."""
+    experts, switch = layer.experts, layer.switch
+    hidden = layer.router.weight.shape[1]
+    ffn = experts.weight2.shape[2]
+    with torch.no_grad():
+        layer.router.weight.copy_(_take(state, f"{prefix}router.classifier.weight", (switch.num_experts, hidden)))
+        for local in range(experts.num_local_experts):
+            base = f"{prefix}experts.expert_{experts.first_expert + local}."
+            if switch.gated:
+                w1 = torch.cat([_take(state, base + "wi_0.weight", (ffn, hidden)),
+                                _take(state, base + "wi_1.weight", (ffn, hidden))])
+            else:
+                w1 = _take(state, base + "wi.weight", (ffn, hidden))
+            experts.weight1[local].copy_(w1)
+            experts.weight2[local].copy_(_take(state, base + "wo.weight", (hidden, ffn)))
+        for bias in (experts.bias1, experts.bias2):
+            if bias is not None:
+                bias.zero_()
+
+
+def export_huggingface_sparse_mlp(layer: SwitchMLP, prefix: str = "") -> Dict[str, torch.Tensor]:
+    """This rank's part of `layer` under Hugging Face's keys (the router on every rank)."""
+    experts, switch = layer.experts, layer.switch
+    for bias in (experts.bias1, experts.bias2):
+        if bias is not None and torch.count_nonzero(bias):
+            raise WeightMappingError("Hugging Face Switch experts have no biases, and this layer's are "
+                                     "non-zero: train with --switch-no-expert-bias to export")
+    state = {f"{prefix}router.classifier.weight": layer.router.weight.detach().clone()}
+    for local in range(experts.num_local_experts):
+        base = f"{prefix}experts.expert_{experts.first_expert + local}."
+        w1 = experts.weight1[local].detach()
+        if switch.gated:
+            state[base + "wi_0.weight"], state[base + "wi_1.weight"] = (t.clone() for t in w1.chunk(2))
+        else:
+            state[base + "wi.weight"] = w1.clone()
+        state[base + "wo.weight"] = experts.weight2[local].detach().clone()
+    return state
