@@ -9,7 +9,6 @@ TE spec; otherwise from its local spec, with an attention core on PyTorch's
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import importlib.util
 import logging
@@ -136,5 +135,5 @@ def get_switch_gpt_layer_spec(
             spec = dataclasses.replace(dense, submodules=dataclasses.replace(
                 dense.submodules, pre_mlp_layernorm=switch_norm,
                 mlp=switch_mlp_spec(switch, layer_number)))
-        layer_specs.append(copy.copy(spec))
+        layer_specs.append(spec)
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)

@@ -69,8 +69,9 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
 
 
 def _param_groups(params, weight_decay: float):
-    decay = [p for n, p in params if p.dim() > 1]
-    no_decay = [p for n, p in params if p.dim() <= 1]
+    """Weight decay on matrices only (not on biases and norm weights)."""
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
     return [dict(params=decay, weight_decay=weight_decay, wd_mult=1.0, lr_mult=1.0),
             dict(params=no_decay, weight_decay=0.0, wd_mult=0.0, lr_mult=1.0)]
 
@@ -131,8 +132,7 @@ def _train(args, tokenizer) -> None:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
-    named = list(model.named_parameters())
-    params = [p for _, p in named]
+    params = list(model.parameters())
     # Float32 master weights under --bf16 (the router is float32 already).
     masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
     for master, p in zip(masters, params):
@@ -140,7 +140,7 @@ def _train(args, tokenizer) -> None:
             master.allreduce = getattr(p, "allreduce", True)
             master.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
     optimizer = torch.optim.AdamW(
-        _param_groups(list(zip([n for n, _ in named], masters)), args.weight_decay),
+        _param_groups(masters, args.weight_decay),
         lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
     group_params = [p for g in optimizer.param_groups for p in g["params"]]
     model_of_master = {id(m): p for m, p in zip(masters, params)}
