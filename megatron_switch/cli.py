@@ -1,4 +1,4 @@
-"""The `megatron-switch` command: train, preprocess."""
+"""The `megatron-switch` command: train, preprocess, convert, plan, sbatch."""
 
 from __future__ import annotations
 
@@ -75,7 +75,14 @@ def preprocess_main(argv: Optional[List[str]] = None) -> None:
     print(f"wrote {tokens} tokens to {args.output_prefix}.bin/.idx")
 
 
-COMMANDS = {"train": train_main, "preprocess": preprocess_main}
+# Each command lives beside what it drives; its module is imported only when the command runs.
+COMMANDS = {
+    "train": "megatron_switch.cli:train_main",
+    "preprocess": "megatron_switch.cli:preprocess_main",
+    "convert": "megatron_switch.checkpoint.convert:main",
+    "plan": "megatron_switch.planning.cli:plan_main",
+    "sbatch": "megatron_switch.planning.cli:sbatch_main",
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -83,7 +90,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: megatron-switch {{{','.join(COMMANDS)}}} [flags]  (--help after a command)")
         sys.exit(2)
-    COMMANDS[argv[0]](argv[1:])
+    import importlib
+
+    module, function = COMMANDS[argv[0]].split(":")
+    getattr(importlib.import_module(module), function)(argv[1:])
 
 
 if __name__ == "__main__":
