@@ -13,6 +13,8 @@ setup(
         "megatron-core>=0.16.1,<0.17",
         "numpy",
         "psutil",
+        "safetensors",
+        "tqdm",
     ],
     extras_require={
         # Transformer Engine's PyTorch extension compiles against CUDA: install it in a GPU image.
