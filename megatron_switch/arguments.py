@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_switch.config import ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, SwitchConfig
+from megatron_switch.config import (
+    ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, FP8_FORMATS, FP8_RECIPES, SwitchConfig)
 
 _D = SwitchConfig  # class attributes hold the defaults
 
@@ -52,6 +53,11 @@ def _flags():
                                        help="Expert FFN width (default: --ffn-hidden-size).")),
         ("--switch-expert-backend", dict(type=str, default=None, choices=EXPERT_BACKENDS,
                                          help="Expert GEMM backend (default auto).")),
+        ("--fp8-format", dict(type=str, default=None, choices=FP8_FORMATS,
+                              help="FP8 expert GEMMs: e4m3, or hybrid (e4m3 forward, e5m2 gradients). "
+                                   "Needs a GPU of compute capability 8.9+.")),
+        ("--fp8-recipe", dict(type=str, default=None, choices=FP8_RECIPES,
+                              help="FP8 scaling (default: tensorwise on the torch backend, delayed on te).")),
     ]
 
 

@@ -15,6 +15,8 @@ from typing import Optional
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
 DROP_POLICIES = ("position", "probs")
 EXPERT_BACKENDS = ("auto", "torch", "te")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
 
 
 class SwitchConfigError(ValueError):
@@ -41,6 +43,10 @@ class SwitchConfig:
     expert_bias: whether expert projections carry biases.
     expert_ffn_hidden_size: expert FFN width; None means the model's ffn_hidden_size.
     expert_backend: "auto", "torch" or "te".
+    fp8_format: FP8 for the expert GEMMs (Megatron's --fp8-format): None, "e4m3" or "hybrid"
+        (e4m3 forward, e5m2 gradients). The router and the combine never run in FP8.
+    fp8_recipe: scaling recipe (Megatron's --fp8-recipe); None picks the backend's default
+        (torch: tensorwise; te: delayed).
     init_seed: base seed of the layout-independent expert and router initialisation.
     """
 
@@ -59,6 +65,8 @@ class SwitchConfig:
     expert_bias: bool = True
     expert_ffn_hidden_size: Optional[int] = None
     expert_backend: str = "auto"
+    fp8_format: Optional[str] = None
+    fp8_recipe: Optional[str] = None
     init_seed: int = 1234
 
     def __post_init__(self) -> None:
@@ -91,6 +99,12 @@ class SwitchConfig:
              f"--switch-expert-ffn-hidden-size must be >= 1, got {self.expert_ffn_hidden_size}")
         need(self.expert_backend in EXPERT_BACKENDS,
              f"--switch-expert-backend must be one of {EXPERT_BACKENDS}, got {self.expert_backend!r}")
+        need(self.fp8_format is None or self.fp8_format in FP8_FORMATS,
+             f"--fp8-format must be one of {FP8_FORMATS}, got {self.fp8_format!r}")
+        need(self.fp8_recipe is None or self.fp8_recipe in FP8_RECIPES,
+             f"--fp8-recipe must be one of {FP8_RECIPES}, got {self.fp8_recipe!r}")
+        need(self.fp8_recipe is None or self.fp8_format is not None,
+             f"--fp8-recipe {self.fp8_recipe} needs --fp8-format e4m3|hybrid")
 
     @property
     def gated(self) -> bool:
@@ -141,5 +155,7 @@ class SwitchConfig:
             expert_bias=not getattr(args, "switch_no_expert_bias", False),
             expert_ffn_hidden_size=get("moe_ffn_hidden_size", None),
             expert_backend=get("switch_expert_backend", cls.expert_backend),
+            fp8_format=get("fp8_format", None),
+            fp8_recipe=get("fp8_recipe", None) if get("fp8_format", None) else None,
             init_seed=get("seed", cls.init_seed),
         )
