@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("ByteLevelTokenizer", "HuggingFaceTokenizer"))
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--dataloader-type", choices=("single", "dali"), default="single",
+                   help="single: the samples read in the main process; dali: an NVIDIA DALI pipeline "
+                        "(same samples and order; on GPU it prefetches to the device). Needs nvidia-dali-cuda120.")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
@@ -111,9 +114,18 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.num_experts is not None and not args.moe_switch:
         fail("--num-experts without --moe-switch: this trainer's mixture of experts is the Switch "
              "layer; add --moe-switch")
+    if args.fp8_format and not args.moe_switch:
+        fail("--fp8-format: this trainer runs the Switch experts' GEMMs in FP8 (the dense layers stay "
+             "bf16); add --moe-switch --num-experts N, or drop --fp8-format")
     try:
         args.switch = SwitchConfig.from_args(args) if args.moe_switch else None
         validate_layout(world, tp, pp, ep, args.num_experts if args.moe_switch else None)
+        if args.switch is not None:
+            from megatron_switch.experts import check_fp8_shapes, resolve_expert_backend
+
+            resolve_expert_backend(args.switch)  # a backend or FP8 this machine cannot run fails here
+            check_fp8_shapes(args.hidden_size, args.switch.expert_ffn_hidden_size or args.ffn_hidden_size,
+                             args.switch)
     except (SwitchConfigError, LayoutError) as err:
         fail(str(err))
     dp = world // (tp * pp)
@@ -168,6 +180,13 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
         try:
             check_prefixes(parse_data_path(args.data_path)[0])
         except DataError as err:
+            fail(str(err))
+    if args.dataloader_type == "dali":
+        from megatron_switch.data.dali import DaliUnavailableError, require_dali
+
+        try:
+            require_dali()
+        except DaliUnavailableError as err:
             fail(str(err))
     if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
         fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH (a local directory)")

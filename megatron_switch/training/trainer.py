@@ -7,11 +7,13 @@ CPU (gloo) path: plain PyTorch AdamW on the model's parameters (float32 master c
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import random
 import signal
 import time
+from collections.abc import Iterator
 from typing import Dict, List
 
 import numpy
@@ -66,6 +68,17 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
         batch["loss_mask"] = batch["loss_mask"].float()
         batches.append(batch)
     return batches
+
+
+def _batches(dataset, consumed: int, args) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Each step's micro-batches from sample `consumed` on, through --dataloader-type: `single`
+    reads `_micro_batches`; `dali` a DALI pipeline that yields the same samples in the same order."""
+    if args.dataloader_type == "dali":
+        from megatron_switch.data.dali import DaliLoader
+
+        return DaliLoader(dataset, consumed, args.micro_batch_size, args.global_batch_size,
+                          args.data_parallel_size, parallel_state.get_data_parallel_rank(), comm_device())
+    return (_micro_batches(dataset, c, args) for c in itertools.count(consumed, args.global_batch_size))
 
 
 def _param_groups(params, weight_decay: float):
@@ -168,11 +181,14 @@ def _train(args, tokenizer) -> None:
     stats = SwitchStatsAccumulator(model, args.num_layers, num_experts)
     reporter = Reporter(args)
     exit_signal = _ExitSignal(args.exit_signal_handler)
+    train_batches = _batches(train_ds, consumed, args)
+    if args.dataloader_type == "dali" and is_print_rank():
+        print(f" data loader: {train_batches.description()}", flush=True)
     start_time = time.time()
     interval_start, interval_losses = time.perf_counter(), []
     model.train()
     while iteration < args.train_iters:
-        batches = _micro_batches(train_ds, consumed, args)
+        batches = next(train_batches)
         for p in params:
             p.grad = None
         loss = forward_backward(model, batches, args)
@@ -232,9 +248,10 @@ def evaluate(model, dataset, iteration: int, args) -> float:
     model.eval()
     eval_index = (iteration // args.eval_interval - 1) * args.eval_iters
     losses = []
+    eval_batches = _batches(dataset, eval_index * args.global_batch_size, args)
     with torch.no_grad():
         for k in range(args.eval_iters):
-            batches = _micro_batches(dataset, (eval_index + k) * args.global_batch_size, args)
+            batches = next(eval_batches)
             loss = forward_backward(model, batches, args, forward_only=True)
             if loss is not None:
                 losses.append(float(loss))
