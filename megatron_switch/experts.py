@@ -6,24 +6,44 @@ Weights are stacked per expert in the nn.Linear layout ([out, in]), so expert i 
   weight2 [E_l, h, f], bias1 [E_l, f'], bias2 [E_l, h].
 Two entry points: `forward_padded` for fixed capacity ([E_l, N, h], one bmm per projection) and
 `forward_grouped` for variable token counts per expert (dropless).
+
+Backends (`--switch-expert-backend`): `torch` (this module; bf16/fp32 everywhere, FP8 through
+`torch._scaled_mm` on GPUs of compute capability 8.9+, see fp8.py) and `te` (Transformer Engine's
+GroupedLinear, experts_te.py, imported only when chosen). `resolve_expert_backend` decides, and
+refuses what the machine cannot run, before any model is built; `build_experts` constructs the bank.
+Both backends expose the same parameters by name (weight1, weight2, bias1, bias2), so checkpoints
+move between them.
 """
 
 from __future__ import annotations
 
-from typing import List
+import functools
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_switch.config import SwitchConfig
+from megatron_switch.config import SwitchConfig, SwitchConfigError
+from megatron_switch.fp8 import FP8_MULTIPLE, fp8_linear
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
 
 
-def _wgrad_placeholder(weight: torch.Tensor):
+def expert_activation(h: torch.Tensor, switch: SwitchConfig, training: bool) -> torch.Tensor:
+    """[..., f'] -> [..., f]: the expert nonlinearity (gated: act(gate) * up), then expert dropout."""
+    activation = _ACTIVATIONS[switch.activation]
+    if switch.gated:
+        gate, up = torch.chunk(h, 2, dim=-1)
+        h = activation(gate) * up
+    else:
+        h = activation(h)
+    return F.dropout(h, p=switch.expert_dropout, training=training)
+
+
+def wgrad_placeholder(weight: torch.Tensor):
     """What backward returns for a weight whose gradient went into `main_grad` (Megatron's contract)."""
     if not hasattr(weight, "grad_added_to_main_grad"):
         return None
@@ -65,7 +85,7 @@ class _BankProjection(torch.autograd.Function):
                     main_grad.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)
                 else:
                     main_grad.add_(torch.bmm(dy_ENo.transpose(1, 2), x_ENi))
-                dw = _wgrad_placeholder(w_Eoi)
+                dw = wgrad_placeholder(w_Eoi)
         db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
@@ -74,8 +94,89 @@ def expert_ffn_size(config: TransformerConfig, switch: SwitchConfig) -> int:
     return switch.expert_ffn_hidden_size or config.ffn_hidden_size
 
 
+@functools.lru_cache(maxsize=None)
+def transformer_engine_import_error() -> Optional[str]:
+    """None when transformer_engine.pytorch imports, else why it does not."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as err:  # ImportError, or a driver/library error raised at import
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: FP8 tensor cores
+
+
+def resolve_expert_backend(switch: SwitchConfig) -> str:
+    """"torch" or "te" for this machine, or SwitchConfigError saying what to use instead.
+
+    auto: te when CUDA and Transformer Engine are both present, else torch. FP8 on the torch
+    backend needs a CUDA GPU of compute capability 8.9+ and the tensorwise recipe; the other
+    recipes need te.
+    """
+    cuda = torch.cuda.is_available()
+    backend = switch.expert_backend
+    if backend == "auto":
+        backend = "te" if cuda and transformer_engine_import_error() is None else "torch"
+    if backend == "te":
+        if not cuda:
+            raise SwitchConfigError(
+                "--switch-expert-backend te needs CUDA: Transformer Engine cannot build a module without a "
+                "GPU, and this machine has none. Use --switch-expert-backend torch (or auto).")
+        problem = transformer_engine_import_error()
+        if problem is not None:
+            raise SwitchConfigError(
+                f"--switch-expert-backend te: Transformer Engine does not import ({problem}). Install it in "
+                "a CUDA image (pip install 'megatron-switch[te]', or use an NGC PyTorch container), or use "
+                "--switch-expert-backend torch.")
+        if switch.fp8_format is not None:
+            from megatron_switch.experts_te import te_fp8_recipe
+
+            te_fp8_recipe(switch.fp8_format, switch.fp8_recipe or "delayed")  # raises if unsupported
+        return "te"
+    if switch.fp8_format is not None:
+        recipe = switch.fp8_recipe or "tensorwise"
+        if recipe != "tensorwise":
+            raise SwitchConfigError(
+                f"--fp8-recipe {recipe}: the torch expert backend scales FP8 per tensor (--fp8-recipe "
+                "tensorwise); delayed, blockwise and mxfp8 need --switch-expert-backend te.")
+        if not cuda:
+            raise SwitchConfigError(
+                f"--fp8-format {switch.fp8_format} needs a GPU with FP8 tensor cores (compute capability "
+                f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}+: Ada, Hopper, Blackwell) and this "
+                "machine has no CUDA device. Drop --fp8-format to run the experts in bf16/fp32.")
+        capability = torch.cuda.get_device_capability()
+        if capability < FP8_MIN_CAPABILITY:
+            raise SwitchConfigError(
+                f"--fp8-format {switch.fp8_format}: {torch.cuda.get_device_name()} (compute capability "
+                f"{capability[0]}.{capability[1]}) has no FP8 tensor cores; drop --fp8-format (bf16 experts).")
+    return "torch"
+
+
+def check_fp8_shapes(hidden: int, ffn: int, switch: SwitchConfig) -> None:
+    """FP8 GEMMs need both weight dimensions to be multiples of 16."""
+    if switch.fp8_format is None:
+        return
+    for name, size in (("--hidden-size", hidden), ("the expert FFN width", ffn)):
+        if size % FP8_MULTIPLE:
+            raise SwitchConfigError(
+                f"--fp8-format needs {name} to be a multiple of {FP8_MULTIPLE}, got {size}")
+
+
+def build_experts(config: TransformerConfig, switch: SwitchConfig, num_local_experts: int,
+                  first_expert: int, layer_number: int = 1) -> MegatronModule:
+    """The expert bank of the backend `resolve_expert_backend` picks for this machine."""
+    check_fp8_shapes(config.hidden_size, expert_ffn_size(config, switch), switch)
+    if resolve_expert_backend(switch) == "te":
+        from megatron_switch.experts_te import TEExperts
+
+        return TEExperts(config, switch, num_local_experts, first_expert, layer_number)
+    return TorchExperts(config, switch, num_local_experts, first_expert, layer_number)
+
+
 class TorchExperts(MegatronModule):
-    """The `torch` expert backend: bf16/fp32 batched GEMMs on any device."""
+    """The `torch` expert backend: bf16/fp32 batched GEMMs on any device; FP8 GEMMs (one per expert
+    and projection, `torch._scaled_mm`) when `switch.fp8_format` is set."""
 
     def __init__(self, config: TransformerConfig, switch: SwitchConfig, num_local_experts: int,
                  first_expert: int, layer_number: int = 1):
@@ -95,7 +196,6 @@ class TorchExperts(MegatronModule):
             self.bias1 = self.bias2 = None
         for param in self.parameters():
             param.allreduce = False  # Megatron DDP: reduce over the expert-data-parallel group
-        self.activation = _ACTIVATIONS[switch.activation]
         self.reset_parameters(layer_number)
 
     def reset_parameters(self, layer_number: int) -> None:
@@ -109,26 +209,26 @@ class TorchExperts(MegatronModule):
                 truncated_normal_(weight[local], self.switch.init_scale, generator=generator)
 
     def _ffn_tail(self, h: torch.Tensor) -> torch.Tensor:
-        if self.switch.gated:
-            gate, up = torch.chunk(h, 2, dim=-1)
-            h = self.activation(gate) * up
-        else:
-            h = self.activation(h)
-        return F.dropout(h, p=self.switch.expert_dropout, training=self.training)
+        return expert_activation(h, self.switch, self.training)
+
+    def _expert(self, x_nh: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e of the bank on its tokens [n, h] -> [n, h]."""
+        linear = functools.partial(fp8_linear, fp8_format=self.switch.fp8_format) if self.switch.fp8_format \
+            else F.linear
+        h = linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
+        return linear(self._ffn_tail(h), self.weight2[e], None if self.bias2 is None else self.bias2[e])
 
     def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
         """[E_l, N, h] -> [E_l, N, h]: every expert gets the same number N of token slots."""
+        if self.switch.fp8_format:
+            return torch.stack([self._expert(x_Nh, e) for e, x_Nh in enumerate(x_ENh.unbind(0))])
         fuse = self.config.gradient_accumulation_fusion
         h = _BankProjection.apply(x_ENh, self.weight1, self.bias1, fuse)
         return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, fuse)
 
     def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""
-        outputs = []
         # Empty groups run too: every expert stays in the autograd graph on every rank, so each
         # rank's backward issues the same collectives even when its experts received no token.
-        for e, x_nh in enumerate(torch.split(x_Nh, tokens_per_expert)):
-            h = F.linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
-            outputs.append(F.linear(self._ffn_tail(h), self.weight2[e],
-                                    None if self.bias2 is None else self.bias2[e]))
+        outputs = [self._expert(x_nh, e) for e, x_nh in enumerate(torch.split(x_Nh, tokens_per_expert))]
         return torch.cat(outputs) if outputs else x_Nh

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_switch.comm import Group, gather_rows, group_rank, group_size, scatter_rows
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.dispatch import CapacityDispatcher, GroupedDispatcher, gather_scale
-from megatron_switch.experts import TorchExperts
+from megatron_switch.experts import build_experts
 from megatron_switch.router import SwitchRouter
 
 
@@ -81,8 +81,8 @@ class SwitchMLP(MegatronModule):
         num_local = switch.num_experts // ep
         self.layer_number = layer_number
         self.router = SwitchRouter(config, switch, layer_number)
-        self.experts = TorchExperts(config, switch, num_local, group_rank(self.ep_group) * num_local,
-                                    layer_number)
+        self.experts = build_experts(config, switch, num_local, group_rank(self.ep_group) * num_local,
+                                     layer_number)
         self.capacity_dispatcher = CapacityDispatcher(switch.num_experts, self.ep_group)
         self.grouped_dispatcher = GroupedDispatcher(switch.num_experts, self.ep_group)
         self.last_stats: Optional[SwitchStats] = None

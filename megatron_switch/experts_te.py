@@ -1,0 +1,157 @@
+"""The `te` expert backend: Transformer Engine's GroupedLinear, bf16 or FP8, behind the bank interface.
+
+Imported only when `resolve_expert_backend` picks `te` (CUDA and Transformer Engine present).
+`TEExperts` has the interface of `experts.TorchExperts` (`forward_padded`, `forward_grouped`,
+`reset_parameters`) and the same parameter names in its state dicts (weight1 [E_l, f', h],
+weight2 [E_l, h, f], bias1, bias2, stacked over local experts), so a checkpoint written by one
+backend loads into the other. Transformer Engine's own FP8 metadata (`_extra_state`: delayed-scaling
+amax history) is not checkpointed; it restarts after a load.
+
+FP8 runs only inside the expert bank (`fp8_autocast` around the two GroupedLinear calls); token
+counts are padded to TE's FP8 multiple with TE's Fp8Padding/Fp8Unpadding. The router and the
+combine are outside, in float32/bf16.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_switch.config import SwitchConfig, SwitchConfigError
+from megatron_switch.experts import expert_activation, expert_ffn_size
+from megatron_switch.initialization import seeded_generator, truncated_normal_
+
+# --fp8-recipe -> (Transformer Engine class in transformer_engine.common.recipe, minimum TE version,
+# minimum compute capability), as megatron-core's fp8_utils gates them.
+TE_RECIPES = {
+    "delayed": ("DelayedScaling", "1.0", (8, 9)),
+    "tensorwise": ("Float8CurrentScaling", "2.2.0.dev0", (8, 9)),
+    "blockwise": ("Float8BlockScaling", "2.3.0.dev0", (9, 0)),
+    "mxfp8": ("MXFP8BlockScaling", "2.1.0", (10, 0)),
+}
+
+
+def te_fp8_recipe(fp8_format: str, fp8_recipe: str):
+    """The Transformer Engine recipe object for Megatron's --fp8-format/--fp8-recipe names, or
+    SwitchConfigError when this TE version or GPU cannot run it."""
+    from megatron.core.utils import get_te_version, is_te_min_version
+    from transformer_engine.common import recipe as te_recipe
+
+    class_name, min_version, capability = TE_RECIPES[fp8_recipe]
+    if not is_te_min_version(min_version):
+        raise SwitchConfigError(
+            f"--fp8-recipe {fp8_recipe} needs Transformer Engine >= {min_version}; this is {get_te_version()}. "
+            "Upgrade Transformer Engine or use --fp8-recipe delayed.")
+    if torch.cuda.get_device_capability() < capability:
+        raise SwitchConfigError(
+            f"--fp8-recipe {fp8_recipe} needs a GPU of compute capability {capability[0]}.{capability[1]}+, "
+            f"{torch.cuda.get_device_name()} is {'.'.join(map(str, torch.cuda.get_device_capability()))}.")
+    fmt = te_recipe.Format.HYBRID if fp8_format == "hybrid" else te_recipe.Format.E4M3
+    return getattr(te_recipe, class_name)(fp8_format=fmt)
+
+
+class TEExperts(MegatronModule):
+    """E_l experts as two Transformer Engine GroupedLinear layers (one GEMM per local expert)."""
+
+    STACKED = {"weight1": ("fc1", "weight"), "bias1": ("fc1", "bias"),
+               "weight2": ("fc2", "weight"), "bias2": ("fc2", "bias")}
+
+    def __init__(self, config: TransformerConfig, switch: SwitchConfig, num_local_experts: int,
+                 first_expert: int, layer_number: int = 1):
+        import transformer_engine.pytorch as te
+
+        super().__init__(config=config)
+        self.switch = switch
+        self.num_local_experts = num_local_experts
+        self.first_expert = first_expert
+        ffn = expert_ffn_size(config, switch)
+        fc1_out = 2 * ffn if switch.gated else ffn
+        common = dict(bias=switch.expert_bias, params_dtype=config.params_dtype,
+                      device=torch.cuda.current_device(),
+                      fuse_wgrad_accumulation=config.gradient_accumulation_fusion)
+        self.fc1 = te.GroupedLinear(num_local_experts, config.hidden_size, fc1_out, **common)
+        self.fc2 = te.GroupedLinear(num_local_experts, ffn, config.hidden_size, **common)
+        for param in self.parameters():
+            param.allreduce = False  # Megatron DDP: reduce over the expert-data-parallel group
+        self.fp8_recipe = (te_fp8_recipe(switch.fp8_format, switch.fp8_recipe or "delayed")
+                           if switch.fp8_format else None)
+        if self.fp8_recipe is not None:
+            self.pad, self.unpad = te.Fp8Padding(num_local_experts), te.Fp8Unpadding(num_local_experts)
+        self._register_state_dict_hook(TEExperts._stack_state)
+        self._register_load_state_dict_pre_hook(TEExperts._split_state, with_module=True)
+        self.reset_parameters(layer_number)
+
+    def _per_expert(self, name: str) -> List[torch.Tensor]:
+        module, kind = self.STACKED[name]
+        if kind == "bias" and not self.switch.expert_bias:
+            return []
+        return [getattr(getattr(self, module), f"{kind}{e}") for e in range(self.num_local_experts)]
+
+    def reset_parameters(self, layer_number: int) -> None:
+        """The same layout-independent draws as TorchExperts (expert e of layer L, any layout)."""
+        if not self.config.perform_initialization:
+            return
+        for tensor_id, name in ((1, "weight1"), (2, "weight2")):
+            for local, weight in enumerate(self._per_expert(name)):
+                generator = seeded_generator(self.switch.init_seed, layer_number, tensor_id,
+                                             self.first_expert + local)
+                truncated_normal_(weight, self.switch.init_scale, generator=generator)
+        with torch.no_grad():
+            for bias in self._per_expert("bias1") + self._per_expert("bias2"):
+                bias.zero_()
+
+    # Stacked views of the per-expert TE parameters (copies: for checkpoints, not for training).
+    weight1 = property(lambda self: torch.stack(self._per_expert("weight1")).detach())
+    weight2 = property(lambda self: torch.stack(self._per_expert("weight2")).detach())
+    bias1 = property(lambda self: torch.stack(self._per_expert("bias1")).detach()
+                     if self.switch.expert_bias else None)
+    bias2 = property(lambda self: torch.stack(self._per_expert("bias2")).detach()
+                     if self.switch.expert_bias else None)
+
+    @staticmethod
+    def _stack_state(module, state_dict, prefix, local_metadata):
+        for name, (child, kind) in TEExperts.STACKED.items():
+            keys = [f"{prefix}{child}.{kind}{e}" for e in range(module.num_local_experts)]
+            if keys[0] in state_dict:
+                state_dict[prefix + name] = torch.stack([state_dict.pop(k) for k in keys])
+        for child in ("fc1", "fc2"):
+            state_dict.pop(f"{prefix}{child}._extra_state", None)
+        return state_dict
+
+    def _split_state(self, state_dict, prefix, *args):
+        for name, (child, kind) in self.STACKED.items():
+            stacked = state_dict.pop(prefix + name, None)
+            if stacked is not None:
+                for e, tensor in enumerate(stacked.unbind(0)):
+                    state_dict[f"{prefix}{child}.{kind}{e}"] = tensor
+        for child in ("fc1", "fc2"):
+            state_dict.setdefault(f"{prefix}{child}._extra_state", None)
+
+    def _ffn_tail(self, h: torch.Tensor) -> torch.Tensor:
+        return expert_activation(h, self.switch, self.training)
+
+    def _run(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+        import transformer_engine.pytorch as te
+
+        if self.fp8_recipe is None:
+            h = self.fc1(x_Nh, tokens_per_expert)
+            return self.fc2(self._ffn_tail(h), tokens_per_expert)
+        x_Nh, padded = self.pad(x_Nh, tokens_per_expert)
+        with te.fp8_autocast(enabled=True, fp8_recipe=self.fp8_recipe):
+            h = self.fc1(x_Nh, padded)
+        h = self._ffn_tail(h)  # activation outside FP8, as TorchExperts
+        with te.fp8_autocast(enabled=True, fp8_recipe=self.fp8_recipe):
+            y = self.fc2(h, padded)
+        return self.unpad(y, tokens_per_expert)
+
+    def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
+        """[E_l, N, h] -> [E_l, N, h]."""
+        experts, n, h = x_ENh.shape
+        return self._run(x_ENh.reshape(experts * n, h), [n] * experts).view(experts, n, h)
+
+    def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+        """[N, h] sorted by local expert, with counts per expert -> [N, h]."""
+        return self._run(x_Nh, list(tokens_per_expert))
