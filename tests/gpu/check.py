@@ -1,0 +1,256 @@
+"""GPU checks on one Hopper GPU (H100/H200), printed as one summary table and written as JSON.
+
+1. fp8_vs_bf16: a Switch layer with FP8 expert GEMMs (torch backend, hybrid, tensorwise) against the
+   same layer in bf16: identical routing, outputs and gradients within the stated tolerances.
+2. router_fp32: under --bf16 (Float16Module) and FP8, the router weight, its gradient, the gates
+   and the logsumexp stay float32 (checked with a forward hook).
+3. train_bf16 / train_fp8: `megatron-switch train` for a few dozen steps on the GPU (NCCL, one
+   rank) with --bf16, and with --bf16 --fp8-format hybrid: the loss falls, a checkpoint is saved.
+4. throughput: forward+backward of one layer at the same shapes: a dense FFN of equal FLOPs per
+   token, our Switch layer in bf16 and FP8, megatron-core's MoELayer (top-1, alltoall dispatcher,
+   SequentialMLP experts); tokens/s and % of the 790 TFLOP/s bf16 peak.
+
+Each check runs even when an earlier one failed; its error is recorded. Not a pytest module: run
+through tests/gpu/run.sh (it needs a GPU; on CPU it exits at once saying so).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+import torch
+
+PEAK_BF16_TFLOPS = 790.0
+TOLERANCE = {"output": 0.10, "input_grad": 0.25, "weight_grad": 0.25}  # relative error, norm-wise
+
+RESULTS: dict = {}
+
+
+def check(fn):
+    def run(*args, **kwargs):
+        start = time.time()
+        try:
+            RESULTS[fn.__name__] = {"ok": True, **(fn(*args, **kwargs) or {})}
+        except Exception as err:  # recorded; the other checks still run
+            RESULTS[fn.__name__] = {"ok": False, "error": f"{type(err).__name__}: {err}",
+                                    "trace": traceback.format_exc()[-3000:]}
+        RESULTS[fn.__name__]["seconds"] = round(time.time() - start, 1)
+        print(f"[{fn.__name__}] {json.dumps({k: v for k, v in RESULTS[fn.__name__].items() if k != 'trace'})}",
+              flush=True)
+    return run
+
+
+def _init_single_rank():
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from megatron_switch.parallel import initialize_parallel
+
+    initialize_parallel(1, 1, 1, 8)
+    model_parallel_cuda_manual_seed(1234)
+
+
+def _config(hidden, ffn, **extra):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=8,
+                             bf16=True, params_dtype=torch.bfloat16, hidden_dropout=0.0,
+                             attention_dropout=0.0, **extra)
+
+
+def _switch_layer(hidden, ffn, experts, **switch):
+    from megatron_switch import SwitchConfig, SwitchMLP
+
+    cfg = SwitchConfig(num_experts=experts, expert_backend="torch", **switch)
+    return SwitchMLP(_config(hidden, ffn), switch=cfg).cuda()
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@check
+def fp8_vs_bf16():
+    torch.manual_seed(0)
+    hidden, ffn, experts = 1024, 4096, 8
+    ref = _switch_layer(hidden, ffn, experts, jitter_eps=0.0)
+    fp8 = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, fp8_format="hybrid")
+    fp8.load_state_dict(ref.state_dict())
+    x = torch.randn(1024, 8, hidden, device="cuda", dtype=torch.bfloat16)
+    grads = []
+    for layer in (ref, fp8):
+        xr = x.clone().requires_grad_()
+        y, _ = layer(xr)
+        y.float().square().mean().backward()
+        grads.append(dict(y=y.detach(), dx=xr.grad, w1=layer.experts.weight1.grad, w2=layer.experts.weight2.grad,
+                          router=layer.router.weight.grad, load=layer.last_stats.tokens_per_expert))
+    r, f = grads
+    errors = {"output": _rel(f["y"], r["y"]), "input_grad": _rel(f["dx"], r["dx"]),
+              "weight_grad": max(_rel(f["w1"], r["w1"]), _rel(f["w2"], r["w2"])),
+              "router_grad": _rel(f["router"], r["router"])}
+    same_routing = bool(torch.equal(f["load"], r["load"]))
+    failed = [k for k, bound in TOLERANCE.items() if not errors[k] < bound]
+    if failed or not same_routing:
+        raise AssertionError(f"FP8 vs bf16 errors {errors} (bounds {TOLERANCE}), same routing {same_routing}")
+    return {"errors": {k: round(v, 4) for k, v in errors.items()}, "tolerance": TOLERANCE,
+            "same_routing": same_routing}
+
+
+@check
+def router_fp32():
+    from megatron.core.transformer.module import Float16Module
+
+    layer = _switch_layer(512, 2048, 8, fp8_format="hybrid")
+    wrapped = Float16Module(layer.config, torch.nn.Sequential(layer))
+    seen = {}
+
+    def hook(module, inputs, routing):
+        seen.update(gate=routing.gate.dtype, logsumexp=routing.logsumexp.dtype, input=inputs[0].dtype)
+
+    layer.router.register_forward_hook(hook)
+    x = torch.randn(256, 4, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y, _ = wrapped.module[0](x)
+    y.float().sum().backward()
+    dtypes = {"router.weight": layer.router.weight.dtype, "router.weight.grad": layer.router.weight.grad.dtype,
+              "experts.weight1": layer.experts.weight1.dtype, **seen, "output": y.dtype}
+    bad = {k: v for k, v in dtypes.items() if k in ("router.weight", "router.weight.grad", "gate", "logsumexp")
+           and v != torch.float32}
+    if bad:
+        raise AssertionError(f"router tensors not float32: {bad}")
+    return {"dtypes": {k: str(v) for k, v in dtypes.items()}}
+
+
+def _train(name, extra, out_dir):
+    save = f"/tmp/gpu-check-{name}"
+    subprocess.run(["rm", "-rf", save], check=True)
+    cmd = [sys.executable, "-m", "megatron_switch.cli", "train", "--bf16", "--moe-switch", "--num-experts", "8",
+           "--moe-layer-freq", "2", "--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8",
+           "--seq-length", "512", "--micro-batch-size", "8", "--global-batch-size", "32", "--train-iters", "60",
+           "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10", "--save", save, *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    with open(os.path.join(out_dir, f"train_{name}.log"), "w") as log:
+        log.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
+    if proc.returncode:
+        raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
+    records = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
+    if not last < first:
+        raise AssertionError(f"loss did not fall: {first} -> {last}")
+    checkpoints = sorted(d for d in os.listdir(save) if d.startswith("iter_"))
+    return {"lm_loss_first": round(first, 4), "lm_loss_last": round(last, 4),
+            "tokens_per_s": round(records[-1]["tokens_per_s"]), "checkpoints": checkpoints}
+
+
+@check
+def train_bf16(out_dir):
+    return _train("bf16", [], out_dir)
+
+
+@check
+def train_fp8(out_dir):
+    return _train("fp8", ["--fp8-format", "hybrid"], out_dir)
+
+
+def _time(fn, warmup=3, iters=10):
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def _megatron_moe(hidden, ffn, experts, capacity_factor):
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    config = _config(hidden, ffn, num_moe_experts=experts, moe_router_topk=1, moe_router_pre_softmax=True,
+                     moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=1e-2,
+                     moe_expert_capacity_factor=capacity_factor, moe_token_drop_policy="position",
+                     add_bias_linear=False)
+    spec = get_moe_module_spec(use_te=False, num_experts=experts, moe_grouped_gemm=False)
+    return build_module(spec, config=config).cuda()
+
+
+@check
+def throughput():
+    seq, batch, hidden, ffn, experts, cf = 2048, 8, 2048, 8192, 8, 1.25
+    tokens = seq * batch
+    flops = 3 * 2 * 2 * tokens * hidden * ffn  # fwd + bwd of two GEMMs per token (active parameters)
+    x = torch.randn(seq, batch, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    rows = {}
+
+    def measure(name, forward):
+        def step():
+            out = forward(x)
+            out = out[0] if isinstance(out, tuple) else out
+            out.backward(torch.ones_like(out))
+        seconds = _time(step)
+        rows[name] = {"ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens / seconds),
+                      "tflops": round(flops / seconds / 1e12, 1),
+                      "pct_peak": round(100 * flops / seconds / 1e12 / PEAK_BF16_TFLOPS, 1)}
+
+    w1 = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w2 = torch.randn(hidden, ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    measure("dense_ffn", lambda x: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2))
+    for name, switch in (("switch_bf16", {}), ("switch_fp8", {"fp8_format": "hybrid"})):
+        try:
+            layer = _switch_layer(hidden, ffn, experts, capacity_factor=cf, expert_bias=False, **switch)
+            measure(name, layer)
+            del layer
+        except Exception as err:
+            rows[name] = {"error": f"{type(err).__name__}: {err}"}
+    try:
+        measure("megatron_moe_layer", _megatron_moe(hidden, ffn, experts, cf))
+    except Exception as err:
+        rows["megatron_moe_layer"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-1500:]}
+    dense = rows["dense_ffn"]["ms"]
+    for row in rows.values():
+        if "ms" in row:
+            row["vs_dense"] = round(row["ms"] / dense, 3)
+    return {"shape": dict(seq=seq, batch=batch, hidden=hidden, ffn=ffn, experts=experts, capacity_factor=cf),
+            "rows": rows}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default="/tmp/gpu-out")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not torch.cuda.is_available():
+        sys.exit("tests/gpu/check.py needs a CUDA GPU")
+    import megatron.core
+
+    RESULTS["environment"] = {"ok": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                              "megatron_core": megatron.core.__version__,
+                              "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    train_bf16(args.out)
+    train_fp8(args.out)
+    _init_single_rank()
+    fp8_vs_bf16()
+    router_fp32()
+    throughput()
+    with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:
+        json.dump(RESULTS, f, indent=2, default=str)
+    print("\n=== summary ===")
+    for name, result in RESULTS.items():
+        status = "ok " if result.get("ok") else "FAIL"
+        detail = result.get("error") or {k: v for k, v in result.items() if k not in ("ok", "trace", "rows")}
+        print(f"{status} {name}: {detail}")
+    for name, row in RESULTS.get("throughput", {}).get("rows", {}).items():
+        print(f"     {name:20s} {row}")
+
+
+if __name__ == "__main__":
+    main()
