@@ -4,11 +4,10 @@ per rank, with DALI pipeline checkpointing.
 
 Order (the contract): for the same dataset (same `--seed`), a `DaliLoader` started at global sample
 `consumed` yields exactly the micro-batches of the torch path (`training.trainer._micro_batches`)
-for the steps from `consumed` on. It uses Megatron's pretraining-sampler order: the global sample
-stream is cut into groups of G = micro x DP consecutive samples, and data-parallel rank r takes
-samples [g*G + r*micro, g*G + (r+1)*micro) of group g as its micro-batch; a step is the next
-global_batch / G groups. Shuffling is the dataset's own: Megatron's GPTDataset permutes documents
-and samples with `--seed`, so the pipeline adds no shuffle of its own that could break the contract.
+for the steps from `consumed` on: both follow `data.sampler` (Megatron's pretraining-sampler order:
+groups of G = micro x DP consecutive samples, rank r's micro-batch is [g*G + r*micro, +micro) of
+group g). Shuffling is the dataset's own: Megatron's GPTDataset permutes documents and samples with
+`--seed`, so the pipeline adds no shuffle of its own that could break the contract.
 
 DALI pieces: one pipeline per rank, batch size = micro-batch size; its external source is a
 callable of `BatchInfo`, so DALI's checkpoint (`enable_checkpointing`, `pipeline.checkpoint()`)
@@ -26,7 +25,8 @@ from __future__ import annotations
 
 import torch
 
-FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+from megatron_switch.data.sampler import FIELDS, collate, rank_micro_batch_start
+
 INSTALL_HINT = "pip install nvidia-dali-cuda120 (or the project's extra: pip install 'megatron-switch[dali]')"
 
 
@@ -45,10 +45,24 @@ def require_dali():
     return nvidia.dali
 
 
-def rank_micro_batch_start(group: int, micro_batch_size: int, data_parallel_size: int,
-                           data_parallel_rank: int) -> int:
-    """First global sample of rank r's micro-batch in sampler group g: g*micro*DP + r*micro."""
-    return (group * data_parallel_size + data_parallel_rank) * micro_batch_size
+class _ShardSource:
+    """The pipeline's external source: data-parallel rank r's micro-batch of sampler group
+    first_group + info.iteration, one array per field, [micro, seq]. Holds no reference to the
+    loader, so a dropped loader frees its pipeline at once."""
+
+    def __init__(self, dataset, first_group: int, micro_batch_size: int, data_parallel_size: int,
+                 data_parallel_rank: int):
+        self.dataset, self.first_group = dataset, first_group
+        self.micro_batch_size, self.data_parallel_size = micro_batch_size, data_parallel_size
+        self.data_parallel_rank = data_parallel_rank
+
+    def __call__(self, info) -> list:
+        start = rank_micro_batch_start(self.first_group + info.iteration, self.micro_batch_size,
+                                       self.data_parallel_size, self.data_parallel_rank)
+        if start + self.micro_batch_size > len(self.dataset):
+            raise StopIteration
+        batch = collate(self.dataset, start, self.micro_batch_size)
+        return [batch[k].numpy() for k in FIELDS]
 
 
 class DaliLoader:
@@ -96,25 +110,15 @@ class DaliLoader:
                                  prefetch_queue_depth=prefetch_queue_depth, enable_checkpointing=True,
                                  checkpoint=None if state is None else state["pipeline"])
         with self.pipeline:
-            outputs = fn.external_source(source=self._read, num_outputs=len(FIELDS), batch=True,
+            source = _ShardSource(dataset, self.first_group, micro_batch_size, data_parallel_size,
+                                  data_parallel_rank)
+            outputs = fn.external_source(source=source, num_outputs=len(FIELDS), batch=True,
                                          batch_info=True,
                                          dtype=[types.INT64, types.INT64, types.FLOAT, types.INT64])
             if on_gpu:
                 outputs = [out.gpu() for out in outputs]
             self.pipeline.set_outputs(*outputs)
         self._iterator = DALIGenericIterator([self.pipeline], list(FIELDS))
-
-    def _read(self, info) -> list:
-        """External source: this rank's micro-batch of sampler group first_group + info.iteration,
-        one array per field, [micro, seq]."""
-        start = rank_micro_batch_start(self.first_group + info.iteration, self.micro_batch_size,
-                                       self.data_parallel_size, self.data_parallel_rank)
-        if start + self.micro_batch_size > len(self.dataset):
-            raise StopIteration
-        samples = [self.dataset[i] for i in range(start, start + self.micro_batch_size)]
-        batch = [torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in FIELDS]
-        batch[FIELDS.index("loss_mask")] = batch[FIELDS.index("loss_mask")].float()
-        return [b.numpy() for b in batch]
 
     def __iter__(self) -> DaliLoader:
         return self

@@ -24,6 +24,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_switch.comm import comm_device
 from megatron_switch.compat import apply_cpu_shims
+from megatron_switch.data.sampler import collate, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
 from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_switch.training.gradients import allreduce_gradients
@@ -61,12 +62,8 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
     micro = args.micro_batch_size
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
-        start = consumed + m * micro * dp + dp_rank * micro
-        samples = [dataset[i] for i in range(start, start + micro)]
-        batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]).to(comm_device())
-                 for k in ("tokens", "labels", "loss_mask", "position_ids")}
-        batch["loss_mask"] = batch["loss_mask"].float()
-        batches.append(batch)
+        start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
+        batches.append({k: v.to(comm_device()) for k, v in collate(dataset, start, micro).items()})
     return batches
 
 
