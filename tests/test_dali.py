@@ -116,9 +116,11 @@ def test_train_with_dali_gives_the_torch_loader_losses_and_resumes(tmp_path):
                        "--plots-dir", str(tmp_path / "dali1")], tmp_path)
     second = run_train([*common, "--dataloader-type", "dali", "--train-iters", "4", "--load", str(tmp_path / "ckpt"),
                         "--plots-dir", str(tmp_path / "dali2")], tmp_path)
+    import nvidia.dali
+
     for proc, start in ((first, 0), (second, 16)):
-        assert f"data loader: DALI {__import__('nvidia.dali').dali.__version__} pipeline, device_id=None (CPU), " \
-               f"data-parallel shard 0/2, from sample {start}" in proc.stdout
+        assert (f"data loader: DALI {nvidia.dali.__version__} pipeline, device_id=None (CPU), data-parallel "
+                f"shard 0/2, from sample {start}") in proc.stdout
     reference = metrics(tmp_path / "torch")
     resumed = metrics(tmp_path / "dali1") + metrics(tmp_path / "dali2")
     assert [r["iteration"] for r in resumed] == [1, 2, 3, 4]
