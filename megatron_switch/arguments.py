@@ -3,13 +3,19 @@
 Where Megatron-LM already has a flag of the same meaning (--num-experts,
 --moe-expert-capacity-factor, ...) we use its name, and `add_switch_args` adds only the flags the
 parser does not have yet, so it can extend Megatron-LM's own parser (`extra_args_provider`)
-without redefining anything. Placement differs from Megatron's --moe-layer-freq in one way that
-follows the paper: with k, layers k, 2k, ... (1-based) are Switch layers.
+without redefining anything. `typed_dests` tells which flags the user actually typed, so a
+parser default (Megatron-LM's --moe-aux-loss-coeff 0.0) is not read as the user's choice.
+
+--moe-layer-freq: an int k puts Switch layers at k, 2k, ... (1-based, the paper's placement; the
+same one-in-k ratio as Megatron's int, whose first MoE layer is layer 1 instead of layer k), or a
+Megatron-LM pattern list such as "([0]*3+[1])*8" (1 = MoE layer) that has this shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+from typing import FrozenSet, List, Sequence, Union
 
 from megatron_switch.config import (
     ACTIVATIONS, DROP_POLICIES, EXPERT_BACKENDS, FP8_FORMATS, FP8_RECIPES, SwitchConfig)
@@ -23,8 +29,9 @@ def _flags():
         ("--moe-switch", dict(action="store_true",
                               help="Replace every k-th FFN with a Switch (top-1 MoE) layer.")),
         ("--num-experts", dict(type=int, default=None, help="Experts per Switch layer.")),
-        ("--moe-layer-freq", dict(type=int, default=None,
-                                  help="Switch layer every k-th layer (k, 2k, ...; paper: 2). Default 1.")),
+        ("--moe-layer-freq", dict(type=layer_freq_type, default=None,
+                                  help="Switch layer every k-th layer (k, 2k, ...; paper: 2), or a 0/1 "
+                                       "pattern list of that shape, e.g. \"([0]*1+[1])*6\". Default 1.")),
         ("--expert-model-parallel-size", dict(type=int, default=1, help="Expert-parallel size.")),
         ("--moe-expert-capacity-factor", dict(type=float, default=None,
                                               help=f"Train capacity factor (default {_D.capacity_factor}; "
@@ -69,3 +76,47 @@ def add_switch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         if flag not in existing:
             group.add_argument(flag, **kwargs)
     return parser
+
+
+_PATTERN_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant, ast.Load)
+
+
+def layer_freq_type(text: Union[str, int]) -> Union[int, List[int]]:
+    """--moe-layer-freq value: "k" -> k; a Python list expression of 0/1 ("([0]*3+[1])*8",
+    Megatron-LM's pattern form) -> that list. Only list literals, ints, + and * are evaluated."""
+    if isinstance(text, int):
+        return text
+    text = text.strip()
+    if "[" not in text:
+        try:
+            return int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer k or a pattern list, got {text!r}") from None
+    try:
+        tree = ast.parse(text, mode="eval")
+        for node in ast.walk(tree):
+            if not isinstance(node, _PATTERN_NODES) or (
+                    isinstance(node, ast.Constant)
+                    and not (type(node.value) is int and 0 <= node.value <= 100_000)):
+                raise ValueError("only list literals, integers up to 100000, + and * are allowed")
+        value = eval(compile(tree, "<moe-layer-freq>", "eval"), {"__builtins__": {}}, {})
+    except (SyntaxError, ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read the pattern {text!r}: {err}") from err
+    if not isinstance(value, list) or any(x not in (0, 1) or isinstance(x, bool) for x in value):
+        raise argparse.ArgumentTypeError(f"the pattern {text!r} must give a list of 0s and 1s")
+    return value
+
+
+_NOT_TYPED = object()
+
+
+def typed_dests(parser: argparse.ArgumentParser, argv: Sequence[str]) -> FrozenSet[str]:
+    """The dests of the flags present in `argv` (unknown flags are ignored).
+
+    Parses into a namespace whose every dest is already set to a marker, so argparse applies no
+    default: whatever still holds the marker afterwards was not typed.
+    """
+    dests = {a.dest for a in parser._actions if a.dest != argparse.SUPPRESS}
+    namespace = argparse.Namespace(**{dest: _NOT_TYPED for dest in dests})
+    parsed, _ = parser.parse_known_args(list(argv), namespace=namespace)
+    return frozenset(dest for dest in dests if getattr(parsed, dest, _NOT_TYPED) is not _NOT_TYPED)

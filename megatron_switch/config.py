@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from typing import Optional
+from typing import AbstractSet, Optional
 
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
 DROP_POLICIES = ("position", "probs")
@@ -127,26 +127,36 @@ class SwitchConfig:
         return layer_number % self.expert_interval == 0
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SwitchConfig":
-        """Build from a namespace parsed with `add_switch_args` (Megatron-LM flag names)."""
+    def from_args(cls, args: argparse.Namespace,
+                  typed: Optional[AbstractSet[str]] = None) -> "SwitchConfig":
+        """Build from a namespace parsed with `add_switch_args` (Megatron-LM flag names).
+
+        typed: the argparse dests the user typed (`arguments.typed_dests`). When given, a flag the
+        user did not type takes the Switch default, whatever the parser's default: Megatron-LM's
+        parser defaults --moe-aux-loss-coeff to 0.0 and --moe-token-drop-policy to probs, which
+        must not replace the paper's 1e-2 and position. None: every non-None value counts (our own
+        parser, whose Switch flags default to None).
+        --moe-layer-freq: an int k (Switch layers k, 2k, ...), or a Megatron-LM pattern list
+        (1 = MoE layer) of that shape, e.g. [0, 1] * 12 or ([0]*3+[1])*8.
+        """
+        def given(name: str) -> bool:
+            return getattr(args, name, None) is not None and (typed is None or name in typed)
+
+        get = lambda name, default: getattr(args, name) if given(name) else default
         if getattr(args, "num_experts", None) is None:
             raise SwitchConfigError("--moe-switch needs --num-experts N")
-        get = lambda name, default: default if getattr(args, name, None) is None else getattr(args, name)
-        freq = get("moe_layer_freq", 1)
-        if not isinstance(freq, int):
-            raise SwitchConfigError(
-                f"--moe-layer-freq must be an integer k (Switch layer every k-th layer), got {freq!r}")
+        interval = _interval_from_layer_freq(get("moe_layer_freq", 1), getattr(args, "num_layers", None))
         capacity_factor = get("moe_expert_capacity_factor", cls.capacity_factor)
         if getattr(args, "switch_dropless", False):
             capacity_factor = None
         return cls(
             num_experts=args.num_experts,
-            expert_interval=freq,
+            expert_interval=interval,
             capacity_factor=capacity_factor,
             eval_capacity_factor=get("switch_eval_capacity_factor", cls.eval_capacity_factor),
             min_capacity=get("switch_min_capacity", cls.min_capacity),
             drop_policy=get("moe_token_drop_policy", cls.drop_policy),
-            aux_loss_coeff=get("moe_aux_loss_coeff", cls.aux_loss_coeff),
+            aux_loss_coeff=_single(get("moe_aux_loss_coeff", cls.aux_loss_coeff), "--moe-aux-loss-coeff"),
             z_loss_coeff=get("moe_z_loss_coeff", cls.z_loss_coeff),
             jitter_eps=get("moe_input_jitter_eps", cls.jitter_eps),
             init_scale=get("switch_init_scale", cls.init_scale),
@@ -157,5 +167,41 @@ class SwitchConfig:
             expert_backend=get("switch_expert_backend", cls.expert_backend),
             fp8_format=get("fp8_format", None),
             fp8_recipe=get("fp8_recipe", None) if get("fp8_format", None) else None,
-            init_seed=get("seed", cls.init_seed),
+            init_seed=cls.init_seed if getattr(args, "seed", None) is None else args.seed,
         )
+
+
+def _single(value, flag: str) -> float:
+    """Megatron-LM's --moe-aux-loss-coeff takes a list (one value per balancing type)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise SwitchConfigError(f"{flag} takes one value for a Switch layer, got {list(value)}")
+        return value[0]
+    return value
+
+
+def _interval_from_layer_freq(freq, num_layers: Optional[int]) -> int:
+    """k of "Switch layers k, 2k, ..." from --moe-layer-freq: an int k, or a 0/1 pattern list.
+
+    A pattern is accepted when it is k-1 dense layers and one MoE layer, repeated; anything else
+    has no Switch placement and is refused with the layers it asked for.
+    """
+    if isinstance(freq, bool) or not isinstance(freq, (int, list, tuple)):
+        raise SwitchConfigError(f"--moe-layer-freq must be an integer k (Switch layer every k-th "
+                                f"layer) or a 0/1 pattern list, got {freq!r}")
+    if isinstance(freq, int):
+        return freq
+    if not any(freq) or any(x not in (0, 1) for x in freq):
+        raise SwitchConfigError(f"--moe-layer-freq pattern must hold 0s and at least one 1, got {freq!r}")
+    pattern = [int(x) for x in freq]
+    moe_layers = [i + 1 for i, x in enumerate(pattern) if x]
+    if num_layers is not None and len(pattern) != num_layers:
+        raise SwitchConfigError(f"--moe-layer-freq pattern has {len(pattern)} entries but "
+                                f"--num-layers is {num_layers}: give one 0/1 per layer")
+    k = moe_layers[0]
+    if moe_layers != list(range(k, len(pattern) + 1, k)):
+        raise SwitchConfigError(
+            f"--moe-layer-freq pattern puts MoE layers at {moe_layers} (1-based), which is not a Switch "
+            f"placement (layers k, 2k, ... up to the last layer); for layers "
+            f"{list(range(k, len(pattern) + 1, k))} use --moe-layer-freq {k}")
+    return k

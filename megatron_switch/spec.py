@@ -4,16 +4,19 @@
 pipeline stage (layer numbers are global, so the Switch layers sit at the same depth for any
 pipeline split). With Transformer Engine installed (and a GPU) the dense parts come from Megatron's
 TE spec; otherwise from its local spec, with an attention core on PyTorch's
-`scaled_dot_product_attention` that also runs on CPU.
+`scaled_dot_product_attention` that also runs on CPU. The same object is a layer spec for
+Megatron-LM's `--spec megatron_switch.spec get_switch_gpt_layer_spec` (`SwitchTransformerLayer`).
+The per-layer choice (`layer_spec_for`) and the norms are shared with the T5 specs (t5.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import math
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +29,7 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megatron_switch.config import SwitchConfig
 from megatron_switch.layer import SwitchMLP
@@ -88,12 +91,30 @@ def _dense_layer_spec(use_transformer_engine: bool, normalization: Optional[str]
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    spec = get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
-    attention = spec.submodules.self_attention
-    attention = dataclasses.replace(attention, submodules=dataclasses.replace(
-        attention.submodules, core_attention=SDPAttention))
-    return dataclasses.replace(spec, submodules=dataclasses.replace(
-        spec.submodules, self_attention=attention))
+    return with_sdp_attention(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+
+
+def with_sdp_attention(layer: ModuleSpec) -> ModuleSpec:
+    """A local TransformerLayer spec whose attention cores (self and, if present, cross) are
+    `SDPAttention`, so that it also runs on CPU."""
+    changes = {}
+    for name in ("self_attention", "cross_attention"):
+        attention = getattr(layer.submodules, name)
+        if isinstance(attention, ModuleSpec) and attention.submodules is not None:
+            changes[name] = dataclasses.replace(attention, submodules=dataclasses.replace(
+                attention.submodules, core_attention=SDPAttention))
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, **changes))
+
+
+def layer_norms(dense: ModuleSpec, use_transformer_engine: bool) -> Tuple[object, object]:
+    """(final block norm, Switch layers' pre-MLP norm) that go with the dense layer spec `dense`.
+
+    TE's dense specs fuse the norms into their linears; a Switch MLP needs a norm of its own."""
+    if use_transformer_engine:
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm, TENorm
+    return dense.submodules.input_layernorm, dense.submodules.pre_mlp_layernorm
 
 
 def switch_mlp_spec(switch: SwitchConfig, layer_number: int) -> ModuleSpec:
@@ -101,7 +122,16 @@ def switch_mlp_spec(switch: SwitchConfig, layer_number: int) -> ModuleSpec:
     return ModuleSpec(module=SwitchMLP, params={"switch": switch, "layer_number": layer_number})
 
 
-def get_switch_gpt_layer_spec(
+def layer_spec_for(dense: ModuleSpec, switch: SwitchConfig, switch_norm, layer_number: int) -> ModuleSpec:
+    """The spec of global layer `layer_number` (1-based): `dense`, or with a Switch MLP (and its
+    pre-MLP norm) when `switch.is_switch_layer(layer_number)`."""
+    if not switch.is_switch_layer(layer_number):
+        return dense
+    return dataclasses.replace(dense, submodules=dataclasses.replace(
+        dense.submodules, pre_mlp_layernorm=switch_norm, mlp=switch_mlp_spec(switch, layer_number)))
+
+
+def _switch_gpt_layer_spec(
     config: TransformerConfig,
     switch: SwitchConfig,
     *,
@@ -114,26 +144,66 @@ def get_switch_gpt_layer_spec(
     """Layer specs of this pipeline stage: layers k, 2k, ... (1-based, global) are Switch layers.
 
     use_transformer_engine: None picks TE when it is usable (see `transformer_engine_available`).
+    Public as `get_switch_gpt_layer_spec`, an object that is also a ModuleSpec of
+    `SwitchTransformerLayer`: Megatron-LM's `--spec megatron_switch.spec get_switch_gpt_layer_spec`
+    passes it to GPTModel uncalled, and it builds the same layers from Megatron-LM's arguments.
     """
     if use_transformer_engine is None:
         use_transformer_engine = transformer_engine_available()
-    normalization = normalization or config.normalization
-    dense = _dense_layer_spec(use_transformer_engine, normalization, qk_layernorm)
-    final_norm = dense.submodules.input_layernorm
-    switch_norm = dense.submodules.pre_mlp_layernorm
-    if use_transformer_engine:
-        # TE's dense spec fuses the norms into its linears; a Switch MLP needs a norm of its own.
-        from megatron.core.extensions.transformer_engine import TENorm
-
-        final_norm = switch_norm = TENorm
+    dense = _dense_layer_spec(use_transformer_engine, normalization or config.normalization, qk_layernorm)
+    final_norm, switch_norm = layer_norms(dense, use_transformer_engine)
     offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
-    layer_specs = []
-    for index in range(get_num_layers_to_build(config, vp_stage, pp_rank)):
-        layer_number = offset + index + 1
-        spec = dense
-        if switch.is_switch_layer(layer_number):
-            spec = dataclasses.replace(dense, submodules=dataclasses.replace(
-                dense.submodules, pre_mlp_layernorm=switch_norm,
-                mlp=switch_mlp_spec(switch, layer_number)))
-        layer_specs.append(spec)
+    layer_specs = [layer_spec_for(dense, switch, switch_norm, offset + index + 1)
+                   for index in range(get_num_layers_to_build(config, vp_stage, pp_rank))]
     return TransformerBlockSubmodules(layer_specs=layer_specs, layer_norm=final_norm)
+
+
+class SwitchTransformerLayer(TransformerLayer):
+    """A TransformerLayer that chooses its MLP from its global layer number and Megatron-LM's args.
+
+    For Megatron-LM's `--spec megatron_switch.spec get_switch_gpt_layer_spec`, which hands one
+    uncalled spec object to GPTModel for every layer: the layer reads the Switch settings from
+    Megatron-LM's parsed arguments (`megatron_switch.megatron_lm.arguments.layer_settings`) and
+    builds the dense layer, or the Switch one at layers k, 2k, ... Its Switch statistics go to
+    Megatron-LM's MoE log.
+    """
+
+    def __init__(self, config: TransformerConfig, submodules=None, layer_number: int = 1,
+                 hidden_dropout: Optional[float] = None, pg_collection=None,
+                 vp_stage: Optional[int] = None):
+        from megatron.core.process_groups_config import ProcessGroupCollection
+        from megatron.core.utils import get_pg_rank
+
+        from megatron_switch.megatron_lm.arguments import layer_settings
+        from megatron_switch.megatron_lm.stats import report_switch_stats
+
+        if submodules is not None:
+            raise ValueError("SwitchTransformerLayer builds its own submodules; use "
+                             "get_switch_gpt_layer_spec(config, switch) for explicit layer specs")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        switch, use_te, normalization, qk_layernorm = layer_settings()
+        dense = _dense_layer_spec(use_te, normalization, qk_layernorm)
+        global_number = layer_number + get_transformer_layer_offset(
+            config, vp_stage, get_pg_rank(pg_collection.pp))
+        spec = layer_spec_for(dense, switch, layer_norms(dense, use_te)[1], global_number)
+        super().__init__(config, spec.submodules, layer_number, hidden_dropout=hidden_dropout,
+                         pg_collection=pg_collection, vp_stage=vp_stage)
+        if isinstance(self.mlp, SwitchMLP):
+            report_switch_stats(self.mlp, config)
+
+
+@dataclasses.dataclass
+class _SpecFunction(ModuleSpec):
+    """A function that is also a layer spec: called, it runs `function`; handed to a model as a
+    spec, it builds `module` (a TransformerLayer) for every layer."""
+
+    function: Optional[Callable] = None
+
+    def __call__(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+get_switch_gpt_layer_spec = functools.update_wrapper(
+    _SpecFunction(module=SwitchTransformerLayer, function=_switch_gpt_layer_spec), _switch_gpt_layer_spec)
+get_switch_gpt_layer_spec.__name__ = get_switch_gpt_layer_spec.__qualname__ = "get_switch_gpt_layer_spec"
