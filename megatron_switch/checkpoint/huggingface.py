@@ -11,7 +11,7 @@ Under expert parallelism each rank imports or exports its own experts (global in
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -52,7 +52,7 @@ def import_huggingface_sparse_mlp(layer: SwitchMLP, state: Mapping[str, torch.Te
                 bias.zero_()
 
 
-def export_huggingface_sparse_mlp(layer: SwitchMLP, prefix: str = "") -> Dict[str, torch.Tensor]:
+def export_huggingface_sparse_mlp(layer: SwitchMLP, prefix: str = "") -> dict[str, torch.Tensor]:
     """This rank's part of `layer` under Hugging Face's keys (the router on every rank)."""
     experts, switch = layer.experts, layer.switch
     for bias in (experts.bias1, experts.bias2):

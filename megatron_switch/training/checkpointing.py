@@ -1,4 +1,5 @@
-"""Checkpoints through megatron's dist_checkpointing (torch_dist), saved atomically.
+"""Checkpoints through megatron's dist_checkpointing (torch_dist), saved atomically; loads also
+read Megatron's legacy per-rank files (`--ckpt-format torch`, as `megatron-switch convert` writes them).
 
 Layout, as Megatron-LM writes it: `<save>/iter_0000100/` (a torch_dist checkpoint) and
 `<save>/latest_checkpointed_iteration.txt`. A save goes to `iter_0000100.tmp/` first; only a
@@ -6,8 +7,13 @@ complete save is renamed into place, and only then does the tracker file (itself
 atomically) point at it, so a killed save never becomes the latest.
 
 Contents: the model's sharded state (global expert axis, so it reshards across TP/PP/EP), Adam's
-moments and any float32 master weights (--bf16) sharded like their parameters, the LR scheduler, the iteration and consumed samples, and
-each rank's RNG states (restored when the world size is unchanged).
+moments and any float32 master weights (--bf16) sharded like their parameters, the LR scheduler, the
+iteration and consumed samples, the model shape and layout (for `megatron-switch convert`), and each
+rank's RNG states (restored when the world size is unchanged).
+
+Loading detects the format of the iteration directory, as Megatron-LM does: torch_dist (any layout:
+it reshards) or legacy `mp_rank_*` files (the layout they were written for). A checkpoint without
+optimizer state (`convert --no-optim`) restores the model and scheduler; Adam starts from zero.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from typing import Dict, Sequence, Tuple
+from collections.abc import Sequence
 
 import numpy
 import torch
@@ -33,7 +39,7 @@ def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def latest_checkpoint(root: str) -> Tuple[int, str]:
+def latest_checkpoint(root: str) -> tuple[int, str]:
     """(iteration, directory) named by the tracker file under `root`, checked to exist."""
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root}: no such directory")
@@ -47,13 +53,22 @@ def latest_checkpoint(root: str) -> Tuple[int, str]:
     except ValueError:
         raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}") from None
     path = checkpoint_dir(root, iteration)
-    if not os.path.isfile(os.path.join(path, "metadata.json")):
+    if checkpoint_format(path) is None:
         raise CheckpointError(f"{tracker} names iteration {iteration}, but {path} is missing or "
-                              f"incomplete (no metadata.json)")
+                              f"incomplete (no metadata.json, no mp_rank_* files)")
     return iteration, path
 
 
-def _optimizer_sharded_state(optimizer, model_sharded: Dict, params_in_optimizer_order: Sequence):
+def checkpoint_format(path: str):
+    """"torch_dist", "torch" (legacy mp_rank_* files) or None for what the directory holds."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return "torch_dist"
+    if os.path.isdir(path) and any(n.startswith("mp_rank_") for n in os.listdir(path)):
+        return "torch"
+    return None
+
+
+def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
     """Adam's moments, and the float32 master weights where they are not the model's own
     parameters (--bf16), each sharded exactly like its model parameter."""
     from megatron.core.dist_checkpointing.optimizer import (
@@ -89,22 +104,47 @@ def _rng_object(rank: int, world: int):
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def _state(model, optimizer, params_in_optimizer_order, scheduler, common: Dict):
+def model_description(model) -> tuple[dict, dict]:
+    """(model_config, layout) of a built model: what a converter needs to lay it out again."""
+    from megatron.core import parallel_state
+
+    from megatron_switch.layer import SwitchMLP
+
+    config = model.config
+    switch = next((m.switch for m in model.modules() if isinstance(m, SwitchMLP)), None)
+    described = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
+                 "num_attention_heads": config.num_attention_heads, "ffn_hidden_size": config.ffn_hidden_size}
+    if switch is not None:
+        described.update(num_experts=switch.num_experts, expert_interval=switch.expert_interval)
+    layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
+              "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+              "ep": parallel_state.get_expert_model_parallel_world_size()}
+    return described, layout
+
+
+def _state(model, optimizer, params_in_optimizer_order, scheduler, common: dict, with_optimizer: bool = True,
+           with_rng: bool = True):
     model_sharded = model.sharded_state_dict(metadata=MODEL_METADATA)
     steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
-    return {
+    model_config, layout = model_description(model)
+    state = {
         "model": model_sharded,
-        "optimizer": _optimizer_sharded_state(optimizer, model_sharded, params_in_optimizer_order),
-        "optimizer_step": max(steps) if steps else 0.0,
         "scheduler": scheduler.state_dict(),
-        "rng": _rng_object(dist.get_rank(), dist.get_world_size()),
-        "world_size": dist.get_world_size(),
+        "model_config": model_config,
+        "layout": layout,
         **common,
     }
+    if with_optimizer:
+        state["optimizer"] = _optimizer_sharded_state(optimizer, model_sharded, params_in_optimizer_order)
+        state["optimizer_step"] = max(steps) if steps else 0.0
+    if with_rng:
+        state["rng"] = _rng_object(dist.get_rank(), dist.get_world_size())
+        state["world_size"] = dist.get_world_size()
+    return state
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, params_in_optimizer_order, scheduler,
-                    common: Dict) -> str:
+                    common: dict) -> str:
     """Collective: every rank calls it. Returns the final directory."""
     from megatron.core import dist_checkpointing
 
@@ -134,35 +174,142 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, params_in_optim
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler) -> Dict:
-    """Collective. Restores model, optimizer, scheduler (and RNG when the world size matches);
-    returns the checkpoint's common entries (iteration, consumed samples, ...)."""
+def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+    """Collective. Restores model, optimizer (when the checkpoint has its state), scheduler (and RNG
+    when the world size matches); returns the checkpoint's common entries (iteration, consumed
+    samples, ...). Reads torch_dist at any layout and legacy per-rank files at their own."""
+    _, path = latest_checkpoint(root)
+    init_optimizer_state(optimizer)
+    if checkpoint_format(path) == "torch":
+        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler)
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-    iteration, path = latest_checkpoint(root)
-    init_optimizer_state(optimizer)
-    template = _state(model, optimizer, params_in_optimizer_order, scheduler, {})
     try:
+        common = dist_checkpointing.load_common_state_dict(path)
+        template = _state(model, optimizer, params_in_optimizer_order, scheduler, {},
+                          with_optimizer="optimizer" in common,
+                          with_rng=common.get("world_size") == dist.get_world_size())
         loaded = dist_checkpointing.load(template, path)
-    except (Exception, CheckpointException) as err:  # several types; say which checkpoint and why
+    except (Exception, CheckpointException) as err:  # noqa: BLE001  (several types; say which checkpoint and why)
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason}); "
                               f"it may be truncated or from another model: load an earlier iteration "
                               f"or start without --load") from None
     model.load_state_dict(loaded["model"])
-    optimizer_state = loaded["optimizer"]
+    if "optimizer" in loaded:
+        optimizer_state = loaded["optimizer"]
+        masters = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            for index, value in optimizer_state.pop("main_params").items():
+                masters[index].copy_(value)
+        for state in optimizer_state["state"].values():
+            state["step"] = torch.tensor(loaded["optimizer_step"])
+        optimizer.load_state_dict(optimizer_state)
+    else:
+        _say_no_optimizer(path)
+    scheduler.load_state_dict(loaded["scheduler"])
+    if "rng" in loaded:
+        _restore_rng(loaded["rng"])
+    return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+
+
+def _say_no_optimizer(path: str) -> None:
+    if dist.get_rank() == 0:
+        print(f" checkpoint {path} has no optimizer state: Adam's moments start from zero", flush=True)
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    numpy.random.set_state(rng["numpy"])
+
+
+def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+    """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
+    state and float32 masters by parameter name, scheduler, progress."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map,
+    )
+
+    from megatron_switch.checkpoint.legacy import (
+        layout_of_args,
+        optimizer_parts,
+        rank_file,
+    )
+    from megatron_switch.checkpoint.sharding import Layout, local_name
+
+    layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
+                    parallel_state.get_pipeline_model_parallel_world_size(),
+                    parallel_state.get_expert_model_parallel_world_size())
+    coord = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
+             parallel_state.get_expert_model_parallel_rank())
+    file = rank_file(path, layout, coord)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
+                              f"{layout}; convert it to this layout with `megatron-switch convert "
+                              f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
+    except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
+        raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
+                              f"truncated: load an earlier iteration or start without --load") from None
+    saved = layout_of_args(state["args"])
+    if saved != layout:
+        raise CheckpointError(f"legacy checkpoint {path} was written for {saved}, this run is {layout}: convert "
+                              f"it with `megatron-switch convert --target-tp {layout.tp} --target-pp {layout.pp} "
+                              f"--target-ep {layout.ep}` (or load a torch_dist checkpoint, which reshards)")
+    num_layers = model.config.num_layers
+    model_sharded = model.sharded_state_dict(metadata=MODEL_METADATA)
+    with torch.no_grad():
+        for sharded in nested_values(model_sharded):
+            if not isinstance(sharded, ShardedTensor):
+                continue
+            key = local_name(sharded.key, layout, num_layers)
+            value = state["model"].get(key)
+            if value is None or tuple(value.shape) != tuple(sharded.data.shape):
+                found = "missing" if value is None else f"shape {tuple(value.shape)}"
+                raise CheckpointError(f"{file}: {key} is {found}, the model needs {tuple(sharded.data.shape)}: "
+                                      f"the checkpoint is from another model or layout")
+            sharded.data.copy_(value)
+    if "optimizer" in state:
+        _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order, model_sharded,
+                               lambda key: local_name(key, layout, num_layers), get_param_id_to_sharded_param_map,
+                               optimizer_parts)
+    else:
+        _say_no_optimizer(path)
+    if state.get("opt_param_scheduler") is not None:
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+    return {"iteration": state["iteration"],
+            "consumed_train_samples": getattr(state["args"], "consumed_train_samples", 0)}
+
+
+def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, model_sharded, localize,
+                           id_map_of, optimizer_parts) -> None:
+    adam, saved_masters = optimizer_parts(saved)
+    by_name = {}
+    for g, group in enumerate(adam["param_groups"]):
+        for j, (index, name) in enumerate(zip(group["params"], group["param_names"])):
+            master = saved_masters[g][j] if saved_masters is not None else None
+            by_name[name] = (adam["state"].get(index), master)
+    id_map = id_map_of(model_sharded, params_in_optimizer_order)
+    current = optimizer.state_dict()
     masters = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
-        for index, value in optimizer_state.pop("main_params").items():
-            masters[index].copy_(value)
-    for state in optimizer_state["state"].values():
-        state["step"] = torch.tensor(loaded["optimizer_step"])
-    optimizer.load_state_dict(optimizer_state)
-    scheduler.load_state_dict(loaded["scheduler"])
-    if loaded.get("world_size") == dist.get_world_size():
-        rng = loaded["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
-        numpy.random.set_state(rng["numpy"])
-    return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+        for index, (master, param) in enumerate(zip(masters, params_in_optimizer_order)):
+            key = localize(id_map[index].key)
+            if key not in by_name or by_name[key][0] is None:
+                raise CheckpointError(f"{file}: no optimizer state for {key}: the checkpoint is from another "
+                                      f"model; convert it with --no-optim to load the weights only")
+            moments, saved_master = by_name[key]
+            current["state"][index] = dict(moments)
+            if master is not param:
+                if saved_master is None:
+                    raise CheckpointError(f"{file}: no float32 master weight for {key} (saved without --bf16?)")
+                master.copy_(saved_master)
+    for group, saved_group in zip(current["param_groups"], adam["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
+    optimizer.load_state_dict(current)

@@ -1,0 +1,220 @@
+"""`megatron-switch convert`: any checkpoint format and layout to any other, offline, on CPU.
+
+Formats: `torch_dist` (megatron dist_checkpointing, what the trainer saves), `torch` (Megatron-LM's
+legacy per-rank files) and `safetensors` (one consolidated file plus a JSON index).
+Steps, each tensor read and held one at a time (memory: the largest tensor, not the model):
+  1. open the source, check the target layout (`sharding.check_layout`), refuse an existing target;
+  2. manifest of the source (shape, dtype, SHA-256 of every full logical tensor), checked against
+     the source's own manifest.json when it has one;
+  3. write to a temporary sibling directory `<save>.tmp.<random>`;
+  4. reopen what was written, recompute its manifest and compare: every tensor accounted for;
+  5. write manifest.json and rename the directory to `<save>`.
+A failure at any step removes the temporary directory: `<save>` either is complete or does not exist.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+
+from tqdm import tqdm
+
+from megatron_switch.checkpoint.contents import (
+    CheckpointReader,
+    ConvertError,
+    compare_manifests,
+    compute_manifest,
+    is_optimizer,
+    read_manifest,
+    write_manifest,
+)
+from megatron_switch.checkpoint.sharding import (
+    EXPERTS,
+    Layout,
+    check_layout,
+    count_layers,
+)
+from megatron_switch.parallel import LayoutError
+from megatron_switch.training.checkpointing import (
+    TRACKER,
+    CheckpointError,
+    checkpoint_dir,
+    latest_checkpoint,
+)
+
+FORMATS = ("torch", "torch_dist", "safetensors")
+
+
+def open_checkpoint(path: str) -> CheckpointReader:
+    """A checkpoint root (with latest_checkpointed_iteration.txt), an iter_XXXXXXX directory of
+    either per-rank format, or a consolidated safetensors directory."""
+    from megatron_switch.checkpoint.consolidated import (
+        ConsolidatedReader,
+        is_consolidated_dir,
+    )
+    from megatron_switch.checkpoint.distcp import DistCheckpointReader
+    from megatron_switch.checkpoint.legacy import LegacyReader, is_legacy_dir
+
+    if not os.path.isdir(path):
+        raise ConvertError(f"--load {path}: no such directory")
+    if is_consolidated_dir(path):
+        return ConsolidatedReader(path)
+    iter_dir = path
+    if os.path.isfile(os.path.join(path, TRACKER)):
+        iter_dir = latest_checkpoint(path)[1]
+    if os.path.isfile(os.path.join(iter_dir, "metadata.json")):
+        return DistCheckpointReader(iter_dir)
+    if is_legacy_dir(iter_dir):
+        return LegacyReader(iter_dir)
+    raise ConvertError(f"--load {path}: neither a checkpoint root (with {TRACKER}), an iter_XXXXXXX "
+                       f"directory (torch_dist or mp_rank_* files) nor a safetensors directory")
+
+
+def _model_config(reader: CheckpointReader) -> dict:
+    config = dict(reader.common.get("model_config") or {})
+    config.setdefault("num_layers", count_layers(reader.tensors))
+    experts = [s.shape[0] for n, s in reader.tensors.items() if EXPERTS in n]
+    if experts:
+        config.setdefault("num_experts", experts[0])
+    return config
+
+
+def _target_layout(reader: CheckpointReader, tp, pp, ep) -> Layout:
+    source = Layout(**reader.common["layout"]) if reader.common.get("layout") else Layout()
+    return Layout(tp or source.tp, pp or source.pp, ep or source.ep)
+
+
+def _check_recorded_manifest(reader: CheckpointReader, manifest: dict, load: str) -> None:
+    """Compare the source with the manifest.json a conversion left beside it (same iteration)."""
+    places = [reader.path] + ([] if reader.format_name == "safetensors" else [os.path.dirname(reader.path)])
+    for place in places:
+        recorded = read_manifest(place)
+        if recorded is not None and recorded.get("iteration") == reader.common.get("iteration"):
+            tensors = recorded["tensors"]
+            compare_manifests({n: tensors[n] for n in manifest if n in tensors},
+                              {n: manifest[n] for n in manifest if n in tensors}, f"source {load}")
+            return
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
+            target_ep: int | None = None, fmt: str | None = None, no_optim: bool = False,
+            progress: bool = True, log=print) -> dict:
+    """Convert the checkpoint at `load` into a new checkpoint directory `save`.
+
+    Target layout defaults to the source's, format to the source's. Returns the written manifest.
+    Raises ConvertError / LayoutError (nothing is written then) with the fix in the message.
+    """
+    from megatron_switch.checkpoint.consolidated import write_consolidated
+    from megatron_switch.checkpoint.distcp import write_dist_checkpoint
+    from megatron_switch.checkpoint.legacy import write_legacy
+
+    save = os.path.abspath(save)
+    if os.path.lexists(save):
+        raise ConvertError(f"--save {save} already exists: convert never overwrites a checkpoint; choose "
+                           f"a new directory, or remove that one first to replace it")
+    parent = os.path.dirname(save)
+    if not os.path.isdir(parent):
+        raise ConvertError(f"--save {save}: the parent directory {parent} does not exist")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConvertError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    reader = open_checkpoint(load)
+    try:
+        fmt = fmt or reader.format_name
+        config = _model_config(reader)
+        layout = _target_layout(reader, target_tp, target_pp, target_ep)
+        model_names = sorted(n for n in reader.tensors if not is_optimizer(n))
+        check_layout(layout, {n: reader.tensors[n].shape for n in model_names}, config)
+        names = sorted(reader.tensors) if not no_optim else model_names
+        dropped = len(reader.tensors) - len(names)
+        if dropped:
+            log(f" --no-optim: dropping {dropped} optimizer tensors (Adam moments, float32 master weights); "
+                f"a run that loads the result starts Adam from zero")
+        elif no_optim:
+            log(" --no-optim: the source has no optimizer state")
+        log(f" converting {reader.format_name} {load} -> {fmt} {save} at {layout} "
+            f"({len(names)} tensors, {sum(reader.tensors[n].nbytes for n in names) / 2**20:.1f} MiB); "
+            f"per-rank RNG states are not carried over")
+        common = {k: v for k, v in reader.common.items() if k != "world_size"}
+        common.update(layout=layout.as_dict(), model_config=config)
+        if no_optim:
+            common = {k: v for k, v in common.items() if k not in ("optimizer", "optimizer_step")}
+        total = sum(reader.tensors[n].nbytes for n in names)
+        with _bar(total, "checking source", progress) as bar:
+            manifest = compute_manifest(reader, names, bar)
+        _check_recorded_manifest(reader, manifest, load)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(save) + ".tmp.", dir=parent)
+        try:
+            iteration = int(common.get("iteration") or 0)
+            with _bar(total, f"writing {fmt}", progress) as bar:
+                if fmt == "safetensors":
+                    write_consolidated(os.path.join(tmp, "data"), reader, names, common, bar)
+                    written = os.path.join(tmp, "data")
+                else:
+                    root = os.path.join(tmp, "data")
+                    os.makedirs(root)
+                    target = checkpoint_dir(root, iteration)
+                    num_layers = int(config["num_layers"])
+                    if fmt == "torch":
+                        write_legacy(target, reader, names, common, layout, num_layers, bar)
+                    else:
+                        write_dist_checkpoint(target, reader, names, common, layout, num_layers, bar)
+                    with open(os.path.join(root, TRACKER), "w") as f:
+                        f.write(str(iteration))
+                    written = root
+            result = open_checkpoint(written)
+            try:
+                with _bar(total, "verifying", progress) as bar:
+                    found = compute_manifest(result, sorted(result.tensors), bar)
+            finally:
+                result.close()
+            compare_manifests(manifest, found, f"the converted checkpoint {save}")
+            write_manifest(written, manifest, {"format": fmt, "layout": layout.as_dict(), "iteration": iteration})
+            os.rename(written, save)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        reader.close()
+    log(f" wrote {save}: {len(manifest)} tensors, each checked against the source")
+    return manifest
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="megatron-switch convert",
+        description="Convert a checkpoint between layouts (TP/PP/EP) and formats, offline on CPU, one tensor "
+                    "in memory at a time. The output is written to a temporary sibling directory, verified "
+                    "against a manifest of the source (shape, dtype, SHA-256 of every tensor) and only then "
+                    "renamed to --save. An existing --save is refused, never overwritten: remove it first to "
+                    "replace it.")
+    p.add_argument("--load", required=True, help="Checkpoint root (with latest_checkpointed_iteration.txt), an "
+                   "iter_XXXXXXX directory, or a safetensors directory.")
+    p.add_argument("--save", required=True, help="New directory to create (must not exist).")
+    p.add_argument("--target-tp", type=int, default=None, help="Tensor-parallel size (default: the source's).")
+    p.add_argument("--target-pp", type=int, default=None, help="Pipeline-parallel size (default: the source's).")
+    p.add_argument("--target-ep", type=int, default=None, help="Expert-parallel size (default: the source's).")
+    p.add_argument("--format", choices=FORMATS, default=None,
+                   help="torch: Megatron-LM's legacy mp_rank_* files; torch_dist: dist_checkpointing; "
+                        "safetensors: one consolidated file + JSON index (default: the source's format).")
+    p.add_argument("--no-optim", action="store_true",
+                   help="Drop the optimizer state (Adam moments, float32 master weights). Every format "
+                        "holds it otherwise.")
+    p.add_argument("--no-progress-bar", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
+                progress=not args.no_progress_bar)
+    except (ConvertError, CheckpointError, LayoutError) as err:
+        print(f"megatron-switch convert: error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,209 @@
+"""torch_dist checkpoints (megatron `dist_checkpointing` over PyTorch Distributed Checkpoint), offline.
+
+Reading: one block of one tensor at a time through `torch.distributed.checkpoint`'s
+`FileSystemReader` (the metadata is read once; only the stored chunks that overlap the block are read).
+Writing: one process writes what a save at the target layout would: every tensor split into the
+target layout's chunks, one `__<i>_0.distcp` file per (TP, PP, EP) rank coordinate, a chunk
+produced only when the writer reaches it; plus megatron's `metadata.json` and `common.pt`.
+The result loads with `dist_checkpointing.load` at any layout (the trainer's `--load`).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    LoadPlanner,
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
+from torch.distributed.checkpoint.planner_helpers import (
+    create_read_items_for_chunk_list,
+)
+
+from megatron_switch.checkpoint.contents import (
+    CheckpointReader,
+    ConvertError,
+    Index,
+    TensorSpec,
+    full_index,
+)
+from megatron_switch.checkpoint.sharding import Layout, distinct_parts, placement
+
+COMMON = "common.pt"
+CONFIG = "metadata.json"
+RNG_KEY = "rng_state"
+
+
+def _object_key(key: str) -> str:
+    """DCP key of a replicated megatron ShardedObject (global shape (1,), offset (0,))."""
+    return f"{key}/shard_0_1"
+
+
+class _BlockLoadPlanner(LoadPlanner):
+    """Copies the requested block of one tensor into `out`."""
+
+    def __init__(self, out: torch.Tensor):
+        self.out = out
+
+    def set_up_planner(self, *args, **kwargs):
+        pass
+
+    def create_local_plan(self):
+        raise NotImplementedError
+
+    def create_global_plan(self, plans):
+        return plans
+
+    def finish_plan(self, plan):
+        return plan
+
+    def load_bytes(self, read_item, value):
+        raise AssertionError("tensor reads only")
+
+    def resolve_tensor(self, read_item):
+        view = self.out
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            view = view.narrow(dim, start, length)
+        return view
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+
+class DistCheckpointReader(CheckpointReader):
+    """An `iter_XXXXXXX` directory written by `dist_checkpointing.save` (torch_dist)."""
+
+    format_name = "torch_dist"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self._reader = FileSystemReader(path)
+        try:
+            self._metadata = self._reader.read_metadata()
+            self.common = torch.load(os.path.join(path, COMMON), map_location="cpu", weights_only=False)
+        except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
+            raise ConvertError(f"{path}: torch_dist metadata cannot be read ({type(err).__name__}: {err}); "
+                               f"the checkpoint is truncated or corrupt") from None
+        self._reader.set_up_storage_reader(self._metadata, True)
+        object_keys = []
+        for key, meta in self._metadata.state_dict_metadata.items():
+            if isinstance(meta, TensorStorageMetadata):
+                self.tensors[key] = TensorSpec(tuple(meta.size), meta.properties.dtype)
+            elif isinstance(meta, BytesStorageMetadata) and not key.startswith(RNG_KEY + "/"):
+                object_keys.append(key)
+        self.objects = self._read_objects(object_keys)
+
+    def _read_objects(self, keys) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        state = dict.fromkeys(keys)
+        try:
+            dcp.load(state, storage_reader=FileSystemReader(self.path), no_dist=True)
+        except Exception as err:  # noqa: BLE001
+            raise ConvertError(f"{self.path}: objects cannot be read ({type(err).__name__}); the checkpoint "
+                               f"is truncated or corrupt") from None
+        # megatron stores a ShardedObject as torch.save([value]) under "<key>/shard_<offset>_<shape>"
+        return {key.rsplit("/shard_", 1)[0]: value[0] for key, value in state.items()}
+
+    def read(self, name: str, index: Index | None = None) -> torch.Tensor:
+        spec = self.tensors[name]
+        index = index or full_index(spec.shape)
+        out = torch.empty([b - a for a, b in index], dtype=spec.dtype)
+        chunk = ChunkStorageMetadata(offsets=torch.Size([a for a, _ in index]), sizes=torch.Size(out.shape))
+        items = create_read_items_for_chunk_list(name, self._metadata.state_dict_metadata[name], [chunk])
+        plan = self._reader.prepare_global_plan([self._reader.prepare_local_plan(LoadPlan(items))])[0]
+        try:
+            self._reader.read_data(plan, _BlockLoadPlanner(out)).wait()
+        except Exception as err:  # noqa: BLE001
+            raise ConvertError(f"{self.path}: {name} cannot be read ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0] if str(err) else ''}); a .distcp file is truncated "
+                               f"or corrupt") from None
+        return out
+
+
+class _StreamingSavePlanner(SavePlanner):
+    """Produces each chunk from the source only when the storage writer asks for it."""
+
+    def __init__(self, produce):
+        self.produce = produce
+
+    def set_up_planner(self, *args, **kwargs):
+        pass
+
+    def create_local_plan(self):
+        raise NotImplementedError
+
+    def create_global_plan(self, plans):
+        raise NotImplementedError
+
+    def finish_plan(self, plan):
+        return plan
+
+    def resolve_data(self, write_item):
+        return self.produce(write_item)
+
+
+def write_dist_checkpoint(path: str, source: CheckpointReader, names, common: dict, layout: Layout,
+                          num_layers: int, progress) -> None:
+    """Write `names` of `source` (and its objects) to the new directory `path` as torch_dist,
+    chunked as a save at `layout` would chunk them."""
+    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+    os.makedirs(path)
+    coords = layout.coords()
+    plans: list[list[WriteItem]] = [[] for _ in coords]
+    blocks: dict[tuple[str, tuple[int, ...]], Index] = {}
+    for name in names:
+        spec = source.tensors[name]
+        for coord, index in distinct_parts(name, spec.shape, layout, num_layers):
+            offsets = torch.Size([a for a, _ in index])
+            chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([b - a for a, b in index]))
+            plans[coords.index(coord)].append(WriteItem(
+                index=MetadataIndex(name, offsets), type=WriteItemType.SHARD,
+                tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=spec.dtype),
+                                            size=torch.Size(spec.shape))))
+            blocks[(name, tuple(offsets))] = index
+    for key in source.objects:
+        stage = placement(key, layout, num_layers).stage
+        plans[coords.index((0, stage, 0))].append(
+            WriteItem(index=MetadataIndex(_object_key(key)), type=WriteItemType.BYTE_IO))
+
+    def produce(item: WriteItem):
+        if item.type == WriteItemType.BYTE_IO:
+            data = io.BytesIO()
+            torch.save([source.objects[item.index.fqn.rsplit("/shard_", 1)[0]]], data)
+            data.seek(0)
+            return data
+        index = blocks[(item.index.fqn, tuple(item.index.offset))]
+        tensor = source.read(item.index.fqn, index)
+        progress.update(tensor.numel() * tensor.element_size())
+        return tensor
+
+    writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1)
+    writer.set_up_storage_writer(True)
+    local = [writer.prepare_local_plan(SavePlan(items)) for items in plans if items]
+    global_plans, metadata = create_default_global_save_plan(local)
+    global_plans = writer.prepare_global_plan(global_plans)
+    planner = _StreamingSavePlanner(produce)
+    results = [writer.write_data(plan, planner).wait() for plan in global_plans]
+    writer.finish(metadata, results)
+    torch.save(common, os.path.join(path, COMMON))
+    save_config(CheckpointingConfig("torch_dist", 1), path)
+
