@@ -26,7 +26,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig, SwitchConfigError
-from megatron_switch.fp8 import FP8_MULTIPLE, fp8_linear
+from megatron_switch.fp8 import FP8_MULTIPLE, fp8_bank_linear, fp8_linear
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
@@ -221,7 +221,9 @@ class TorchExperts(MegatronModule):
     def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
         """[E_l, N, h] -> [E_l, N, h]: every expert gets the same number N of token slots."""
         if self.switch.fp8_format:
-            return torch.stack([self._expert(x_Nh, e) for e, x_Nh in enumerate(x_ENh.unbind(0))])
+            fmt = self.switch.fp8_format
+            h = fp8_bank_linear(x_ENh, self.weight1, self.bias1, fmt)
+            return fp8_bank_linear(self._ffn_tail(h), self.weight2, self.bias2, fmt)
         fuse = self.config.gradient_accumulation_fusion
         h = _BankProjection.apply(x_ENh, self.weight1, self.bias1, fuse)
         return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, fuse)

@@ -35,17 +35,20 @@ def fp8_dtypes(fp8_format: str) -> Tuple[torch.dtype, torch.dtype]:
     raise ValueError(f"unknown FP8 format {fp8_format!r}: use e4m3 or hybrid")
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-tensor current scaling: (x_fp8, scale_inv) with x ~= x_fp8.float() * scale_inv.
+def quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool = False
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Current scaling: (x_fp8, scale_inv) with x ~= x_fp8.float() * scale_inv.
 
-    scale = fp8_max / amax(x) (1 when x is all zeros); values are saturated to +-fp8_max.
-    scale_inv is a float32 scalar tensor on x's device.
+    scale = fp8_max / amax(x) (1 when x is all zeros): one scale for the whole tensor, or with
+    per_expert one per index of the leading dimension ([E, ...] -> scale_inv [E]). |x * scale| <=
+    fp8_max by construction, so the cast never overflows. scale_inv is float32 on x's device.
     """
     fp8_max = torch.finfo(dtype).max
-    amax = x.detach().abs().amax().float()
+    dims = tuple(range(1, x.dim())) if per_expert else None
+    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dims).float()
     scale = torch.where(amax > 0, fp8_max / amax, torch.ones_like(amax))
-    x_fp8 = (x.float() * scale).clamp_(-fp8_max, fp8_max).to(dtype)
-    return x_fp8, scale.reciprocal()
+    view = scale.view(-1, *[1] * (x.dim() - 1)) if per_expert else scale
+    return (x * view).to(dtype), scale.reciprocal()
 
 
 def dequantize(x_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -61,50 +64,63 @@ def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torc
     return torch._scaled_mm(a, b.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
 
 
-def _pad_rows(x: torch.Tensor) -> torch.Tensor:
-    """Zero rows up to a multiple of 16 (at least 16: an expert with no token still runs)."""
-    pad = max(FP8_MULTIPLE, -(-x.shape[0] // FP8_MULTIPLE) * FP8_MULTIPLE) - x.shape[0]
-    return F.pad(x, (0, 0, 0, pad)) if pad else x
+def _pad_tokens(x_ENi: torch.Tensor) -> torch.Tensor:
+    """Zero token rows up to a multiple of 16 (at least 16: an expert with no token still runs)."""
+    rows = x_ENi.shape[1]
+    pad = max(FP8_MULTIPLE, -(-rows // FP8_MULTIPLE) * FP8_MULTIPLE) - rows
+    return F.pad(x_ENi, (0, 0, 0, pad)) if pad else x_ENi
 
 
-class Fp8Projection(torch.autograd.Function):
-    """y = x @ w^T (+ b) with the forward, dgrad and wgrad GEMMs in FP8 (one expert).
+class Fp8BankProjection(torch.autograd.Function):
+    """y[e] = x[e] @ w[e]^T (+ b[e]) for every expert e, forward, dgrad and wgrad GEMMs in FP8.
 
-    Shapes: x [N, in], w [out, in], b [out] or None -> y [N, out] in x's dtype; in and out must be
-    multiples of 16 (checked at startup), N is padded here. The weight gradient comes back in w's
-    dtype (Megatron's DDP adds it to its main_grad buffer like any other gradient).
+    Shapes: x [E, N, in], w [E, out, in], b [E, out] or None -> y [E, N, out] in x's dtype; in and
+    out must be multiples of 16 (checked at startup), N is padded here. Each expert's operands get
+    their own scale (quantized for all experts in one pass); one `_scaled_mm` per expert and GEMM.
+    The weight gradient comes back in w's dtype (Megatron's DDP adds it to main_grad as usual).
     """
 
     @staticmethod
-    def forward(ctx, x_Ni, w_oi, b_o, fp8_format: str):
+    def forward(ctx, x_ENi, w_Eoi, b_Eo, fp8_format: str):
         fwd_dtype, grad_dtype = fp8_dtypes(fp8_format)
-        rows = x_Ni.shape[0]
-        x_q, x_inv = quantize(_pad_rows(x_Ni), fwd_dtype)
-        w_q, w_inv = quantize(w_oi, fwd_dtype)
-        y = scaled_mm(x_q, x_inv, w_q, w_inv, x_Ni.dtype)[:rows]
-        if b_o is not None:
-            y = y + b_o.to(y.dtype)
+        rows = x_ENi.shape[1]
+        x_q, x_inv = quantize(_pad_tokens(x_ENi), fwd_dtype, per_expert=True)
+        w_q, w_inv = quantize(w_Eoi, fwd_dtype, per_expert=True)
+        y = torch.stack([scaled_mm(x_q[e], x_inv[e], w_q[e], w_inv[e], x_ENi.dtype)
+                         for e in range(x_q.shape[0])])[:, :rows]
+        if b_Eo is not None:
+            y = y + b_Eo[:, None, :].to(y.dtype)
         ctx.save_for_backward(x_q, x_inv, w_q, w_inv)
-        ctx.rows, ctx.grad_dtype, ctx.has_bias = rows, grad_dtype, b_o is not None
-        ctx.x_dtype, ctx.w_dtype = x_Ni.dtype, w_oi.dtype
+        ctx.rows, ctx.grad_dtype, ctx.has_bias = rows, grad_dtype, b_Eo is not None
+        ctx.x_dtype, ctx.w_dtype = x_ENi.dtype, w_Eoi.dtype
         return y
 
     @staticmethod
-    def backward(ctx, dy_No):
+    def backward(ctx, dy_ENo):
         x_q, x_inv, w_q, w_inv = ctx.saved_tensors
-        dy_q, dy_inv = quantize(_pad_rows(dy_No), ctx.grad_dtype)
+        dy_q, dy_inv = quantize(_pad_tokens(dy_ENo), ctx.grad_dtype, per_expert=True)
+        experts = range(x_q.shape[0])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            # dx [N, in] = dy [N, out] @ w [out, in]
-            dx = scaled_mm(dy_q, dy_inv, w_q.t().contiguous(), w_inv, ctx.x_dtype)[:ctx.rows]
+            # dx [N, in] = dy [N, out] @ w [out, in], per expert
+            w_qT = w_q.transpose(1, 2).contiguous()
+            dx = torch.stack([scaled_mm(dy_q[e], dy_inv[e], w_qT[e], w_inv[e], ctx.x_dtype)
+                              for e in experts])[:, :ctx.rows]
         if ctx.needs_input_grad[1]:
-            # dw [out, in] = dy^T [out, N] @ x [N, in]
-            dw = scaled_mm(dy_q.t().contiguous(), dy_inv, x_q.t().contiguous(), x_inv, ctx.w_dtype)
+            # dw [out, in] = dy^T [out, N] @ x [N, in], per expert
+            dy_qT, x_qT = dy_q.transpose(1, 2).contiguous(), x_q.transpose(1, 2).contiguous()
+            dw = torch.stack([scaled_mm(dy_qT[e], dy_inv[e], x_qT[e], x_inv[e], ctx.w_dtype) for e in experts])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy_No.sum(0)
+            db = dy_ENo.sum(1)
         return dx, dw, db, None
+
+
+def fp8_bank_linear(x_ENi: torch.Tensor, w_Eoi: torch.Tensor, b_Eo: Optional[torch.Tensor],
+                    fp8_format: str) -> torch.Tensor:
+    return Fp8BankProjection.apply(x_ENi, w_Eoi, b_Eo, fp8_format)
 
 
 def fp8_linear(x_Ni: torch.Tensor, w_oi: torch.Tensor, b_o: Optional[torch.Tensor],
                fp8_format: str) -> torch.Tensor:
-    return Fp8Projection.apply(x_Ni, w_oi, b_o, fp8_format)
+    """One expert: [N, in] x [out, in] -> [N, out] (the bank projection with E = 1)."""
+    return fp8_bank_linear(x_Ni[None], w_oi[None], None if b_o is None else b_o[None], fp8_format)[0]

@@ -54,20 +54,30 @@ def _default_group(getter_name: str, size_name: str) -> Group:
     return getattr(parallel_state, getter_name)()
 
 
+def _multi_rank(group) -> Group:
+    """A process group of more than one rank, else None (a single rank needs no communication)."""
+    return group if group is not None and group_size(group) > 1 else None
+
+
 class SwitchMLP(MegatronModule):
     """A bank of E experts with top-1 routing; E / EP of them live on this rank.
 
-    ep_group / tp_group: process groups (None: a single rank); by default Megatron's expert-parallel
-    and tensor-parallel groups when megatron.core.parallel_state is initialised.
+    ep_group / tp_group: process groups (None: a single rank); by default those of `pg_collection`
+    (megatron-core >= 0.17 passes its ProcessGroupCollection to every MLP it builds), else Megatron's
+    expert-parallel and tensor-parallel groups when megatron.core.parallel_state is initialised.
     """
 
     def __init__(self, config: TransformerConfig, submodules=None, switch: Optional[SwitchConfig] = None,
-                 layer_number: int = 1, ep_group=FROM_PARALLEL_STATE, tp_group=FROM_PARALLEL_STATE):
+                 layer_number: int = 1, ep_group=FROM_PARALLEL_STATE, tp_group=FROM_PARALLEL_STATE,
+                 pg_collection=None):
         super().__init__(config=config)
         if switch is None:
             raise SwitchConfigError("SwitchMLP needs a SwitchConfig: build the spec with "
                                     "get_switch_gpt_layer_spec(config, switch_config)")
         self.switch = switch
+        if pg_collection is not None:
+            ep_group = _multi_rank(getattr(pg_collection, "ep", None)) if ep_group is FROM_PARALLEL_STATE else ep_group
+            tp_group = _multi_rank(getattr(pg_collection, "tp", None)) if tp_group is FROM_PARALLEL_STATE else tp_group
         self.ep_group = (_default_group("get_expert_model_parallel_group",
                                         "get_expert_model_parallel_world_size")
                          if ep_group is FROM_PARALLEL_STATE else ep_group)

@@ -42,12 +42,18 @@ def test_quantize_matches_per_tensor_current_scaling(dtype):
     assert torch.all((back - x).abs() <= x.abs() * 2.0 ** -(mantissa_bits + 1) + tiny)
 
 
-def test_quantize_all_zero_and_saturation():
+def test_quantize_all_zero_huge_and_per_expert():
     zeros, inv = quantize(torch.zeros(16, 16), E4M3)
     assert inv.item() == 1.0 and not zeros.float().any()
     x = torch.tensor([[1e30, -1e30, 1.0, 0.0]] * 16)
     x_q, inv = quantize(x, E4M3)
     assert torch.isfinite(dequantize(x_q, inv)).all()
+    # per expert: each leading index scaled from its own amax, as if quantized alone
+    bank = torch.randn(3, 8, 16) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
+    bank_q, bank_inv = quantize(bank, E4M3, per_expert=True)
+    for e in range(3):
+        alone_q, alone_inv = quantize(bank[e], E4M3)
+        assert torch.equal(bank_q[e].float(), alone_q.float()) and bank_inv[e] == alone_inv
 
 
 def test_formats():
@@ -161,3 +167,20 @@ def test_transformer_engine_imported_lazily():
     assert set(module.TE_RECIPES) == {"delayed", "tensorwise", "blockwise", "mxfp8"}
     build_experts(tiny_config(), SwitchConfig(num_experts=2), 2, 0)
     assert not any(m.startswith("transformer_engine") for m in sys.modules)
+
+
+def test_fp8_bank_projection_is_each_expert_alone():
+    """The bank (per-expert scales, one pass) equals each expert's projection computed alone."""
+    from megatron_switch.fp8 import fp8_bank_linear
+
+    torch.manual_seed(4)
+    x = (torch.randn(3, 20, 32) * torch.tensor([1e-2, 1.0, 1e2])[:, None, None]).requires_grad_()
+    w = torch.randn(3, 16, 32, requires_grad=True)
+    dy = torch.randn(3, 20, 16)
+    fp8_bank_linear(x, w, None, "hybrid").backward(dy)
+    for e in range(3):
+        xe, we = x[e].detach().clone().requires_grad_(), w[e].detach().clone().requires_grad_()
+        ye = fp8_linear(xe, we, None, "hybrid")
+        ye.backward(dy[e])
+        torch.testing.assert_close(x.grad[e], xe.grad)
+        torch.testing.assert_close(w.grad[e], we.grad)

@@ -33,23 +33,22 @@ class SwitchStatsAccumulator:
             layer.register_forward_hook(self._record)
 
     def reset(self) -> None:
-        # rows: global layer number - 1; columns: aux, z, dropped fraction, count, then E loads
-        self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64)
+        # rows: global layer number - 1; columns: aux, z, dropped fraction, count, then E loads.
+        # Kept where the statistics are (the GPU under NCCL): recording never waits for the device.
+        self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64, device=comm_device())
 
     def _record(self, layer, inputs, output) -> None:
         if not layer.training:
             return
         stats = layer.last_stats
         row = self.table[layer.layer_number - 1]
-        row[0] += float(stats.aux_loss)
-        row[1] += float(stats.z_loss)
-        row[2] += float(stats.dropped_fraction)
+        row[:3] += torch.stack([stats.aux_loss, stats.z_loss, stats.dropped_fraction]).double()
         row[3] += 1
         row[4:] += stats.tokens_per_expert.double()
 
     def reduce(self) -> torch.Tensor:
         """All ranks: the table summed over pipeline stages and data-parallel replicas."""
-        table = self.table.to(comm_device(), copy=True)
+        table = self.table.clone()
         for group in (parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_group()):
             dist.all_reduce(table, group=group)
         return table.cpu()
