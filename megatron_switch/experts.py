@@ -40,7 +40,9 @@ def expert_activation(h: torch.Tensor, switch: SwitchConfig, training: bool) -> 
         h = activation(gate) * up
     else:
         h = activation(h)
-    return F.dropout(h, p=switch.expert_dropout, training=training)
+    if switch.expert_dropout and training:  # (F.dropout with p = 0 still costs a pass over h)
+        h = F.dropout(h, p=switch.expert_dropout, training=True)
+    return h
 
 
 def wgrad_placeholder(weight: torch.Tensor):

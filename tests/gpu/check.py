@@ -173,7 +173,13 @@ def _time(fn, warmup=3, iters=10):
 
 def _megatron_moe(hidden, ffn, experts, capacity_factor):
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.moe import moe_utils
     from megatron.core.transformer.spec_utils import build_module
+
+    # megatron-core 0.16.1 without Transformer Engine: the router GEMM reads a module global that is
+    # only defined when TE imports (NameError otherwise); None selects its own torch fallback.
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
     config = _config(hidden, ffn, num_moe_experts=experts, moe_router_topk=1, moe_router_pre_softmax=True,
                      moe_token_dispatcher_type="alltoall", moe_aux_loss_coeff=1e-2,
@@ -181,6 +187,20 @@ def _megatron_moe(hidden, ffn, experts, capacity_factor):
                      add_bias_linear=False)
     spec = get_moe_module_spec(use_te=False, num_experts=experts, moe_grouped_gemm=False)
     return build_module(spec, config=config).cuda()
+
+
+PROFILES: dict = {}
+
+
+def _profile(name, step, steps=3):
+    """Where a step's GPU time goes: the top operators by CUDA time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    PROFILES[name] = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60)
 
 
 @check
@@ -197,6 +217,8 @@ def throughput():
             out = out[0] if isinstance(out, tuple) else out
             out.backward(torch.ones_like(out))
         seconds = _time(step)
+        if name.startswith("switch"):
+            _profile(name, step)
         rows[name] = {"ms": round(seconds * 1e3, 2), "tokens_per_s": round(tokens / seconds),
                       "tflops": round(flops / seconds / 1e12, 1),
                       "pct_peak": round(100 * flops / seconds / 1e12 / PEAK_BF16_TFLOPS, 1)}
@@ -241,6 +263,9 @@ def main():
     fp8_vs_bf16()
     router_fp32()
     throughput()
+    with open(os.path.join(args.out, "profiles.txt"), "w") as f:
+        for name, table in PROFILES.items():
+            f.write(f"=== {name} ===\n{table}\n")
     with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:
         json.dump(RESULTS, f, indent=2, default=str)
     print("\n=== summary ===")
