@@ -16,11 +16,13 @@ from megatron_switch.layer import SwitchMLP, SwitchStats, switch_stats
 from megatron_switch.parallel import LayoutError, initialize_parallel, validate_layout
 from megatron_switch.router import SwitchRouter
 from megatron_switch.spec import get_switch_gpt_layer_spec
+from megatron_switch.t5 import get_switch_t5_layer_specs
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SwitchConfig", "SwitchConfigError", "SwitchRouter", "SwitchMLP", "SwitchStats", "switch_stats",
-    "get_switch_gpt_layer_spec", "add_switch_args", "switch_init_method", "initialize_parallel",
+    "get_switch_gpt_layer_spec", "get_switch_t5_layer_specs", "add_switch_args", "switch_init_method",
+    "initialize_parallel",
     "validate_layout", "LayoutError",
 ]

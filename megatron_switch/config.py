@@ -200,8 +200,9 @@ def _interval_from_layer_freq(freq, num_layers: Optional[int]) -> int:
                                 f"--num-layers is {num_layers}: give one 0/1 per layer")
     k = moe_layers[0]
     if moe_layers != list(range(k, len(pattern) + 1, k)):
+        ratio = max(1, round(len(pattern) / len(moe_layers)))
         raise SwitchConfigError(
             f"--moe-layer-freq pattern puts MoE layers at {moe_layers} (1-based), which is not a Switch "
-            f"placement (layers k, 2k, ... up to the last layer); for layers "
-            f"{list(range(k, len(pattern) + 1, k))} use --moe-layer-freq {k}")
+            f"placement (layers k, 2k, ... up to the last layer); for the same one-in-{ratio} ratio use "
+            f"--moe-layer-freq {ratio} (layers {list(range(ratio, len(pattern) + 1, ratio))})")
     return k

@@ -22,9 +22,12 @@ def t5_model_provider(pre_process: bool = True, post_process: bool = True, add_e
     from megatron.training.arguments import core_transformer_config_from_args
 
     from megatron_switch.config import SwitchConfigError
-    from megatron_switch.megatron_lm.arguments import prepare_args, use_transformer_engine
-    from megatron_switch.megatron_lm.stats import report_switch_stats
     from megatron_switch.layer import SwitchMLP
+    from megatron_switch.megatron_lm.arguments import (
+        prepare_args,
+        use_transformer_engine,
+    )
+    from megatron_switch.megatron_lm.stats import report_switch_stats
     from megatron_switch.t5 import get_switch_t5_layer_specs
 
     args = get_args()
