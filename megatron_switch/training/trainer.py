@@ -105,10 +105,25 @@ def global_grad_norm(params) -> float:
     return math.sqrt(float((dense + expert).item()))
 
 
+def _start_checkpoint_writer_ignoring(signals) -> None:
+    """SLURM delivers a job's signals to every process of a task. dist_checkpointing keeps a spawned
+    multiprocessing Manager alive between saves; killed by SIGUSR1/SIGTERM (their default action), it
+    breaks the save the signal asks for. Start it now with the signals ignored (SIG_IGN survives exec)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
+    try:
+        filesystem_async._get_write_results_queue()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 class _ExitSignal:
     def __init__(self, enabled: bool):
         self.received = False
         if enabled:
+            _start_checkpoint_writer_ignoring((signal.SIGTERM, signal.SIGUSR1))
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
 
