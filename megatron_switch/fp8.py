@@ -59,9 +59,11 @@ def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torc
               out_dtype: torch.dtype) -> torch.Tensor:
     """a [M, K] @ b [N, K]^T in FP8 -> [M, N] of out_dtype; both operands row-major.
 
-    `_scaled_mm` takes its second operand column-major, which `b.t()` of a row-major b is.
+    `_scaled_mm` takes its second operand column-major, which `b.t()` of a row-major b is. The
+    scales are passed as tensors of their own: cuBLASLt refuses a scale that is a view into a
+    per-expert vector (CUBLAS_STATUS_NOT_SUPPORTED, seen on H200 with torch 2.11).
     """
-    return torch._scaled_mm(a, b.t(), scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype)
+    return torch._scaled_mm(a, b.t(), scale_a=a_inv.clone(), scale_b=b_inv.clone(), out_dtype=out_dtype)
 
 
 def _pad_tokens(x_ENi: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,7 @@ def _train(name, extra, out_dir):
         log.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
-    records = [json.loads(line) for line in open(os.path.join(save, "metrics.jsonl"))]
+    records = [json.loads(line) for line in open(os.path.join(save, "plots", "metrics.jsonl"))]
     first, last = records[0]["lm_loss"], records[-1]["lm_loss"]
     if not last < first:
         raise AssertionError(f"loss did not fall: {first} -> {last}")
@@ -156,6 +156,24 @@ def train_bf16(out_dir):
 @check
 def train_fp8(out_dir):
     return _train("fp8", ["--fp8-format", "hybrid"], out_dir)
+
+
+@check
+def scaled_mm_scales():
+    """Which scale tensors cuBLASLt accepts for a tensorwise FP8 GEMM (a standalone 0-d tensor, a
+    view into a per-expert vector)."""
+    a = torch.randn(64, 32, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(48, 32, device="cuda").to(torch.float8_e4m3fn)
+    scales = torch.ones(4, device="cuda")
+    outcome = {}
+    for name, scale in (("standalone", torch.ones((), device="cuda")), ("view_e0", scales[0]),
+                        ("view_e1", scales[1])):
+        try:
+            torch._scaled_mm(a, b.t(), scale_a=scale, scale_b=scale, out_dtype=torch.bfloat16)
+            outcome[name] = "ok"
+        except RuntimeError as err:
+            outcome[name] = str(err)[:80]
+    return {"accepted": outcome}
 
 
 def _time(fn, warmup=3, iters=10):
@@ -257,6 +275,7 @@ def main():
     RESULTS["environment"] = {"ok": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "megatron_core": megatron.core.__version__,
                               "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
+    scaled_mm_scales()
     train_bf16(args.out)
     train_fp8(args.out)
     _init_single_rank()
