@@ -131,8 +131,9 @@ def _reasons(spec: ModelSpec, cluster: Cluster, setup: TrainingSetup, tp: int, p
     else:
         reasons.append(f"EP={ep} spans {ep // cluster.gpus_per_node} nodes: all-to-all over the network")
     world = tp * pp * dp
-    reasons.append(f"{spec.num_experts // ep} experts per GPU, expert gradients reduced over "
-                   f"{world // (ep * pp)} ranks")
+    expert_dp = world // (ep * pp)
+    reasons.append(f"{spec.num_experts // ep} experts per GPU, " + (
+        f"expert gradients reduced over {expert_dp} ranks" if expert_dp > 1 else "one copy of each expert"))
     if recompute:
         reasons.append("full activation recomputation (one more forward pass per step)")
     return tuple(reasons)
