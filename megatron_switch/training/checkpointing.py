@@ -28,7 +28,12 @@ import torch
 import torch.distributed as dist
 
 TRACKER = "latest_checkpointed_iteration.txt"
-MODEL_METADATA = {"non_homogeneous_layers": True}  # Switch and dense layers alternate
+
+
+def model_metadata() -> dict:
+    """Sharded-state-dict metadata, fresh per call: megatron-core adds the current data-parallel
+    group to it in place. Switch and dense layers alternate, so layers are keyed one by one."""
+    return {"non_homogeneous_layers": True}
 
 
 class CheckpointError(RuntimeError):
@@ -124,7 +129,7 @@ def model_description(model) -> tuple[dict, dict]:
 
 def _state(model, optimizer, params_in_optimizer_order, scheduler, common: dict, with_optimizer: bool = True,
            with_rng: bool = True):
-    model_sharded = model.sharded_state_dict(metadata=MODEL_METADATA)
+    model_sharded = model.sharded_state_dict(metadata=model_metadata())
     steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     model_config, layout = model_description(model)
     state = {
@@ -225,21 +230,27 @@ def _restore_rng(rng: dict) -> None:
     numpy.random.set_state(rng["numpy"])
 
 
-def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
-    """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
-    state and float32 masters by parameter name, scheduler, progress."""
+def load_model_weights(root: str, model) -> int:
+    """Collective. Only the model's weights (inference, evaluation) from a checkpoint root or an
+    iter_XXXXXXX directory of either format; returns its iteration."""
+    path = root if checkpoint_format(root) else latest_checkpoint(root)[1]
+    if checkpoint_format(path) == "torch":
+        return int(_load_legacy_model(path, model)[0]["iteration"])
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(path)
+    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=model_metadata())}, path)
+    model.load_state_dict(loaded["model"])
+    return int(common["iteration"])
+
+
+def _load_legacy_model(path: str, model):
+    """(file contents, file name, localize) after copying this rank's legacy file into `model`."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map,
-    )
 
-    from megatron_switch.checkpoint.legacy import (
-        layout_of_args,
-        optimizer_parts,
-        rank_file,
-    )
+    from megatron_switch.checkpoint.legacy import layout_of_args, rank_file
     from megatron_switch.checkpoint.sharding import Layout, local_name
 
     layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
@@ -262,23 +273,30 @@ def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, schedul
         raise CheckpointError(f"legacy checkpoint {path} was written for {saved}, this run is {layout}: convert "
                               f"it with `megatron-switch convert --target-tp {layout.tp} --target-pp {layout.pp} "
                               f"--target-ep {layout.ep}` (or load a torch_dist checkpoint, which reshards)")
-    num_layers = model.config.num_layers
-    model_sharded = model.sharded_state_dict(metadata=MODEL_METADATA)
+
+    def localize(key: str) -> str:
+        return local_name(key, layout, model.config.num_layers)
+
     with torch.no_grad():
-        for sharded in nested_values(model_sharded):
+        for sharded in nested_values(model.sharded_state_dict(metadata=model_metadata())):
             if not isinstance(sharded, ShardedTensor):
                 continue
-            key = local_name(sharded.key, layout, num_layers)
-            value = state["model"].get(key)
+            value = state["model"].get(localize(sharded.key))
             if value is None or tuple(value.shape) != tuple(sharded.data.shape):
                 found = "missing" if value is None else f"shape {tuple(value.shape)}"
-                raise CheckpointError(f"{file}: {key} is {found}, the model needs {tuple(sharded.data.shape)}: "
-                                      f"the checkpoint is from another model or layout")
+                raise CheckpointError(f"{file}: {localize(sharded.key)} is {found}, the model needs "
+                                      f"{tuple(sharded.data.shape)}: the checkpoint is from another model or layout")
             sharded.data.copy_(value)
+    return state, file, localize
+
+
+def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+    """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
+    state and float32 masters by parameter name, scheduler, progress."""
+    state, file, localize = _load_legacy_model(path, model)
     if "optimizer" in state:
-        _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order, model_sharded,
-                               lambda key: local_name(key, layout, num_layers), get_param_id_to_sharded_param_map,
-                               optimizer_parts)
+        _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order,
+                               model.sharded_state_dict(metadata=model_metadata()), localize)
     else:
         _say_no_optimizer(path)
     if state.get("opt_param_scheduler") is not None:
@@ -287,8 +305,13 @@ def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, schedul
             "consumed_train_samples": getattr(state["args"], "consumed_train_samples", 0)}
 
 
-def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, model_sharded, localize,
-                           id_map_of, optimizer_parts) -> None:
+def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, model_sharded, localize) -> None:
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map as id_map_of,
+    )
+
+    from megatron_switch.checkpoint.legacy import optimizer_parts
+
     adam, saved_masters = optimizer_parts(saved)
     by_name = {}
     for g, group in enumerate(adam["param_groups"]):
