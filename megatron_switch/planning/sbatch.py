@@ -9,7 +9,6 @@ the template (`launch/switch.sbatch.template`; placeholders `@{name}`, `@@` for 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shlex
 import string
 import sys
@@ -211,7 +210,8 @@ def render_sbatch(job: SbatchJob, template: str | None = None) -> str:
         srun.append(f"--container-image={shlex.quote(job.container_image)}")
         if job.container_mounts:
             srun.append(f"--container-mounts={shlex.quote(job.container_mounts)}")
-        srun.append(f"--container-workdir={shlex.quote(job.container_workdir or os.getcwd())}")
+        if job.container_workdir:
+            srun.append(f"--container-workdir={shlex.quote(job.container_workdir)}")
     elif job.container_mounts or job.container_workdir:
         raise SbatchError("--container-mounts and --container-workdir need --container-image (pyxis)")
     text = template_path(template).read_text()
