@@ -1,0 +1,123 @@
+"""The generated sbatch script on a real SLURM: the tiny preset with 2 CPU tasks trains, saves, gets
+the preemption signal, requeues itself and finishes from its checkpoint.
+
+Needs a running cluster (`launch/local_slurm.sh` starts one here). Skipped without one, unless
+MEGATRON_SWITCH_REQUIRE_SLURM=1 (CI), which turns a missing cluster into a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from megatron_switch.planning.cli import sbatch_main
+
+TRAIN_ITERS = 60
+POLL_SECONDS = 0.5
+
+
+def _slurm_ready() -> str | None:
+    """None when sbatch works here, else why not."""
+    if shutil.which("sbatch") is None:
+        return "SLURM is not installed (apt-get install slurm-wlm munge; launch/local_slurm.sh)"
+    ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
+    if "UP" not in ping.stdout:
+        return f"slurmctld is not running (launch/local_slurm.sh): {ping.stdout.strip()} {ping.stderr.strip()}"
+    return None
+
+
+@pytest.fixture
+def slurm():
+    problem = _slurm_ready()
+    if problem:
+        if os.environ.get("MEGATRON_SWITCH_REQUIRE_SLURM") == "1":
+            pytest.fail(problem)
+        pytest.skip(problem)
+
+
+def _job_state(job: str) -> tuple[str, str]:
+    """(state, reason) of a queued or running job; ("", "") once it has left the queue."""
+    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True,
+                         check=False).stdout.split()
+    return (out[0], out[1]) if len(out) >= 2 else ("", "")
+
+
+def _wait(job: str, condition, what: str, log: str) -> None:
+    """Poll until condition() holds; fail if the job leaves the queue first."""
+    while not condition():
+        if _job_state(job)[0] == "":
+            if condition():
+                return
+            text = _read(log) or "(no log)"
+            pytest.fail(f"job {job} ended before {what}:\n{text[-4000:]}")
+        time.sleep(POLL_SECONDS)
+
+
+def _read(path: str) -> str:
+    return Path(path).read_text() if os.path.exists(path) else ""
+
+
+def _tracker(save: str) -> int:
+    try:
+        with open(os.path.join(save, "latest_checkpointed_iteration.txt")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
+def test_tiny_job_trains_is_preempted_requeues_and_finishes(slurm, tmp_path):
+    save, log = str(tmp_path / "ckpt"), str(tmp_path / "job.log")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        sbatch_main(["--preset", "tiny", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--save", save,
+                     "--train-iters", str(TRAIN_ITERS), "--save-interval", "10", "--log-interval", "5",
+                     "--output", log, "--time", "00:30:00", "--python", sys.executable])
+    script = tmp_path / "job.sbatch"
+    script.write_text(out.getvalue())
+    env = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"))
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    submit = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, check=False)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        # Train until the first checkpoint, then preempt: USR1 to the batch script, as --signal=B:USR1 does.
+        _wait(job, lambda: _tracker(save) >= 10, "its first checkpoint", log)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        # The script requeues the job; SLURM holds a requeued job back (BeginTime) for a while: release it.
+        _wait(job, lambda: _job_state(job)[0] == "PENDING" or "restart 1" in _read(log), "it requeued", log)
+        if _job_state(job)[0] == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        _wait(job, lambda: _job_state(job)[0] == "", "it finished", log)
+    finally:
+        if _job_state(job)[0]:
+            subprocess.run(["scancel", job], check=False)
+
+    text = _read(log)
+    stopped = re.search(r"exiting at iteration (\d+) \(signal\)", text)
+    assert stopped, text[-4000:]
+    preempted_at = int(stopped.group(1))
+    assert 10 <= preempted_at < TRAIN_ITERS
+    first_run, second_run = text.split("(restart 1)")
+    assert f"saved checkpoint {save}/iter_{preempted_at:07d}" in first_run
+    assert f"requeued to resume from {save}" in first_run
+    assert f"loaded checkpoint {save} at iteration {preempted_at}" in second_run
+    logged = [int(i) for i in re.findall(r"iteration\s+(\d+)/\s*\d+", second_run)]
+    assert logged and logged[0] > preempted_at and logged[-1] == TRAIN_ITERS  # resumed, not restarted
+    assert f"latest checkpoint at iteration {TRAIN_ITERS} of {TRAIN_ITERS}" in second_run
+    assert "requeued" not in second_run
+    assert _tracker(save) == TRAIN_ITERS
+    assert os.path.isfile(os.path.join(save, f"iter_{TRAIN_ITERS:07d}", "metadata.json"))
+    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
+    if state:  # finished jobs stay visible for MinJobAge seconds
+        assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
