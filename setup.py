@@ -7,6 +7,9 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["megatron_switch", "megatron_switch.*"]),
+    package_data={"megatron_switch.planning": ["presets.toml"]},
+    # `megatron-switch sbatch` finds its template in launch/ of a checkout, else here.
+    data_files=[("share/megatron-switch/launch", ["launch/switch.sbatch.template"])],
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
