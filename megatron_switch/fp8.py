@@ -17,6 +17,7 @@ which changes no result (zero rows do not move an amax). The input is saved for 
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -35,20 +36,42 @@ def fp8_dtypes(fp8_format: str) -> Tuple[torch.dtype, torch.dtype]:
     raise ValueError(f"unknown FP8 format {fp8_format!r}: use e4m3 or hybrid")
 
 
-def quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool = False
-             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Current scaling: (x_fp8, scale_inv) with x ~= x_fp8.float() * scale_inv.
-
-    scale = fp8_max / amax(x) (1 when x is all zeros): one scale for the whole tensor, or with
-    per_expert one per index of the leading dimension ([E, ...] -> scale_inv [E]). |x * scale| <=
-    fp8_max by construction, so the cast never overflows. scale_inv is float32 on x's device.
-    """
+def _quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool, transpose: bool):
     fp8_max = torch.finfo(dtype).max
     dims = tuple(range(1, x.dim())) if per_expert else None
     amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dims).float()
     scale = torch.where(amax > 0, fp8_max / amax, torch.ones_like(amax))
     view = scale.view(-1, *[1] * (x.dim() - 1)) if per_expert else scale
-    return (x * view).to(dtype), scale.reciprocal()
+    x_fp8 = (x * view).to(dtype)
+    if transpose:
+        return x_fp8, x_fp8.transpose(-1, -2).contiguous(), scale.reciprocal()
+    return x_fp8, scale.reciprocal()
+
+
+_COMPILED = {}
+
+
+def quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool = False, transpose: bool = False):
+    """Current scaling: (x_fp8, scale_inv) with x ~= x_fp8.float() * scale_inv; with transpose also
+    the FP8 copy of x transposed in its last two dimensions: (x_fp8, x_fp8_T, scale_inv).
+
+    scale = fp8_max / amax(x) (1 when x is all zeros): one scale for the whole tensor, or with
+    per_expert one per index of the leading dimension ([E, ...] -> scale_inv [E]). |x * scale| <=
+    fp8_max by construction, so the cast never overflows. scale_inv is float32 on x's device.
+    On CUDA the function is compiled (torch.compile), which fuses scaling, cast and transpose into
+    passes that read x once; elsewhere, and if compilation is unavailable, it runs eagerly.
+    """
+    if not x.is_cuda:
+        return _quantize(x, dtype, per_expert, transpose)
+    compiled = _COMPILED.get("quantize")
+    if compiled is None:
+        compiled = _COMPILED["quantize"] = torch.compile(_quantize, dynamic=True)
+    try:
+        return compiled(x, dtype, per_expert, transpose)
+    except Exception as err:  # an environment where Inductor cannot build kernels: stay correct, eager
+        warnings.warn(f"FP8 quantization runs eagerly (torch.compile failed: {type(err).__name__}: {err})")
+        _COMPILED["quantize"] = _quantize
+        return _quantize(x, dtype, per_expert, transpose)
 
 
 def dequantize(x_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -56,14 +79,26 @@ def dequantize(x_fp8: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype 
 
 
 def scaled_mm(a: torch.Tensor, a_inv: torch.Tensor, b: torch.Tensor, b_inv: torch.Tensor,
-              out_dtype: torch.dtype) -> torch.Tensor:
-    """a [M, K] @ b [N, K]^T in FP8 -> [M, N] of out_dtype; both operands row-major.
+              out_dtype: torch.dtype, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a [M, K] @ b [N, K]^T in FP8 -> [M, N] of out_dtype (into `out` if given); both operands
+    row-major.
 
     `_scaled_mm` takes its second operand column-major, which `b.t()` of a row-major b is. The
     scales are passed as tensors of their own: cuBLASLt refuses a scale that is a view into a
     per-expert vector (CUBLAS_STATUS_NOT_SUPPORTED, seen on H200 with torch 2.11).
     """
-    return torch._scaled_mm(a, b.t(), scale_a=a_inv.clone(), scale_b=b_inv.clone(), out_dtype=out_dtype)
+    kwargs = {} if out is None else {"out": out}
+    return torch._scaled_mm(a, b.t(), scale_a=a_inv.clone(), scale_b=b_inv.clone(), out_dtype=out_dtype,
+                            **kwargs)
+
+
+def _bank_mm(a_EMK: torch.Tensor, a_inv: torch.Tensor, b_ENK: torch.Tensor, b_inv: torch.Tensor,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    """[E, M, K] x [E, N, K] -> [E, M, N]: one FP8 GEMM per expert, written in place."""
+    out = torch.empty(a_EMK.shape[0], a_EMK.shape[1], b_ENK.shape[1], dtype=out_dtype, device=a_EMK.device)
+    for e in range(a_EMK.shape[0]):
+        scaled_mm(a_EMK[e], a_inv[e], b_ENK[e], b_inv[e], out_dtype, out=out[e])
+    return out
 
 
 def _pad_tokens(x_ENi: torch.Tensor) -> torch.Tensor:
@@ -86,32 +121,27 @@ class Fp8BankProjection(torch.autograd.Function):
     def forward(ctx, x_ENi, w_Eoi, b_Eo, fp8_format: str):
         fwd_dtype, grad_dtype = fp8_dtypes(fp8_format)
         rows = x_ENi.shape[1]
-        x_q, x_inv = quantize(_pad_tokens(x_ENi), fwd_dtype, per_expert=True)
-        w_q, w_inv = quantize(w_Eoi, fwd_dtype, per_expert=True)
-        y = torch.stack([scaled_mm(x_q[e], x_inv[e], w_q[e], w_inv[e], x_ENi.dtype)
-                         for e in range(x_q.shape[0])])[:, :rows]
+        # Each operand is quantized once with its transpose, which the backward GEMMs take
+        # (Hopper's FP8 GEMMs accept only the "TN" layout): only the transposes are kept.
+        x_q, x_qT, x_inv = quantize(_pad_tokens(x_ENi), fwd_dtype, per_expert=True, transpose=True)
+        w_q, w_qT, w_inv = quantize(w_Eoi, fwd_dtype, per_expert=True, transpose=True)
+        y = _bank_mm(x_q, x_inv, w_q, w_inv, x_ENi.dtype)[:, :rows]
         if b_Eo is not None:
             y = y + b_Eo[:, None, :].to(y.dtype)
-        ctx.save_for_backward(x_q, x_inv, w_q, w_inv)
+        ctx.save_for_backward(x_qT, x_inv, w_qT, w_inv)
         ctx.rows, ctx.grad_dtype, ctx.has_bias = rows, grad_dtype, b_Eo is not None
         ctx.x_dtype, ctx.w_dtype = x_ENi.dtype, w_Eoi.dtype
         return y
 
     @staticmethod
     def backward(ctx, dy_ENo):
-        x_q, x_inv, w_q, w_inv = ctx.saved_tensors
-        dy_q, dy_inv = quantize(_pad_tokens(dy_ENo), ctx.grad_dtype, per_expert=True)
-        experts = range(x_q.shape[0])
+        x_qT, x_inv, w_qT, w_inv = ctx.saved_tensors
+        dy_q, dy_qT, dy_inv = quantize(_pad_tokens(dy_ENo), ctx.grad_dtype, per_expert=True, transpose=True)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            # dx [N, in] = dy [N, out] @ w [out, in], per expert
-            w_qT = w_q.transpose(1, 2).contiguous()
-            dx = torch.stack([scaled_mm(dy_q[e], dy_inv[e], w_qT[e], w_inv[e], ctx.x_dtype)
-                              for e in experts])[:, :ctx.rows]
+            dx = _bank_mm(dy_q, dy_inv, w_qT, w_inv, ctx.x_dtype)[:, :ctx.rows]  # dy [N, out] @ w [out, in]
         if ctx.needs_input_grad[1]:
-            # dw [out, in] = dy^T [out, N] @ x [N, in], per expert
-            dy_qT, x_qT = dy_q.transpose(1, 2).contiguous(), x_q.transpose(1, 2).contiguous()
-            dw = torch.stack([scaled_mm(dy_qT[e], dy_inv[e], x_qT[e], x_inv[e], ctx.w_dtype) for e in experts])
+            dw = _bank_mm(dy_qT, dy_inv, x_qT, x_inv, ctx.w_dtype)  # dy^T [out, N] @ x [N, in]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy_ENo.sum(1)
         return dx, dw, db, None

@@ -184,3 +184,11 @@ def test_fp8_bank_projection_is_each_expert_alone():
         ye.backward(dy[e])
         torch.testing.assert_close(x.grad[e], xe.grad)
         torch.testing.assert_close(w.grad[e], we.grad)
+
+
+def test_quantize_with_transpose_gives_the_transposed_copy():
+    x = torch.randn(2, 24, 16)
+    q, qT, inv = quantize(x, E4M3, per_expert=True, transpose=True)
+    q_only, inv_only = quantize(x, E4M3, per_expert=True)
+    assert torch.equal(q.float(), q_only.float()) and torch.equal(inv, inv_only)
+    assert qT.is_contiguous() and torch.equal(qT.float(), q.float().transpose(1, 2))
