@@ -24,18 +24,24 @@ def _configs(encoder_layers=4, decoder_layers=4):
     return encoder, decoder
 
 
+def _mlp_class(layer_spec):
+    """The MLP class a layer spec builds (megatron-core >= 0.19 may give a functools.partial)."""
+    mlp = layer_spec.submodules.mlp
+    return getattr(mlp, "module", None) or getattr(mlp, "func", None)
+
+
 def test_t5_specs_put_switch_layers_at_k_2k_in_each_stack():
     encoder, decoder = _configs(encoder_layers=6, decoder_layers=4)
     switch = SwitchConfig(num_experts=4, expert_interval=2)
     enc, dec = get_switch_t5_layer_specs(encoder, decoder, switch, use_transformer_engine=False)
-    assert [s.submodules.mlp.module is SwitchMLP for s in enc.layer_specs] == [False, True] * 3
-    assert [s.submodules.mlp.module is SwitchMLP for s in dec.layer_specs] == [False, True] * 2
+    assert [_mlp_class(s) is SwitchMLP for s in enc.layer_specs] == [False, True] * 3
+    assert [_mlp_class(s) is SwitchMLP for s in dec.layer_specs] == [False, True] * 2
     switch_numbers = [s.submodules.mlp.params["layer_number"] for s in dec.layer_specs
-                      if s.submodules.mlp.module is SwitchMLP]
+                      if _mlp_class(s) is SwitchMLP]
     assert switch_numbers == [2, 4]
     for spec in enc.layer_specs + dec.layer_specs:
-        if spec.submodules.mlp.module is not SwitchMLP:
-            assert spec.submodules.mlp.module is MLP
+        if _mlp_class(spec) is not SwitchMLP:
+            assert _mlp_class(spec) is MLP
     # Encoder: bidirectional self-attention; decoder: causal self-attention and cross-attention.
     enc_attention = enc.layer_specs[0].submodules.self_attention
     dec_layer = dec.layer_specs[1].submodules
@@ -47,7 +53,7 @@ def test_t5_specs_put_switch_layers_at_k_2k_in_each_stack():
     # Switch-C layout: every layer of both stacks.
     enc, dec = get_switch_t5_layer_specs(encoder, decoder, SwitchConfig(num_experts=4),
                                          use_transformer_engine=False)
-    assert all(s.submodules.mlp.module is SwitchMLP for s in enc.layer_specs + dec.layer_specs)
+    assert all(_mlp_class(s) is SwitchMLP for s in enc.layer_specs + dec.layer_specs)
 
 
 def _batch(generator, batch=2, enc_len=12, dec_len=8):
