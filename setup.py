@@ -23,7 +23,7 @@ setup(
         # Transformer Engine's PyTorch extension compiles against CUDA: install it in a GPU image.
         "te": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=4.40", "safetensors", "matplotlib", "tensorboard"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5.24", "safetensors", "matplotlib", "tensorboard"],
     },
     entry_points={"console_scripts": ["megatron-switch=megatron_switch.cli:main"]},
 )
