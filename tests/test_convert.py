@@ -39,7 +39,8 @@ def run(tmp_path_factory):
     """A 3-iteration run at TP2 x EP2 saving iterations 2 and 3; every conversion of iteration 2."""
     root = tmp_path_factory.mktemp("convert")
     run_train(["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-               *TRAIN, *_vocab_flags(2), "--save", str(root / "base"), "--save-interval", "2", "--plots-dir", str(root / "plots")], root)
+               *TRAIN, *_vocab_flags(2), "--save", str(root / "base"), "--save-interval", "2",
+               "--plots-dir", str(root / "plots")], root)
     base = str(root / "base" / "iter_0000002")
     out = {"base": (base, SOURCE)}
     for label, (tp, pp, ep) in LAYOUTS.items():
@@ -70,7 +71,10 @@ def _logits_worker(rank, world_size, jobs, out_dir):
     from megatron_switch.data.tokenizers import build_tokenizer
     from megatron_switch.parallel import initialize_parallel
     from megatron_switch.training.arguments import parse_args
-    from megatron_switch.training.checkpointing import load_model_weights, model_metadata
+    from megatron_switch.training.checkpointing import (
+        load_model_weights,
+        model_metadata,
+    )
     from megatron_switch.training.model import build_model
 
     vocab = build_tokenizer("ByteLevelTokenizer", None).vocab_size
@@ -110,7 +114,7 @@ def _logits_worker(rank, world_size, jobs, out_dir):
 
 
 def test_every_layout_gives_the_same_logits(run, tmp_path):
-    root, out = run
+    _, out = run
     spawn(_logits_worker, 4, [(label, path, layout) for label, (path, layout) in out.items()], str(tmp_path))
     logits = {label: torch.load(tmp_path / f"{label}.pt") for label in out}
     base = logits.pop("base")
@@ -134,7 +138,7 @@ def _tensors(path):
 
 
 def test_round_trips_are_bit_identical(run, tmp_path):
-    root, out = run
+    _, out = run
     source, expected = _tensors(out["base"][0])
     assert any(n.startswith("optimizer.state.exp_avg.") for n in expected)
     assert any(".mlp.experts.linear_fc1.weight" in n for n in expected)
@@ -175,7 +179,7 @@ def test_trainer_resumes_exactly_from_converted_legacy_files(run, tmp_path):
 
 
 def test_no_optim_drops_the_optimizer_state(run):
-    root, out = run
+    _, out = run
     reader, tensors = _tensors(out["no-optim-ep1"][0])
     assert tensors and not reader.has_optimizer and "optimizer" not in reader.common
     state = torch.load(os.path.join(out["no-optim-ep1"][0], "iter_0000002", "mp_rank_00", "model_optim_rng.pt"),
@@ -192,7 +196,7 @@ def _leftovers(parent, name):
 
 
 def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
-    root, out = run
+    _, out = run
     broken = tmp_path / "broken-dist"
     shutil.copytree(out["base"][0], broken)
     shard = max((p for p in broken.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
@@ -212,7 +216,7 @@ def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
     # Data changed after conversion (same shapes): the manifest written beside it catches it.
     edited = tmp_path / "edited-legacy"
     shutil.copytree(out["torch-ep4"][0], edited)
-    file = edited / "iter_0000002" / "mp_rank_00_001" / "model_optim_rng.pt"
+    file = edited / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"  # holds the copy that is read
     state = torch.load(file, weights_only=False)
     state["model"]["decoder.layers.1.mlp.router.weight"] += 1
     torch.save(state, file)
@@ -222,7 +226,7 @@ def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
 
 
 def test_missing_rank_and_mismatched_shape_fail_clearly(run, tmp_path):
-    root, out = run
+    _, out = run
     legacy = tmp_path / "legacy"
     shutil.copytree(out["torch-tp1pp2ep2"][0], legacy)
     shutil.rmtree(legacy / "iter_0000002" / "mp_rank_00_001_000")
@@ -244,17 +248,17 @@ def test_missing_rank_and_mismatched_shape_fail_clearly(run, tmp_path):
     ((1, 1, 3), "not divisible by --expert-model-parallel-size 3"),
     ((3, 1, 1), "4 attention heads are not divisible by --target-tp 3"),
     ((1, 3, 1), "4 layers do not split into 3 equal pipeline stages: use --target-pp 2"),
-    ((4, 1, 1), "output_layer.weight has 512 entries on axis 0, not divisible|attention heads"),
+    ((1, 1, 8), "--num-experts 4 is not divisible by --expert-model-parallel-size 8"),
 ])
 def test_impossible_target_layout_is_refused_before_writing(run, tmp_path, layout, message):
-    root, out = run
+    _, out = run
     with pytest.raises(LayoutError, match=message):
         convert(out["base"][0], str(tmp_path / "target"), *layout, progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
 
 
 def test_existing_target_is_refused_and_untouched(run, tmp_path):
-    root, out = run
+    _, out = run
     target = tmp_path / "target"
     shutil.copytree(out["torch-ep1"][0], target)
     before = _snapshot(target)
@@ -264,16 +268,26 @@ def test_existing_target_is_refused_and_untouched(run, tmp_path):
 
 
 def test_command_line(run, tmp_path):
-    root, out = run
+    root, _ = run
     command = [sys.executable, "-m", "megatron_switch.cli", "convert"]
     done = subprocess.run([*command, "--load", str(root / "base"), "--save", str(tmp_path / "st"), "--format",
-                           "safetensors", "--no-optim", "--no-progress-bar"], capture_output=True, text=True)
+                           "safetensors", "--no-optim", "--no-progress-bar"], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--no-optim: dropping" in done.stdout and "each checked against the source" in done.stdout
     assert sorted(os.listdir(tmp_path / "st")) == ["manifest.json", "model.safetensors", "model.safetensors.index.json"]
     failed = subprocess.run([*command, "--load", str(root / "base"), "--save", str(tmp_path / "x"),
-                             "--target-ep", "3"], capture_output=True, text=True)
+                             "--target-ep", "3"], capture_output=True, text=True, check=False)
     assert failed.returncode == 1 and "error: target layout TP2 PP1 EP3" in failed.stderr
     assert "Traceback" not in failed.stderr and not (tmp_path / "x").exists()
-    helped = subprocess.run([*command, "--help"], capture_output=True, text=True)
+    helped = subprocess.run([*command, "--help"], capture_output=True, text=True, check=False)
     assert "refused, never overwritten" in " ".join(helped.stdout.split())
+
+
+def test_layout_check_names_the_tensor_that_does_not_split():
+    from megatron_switch.checkpoint.sharding import Layout, check_layout
+
+    shapes = {"output_layer.weight": (384, 64), "decoder.layers.0.mlp.experts.linear_fc1.weight": (4, 256, 64)}
+    with pytest.raises(LayoutError, match="output_layer.weight has 384 entries on axis 0, not divisible by "
+                                          "--target-tp 256 .*make-vocab-size-divisible-by"):
+        check_layout(Layout(256, 1, 1), shapes, {"num_layers": 2})
+    check_layout(Layout(128, 1, 4), shapes, {"num_layers": 2})

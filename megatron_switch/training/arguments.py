@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist")
+    g.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
+                   help="Saves are torch_dist; --load reads torch_dist and legacy mp_rank_* files.")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM or SIGUSR1, save a checkpoint and exit cleanly.")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
@@ -158,7 +159,8 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
              "(megatron-core synchronises tied embeddings through CUDA)")
     if args.ckpt_format != "torch_dist":
         fail("--ckpt-format torch (Megatron's legacy per-rank files) is not written by the trainer: "
-             "train with torch_dist and convert with `megatron-switch convert`")
+             "train with torch_dist and convert with `megatron-switch convert --format torch`; --load "
+             "reads legacy files without this flag")
     if args.save_interval is not None and not args.save:
         fail("--save-interval needs --save DIR")
     if args.exit_signal_handler and not args.save:
