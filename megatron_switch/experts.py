@@ -176,18 +176,36 @@ def build_experts(config: TransformerConfig, switch: SwitchConfig, num_local_exp
     return TorchExperts(config, switch, num_local_experts, first_expert, layer_number)
 
 
-class TorchExperts(MegatronModule):
+class ExpertBank(MegatronModule):
+    """What every expert backend shares: the bank's place among the experts, its widths, the
+    activation, and the layout-independent draw of expert e's weights."""
+
+    def __init__(self, config: TransformerConfig, switch: SwitchConfig, num_local_experts: int,
+                 first_expert: int):
+        super().__init__(config=config)
+        self.switch = switch
+        self.num_local_experts = num_local_experts
+        self.first_expert = first_expert
+        self.ffn = expert_ffn_size(config, switch)
+        self.fc1_out = 2 * self.ffn if switch.gated else self.ffn
+
+    def _ffn_tail(self, h: torch.Tensor) -> torch.Tensor:
+        return expert_activation(h, self.switch, self.training)
+
+    def _draw(self, weight: torch.Tensor, layer_number: int, tensor_id: int, local: int) -> None:
+        """Expert (first_expert + local) of layer L draws the same weights whatever the layout."""
+        generator = seeded_generator(self.switch.init_seed, layer_number, tensor_id, self.first_expert + local)
+        truncated_normal_(weight, self.switch.init_scale, generator=generator)
+
+
+class TorchExperts(ExpertBank):
     """The `torch` expert backend: bf16/fp32 batched GEMMs on any device; FP8 GEMMs (one per expert
     and projection, `torch._scaled_mm`) when `switch.fp8_format` is set."""
 
     def __init__(self, config: TransformerConfig, switch: SwitchConfig, num_local_experts: int,
                  first_expert: int, layer_number: int = 1):
-        super().__init__(config=config)
-        self.switch = switch
-        self.num_local_experts = num_local_experts
-        self.first_expert = first_expert
-        ffn = expert_ffn_size(config, switch)
-        fc1_out = 2 * ffn if switch.gated else ffn
+        super().__init__(config, switch, num_local_experts, first_expert)
+        ffn, fc1_out = self.ffn, self.fc1_out
         hidden, dtype = config.hidden_size, config.params_dtype
         self.weight1 = torch.nn.Parameter(torch.empty(num_local_experts, fc1_out, hidden, dtype=dtype))
         self.weight2 = torch.nn.Parameter(torch.empty(num_local_experts, hidden, ffn, dtype=dtype))
@@ -206,12 +224,7 @@ class TorchExperts(MegatronModule):
             return
         for tensor_id, weight in ((1, self.weight1), (2, self.weight2)):
             for local in range(self.num_local_experts):
-                generator = seeded_generator(self.switch.init_seed, layer_number, tensor_id,
-                                             self.first_expert + local)
-                truncated_normal_(weight[local], self.switch.init_scale, generator=generator)
-
-    def _ffn_tail(self, h: torch.Tensor) -> torch.Tensor:
-        return expert_activation(h, self.switch, self.training)
+                self._draw(weight[local], layer_number, tensor_id, local)
 
     def _expert(self, x_nh: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e of the bank on its tokens [n, h] -> [n, h]."""

@@ -17,12 +17,10 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig, SwitchConfigError
-from megatron_switch.experts import expert_activation, expert_ffn_size
-from megatron_switch.initialization import seeded_generator, truncated_normal_
+from megatron_switch.experts import ExpertBank
 
 # --fp8-recipe -> (Transformer Engine class in transformer_engine.common.recipe, minimum TE version,
 # minimum compute capability), as megatron-core's fp8_utils gates them.
@@ -53,7 +51,7 @@ def te_fp8_recipe(fp8_format: str, fp8_recipe: str):
     return getattr(te_recipe, class_name)(fp8_format=fmt)
 
 
-class TEExperts(MegatronModule):
+class TEExperts(ExpertBank):
     """E_l experts as two Transformer Engine GroupedLinear layers (one GEMM per local expert)."""
 
     STACKED = {"weight1": ("fc1", "weight"), "bias1": ("fc1", "bias"),
@@ -63,12 +61,8 @@ class TEExperts(MegatronModule):
                  first_expert: int, layer_number: int = 1):
         import transformer_engine.pytorch as te
 
-        super().__init__(config=config)
-        self.switch = switch
-        self.num_local_experts = num_local_experts
-        self.first_expert = first_expert
-        ffn = expert_ffn_size(config, switch)
-        fc1_out = 2 * ffn if switch.gated else ffn
+        super().__init__(config, switch, num_local_experts, first_expert)
+        ffn, fc1_out = self.ffn, self.fc1_out
         common = dict(bias=switch.expert_bias, params_dtype=config.params_dtype,
                       device=torch.cuda.current_device(),
                       fuse_wgrad_accumulation=config.gradient_accumulation_fusion)
@@ -96,9 +90,7 @@ class TEExperts(MegatronModule):
             return
         for tensor_id, name in ((1, "weight1"), (2, "weight2")):
             for local, weight in enumerate(self._per_expert(name)):
-                generator = seeded_generator(self.switch.init_seed, layer_number, tensor_id,
-                                             self.first_expert + local)
-                truncated_normal_(weight, self.switch.init_scale, generator=generator)
+                self._draw(weight, layer_number, tensor_id, local)
         with torch.no_grad():
             for bias in self._per_expert("bias1") + self._per_expert("bias2"):
                 bias.zero_()
@@ -129,9 +121,6 @@ class TEExperts(MegatronModule):
                     state_dict[f"{prefix}{child}.{kind}{e}"] = tensor
         for child in ("fc1", "fc2"):
             state_dict.setdefault(f"{prefix}{child}._extra_state", None)
-
-    def _ffn_tail(self, h: torch.Tensor) -> torch.Tensor:
-        return expert_activation(h, self.switch, self.training)
 
     def _run(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         import transformer_engine.pytorch as te
