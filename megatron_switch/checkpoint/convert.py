@@ -42,6 +42,7 @@ from megatron_switch.training.checkpointing import (
     TRACKER,
     CheckpointError,
     checkpoint_dir,
+    checkpoint_format,
     latest_checkpoint,
 )
 
@@ -56,7 +57,7 @@ def open_checkpoint(path: str) -> CheckpointReader:
         is_consolidated_dir,
     )
     from megatron_switch.checkpoint.distcp import DistCheckpointReader
-    from megatron_switch.checkpoint.legacy import LegacyReader, is_legacy_dir
+    from megatron_switch.checkpoint.legacy import LegacyReader
 
     if not os.path.isdir(path):
         raise ConvertError(f"--load {path}: no such directory")
@@ -65,9 +66,10 @@ def open_checkpoint(path: str) -> CheckpointReader:
     iter_dir = path
     if os.path.isfile(os.path.join(path, TRACKER)):
         iter_dir = latest_checkpoint(path)[1]
-    if os.path.isfile(os.path.join(iter_dir, "metadata.json")):
+    kind = checkpoint_format(iter_dir)
+    if kind == "torch_dist":
         return DistCheckpointReader(iter_dir)
-    if is_legacy_dir(iter_dir):
+    if kind == "torch":
         return LegacyReader(iter_dir)
     raise ConvertError(f"--load {path}: neither a checkpoint root (with {TRACKER}), an iter_XXXXXXX "
                        f"directory (torch_dist or mp_rank_* files) nor a safetensors directory")

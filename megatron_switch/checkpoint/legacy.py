@@ -73,10 +73,6 @@ def rank_file(iter_dir: str, layout: Layout, coord: Coord) -> str:
     return os.path.join(iter_dir, rank_dir_name(layout, coord), FILENAME)
 
 
-def is_legacy_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(_RANK_DIR.match(n) for n in os.listdir(path))
-
-
 def optimizer_parts(optimizer: dict) -> tuple[dict, list | None]:
     """(Adam state dict, fp32 master groups or None) of a legacy file's `optimizer` entry."""
     if "fp32_from_fp16_params" in optimizer:

@@ -134,7 +134,7 @@ class TorchFileReader:
             self._file.close()
             self._file = None
 
-    def __enter__(self) -> TorchFileReader:
+    def __enter__(self) -> TorchFileReader:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc) -> None:

@@ -1,0 +1,199 @@
+"""Checkpoint conversion at a few GB: time and peak memory (RSS) against the largest tensor.
+
+A synthetic Switch GPT checkpoint (not trained: deterministic uniform weights, many experts) is
+written directly as Megatron legacy files at EP=8, then converted through every format and a
+relayout: legacy EP8 -> torch_dist TP2 PP2 EP4 -> safetensors -> legacy TP1 PP2 EP8. Each step runs in a
+fresh process, which reports its wall time, its RSS after the imports and its peak RSS
+(`ru_maxrss`): peak - baseline is what the conversion itself needed, to be read against the
+largest single tensor. Every step also checks every tensor against the source's manifest.
+
+    python benchmarks/convert.py [--experts 128] [--hidden 1024] [--ffn 2048] [--layers 4]
+                                 [--workdir DIR] [--out benchmarks/results/convert.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def switch_gpt_shapes(layers: int, hidden: int, ffn: int, experts: int, vocab: int, seq: int):
+    """Model tensors of a Switch GPT (experts in every second layer), by checkpoint key."""
+    shapes = {"embedding.word_embeddings.weight": (vocab, hidden), "embedding.position_embeddings.weight": (seq, hidden),
+              "decoder.final_layernorm.weight": (hidden,), "decoder.final_layernorm.bias": (hidden,),
+              "output_layer.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"decoder.layers.{i}."
+        shapes.update({p + "self_attention.linear_qkv.layer_norm_weight": (hidden,),
+                       p + "self_attention.linear_qkv.layer_norm_bias": (hidden,),
+                       p + "self_attention.linear_qkv.weight": (3 * hidden, hidden),
+                       p + "self_attention.linear_qkv.bias": (3 * hidden,),
+                       p + "self_attention.linear_proj.weight": (hidden, hidden),
+                       p + "self_attention.linear_proj.bias": (hidden,),
+                       p + "mlp.linear_fc1.layer_norm_weight": (hidden,), p + "mlp.linear_fc1.layer_norm_bias": (hidden,)})
+        if i % 2 == 1:
+            shapes.update({p + "mlp.router.weight": (experts, hidden),
+                           p + "mlp.experts.linear_fc1.weight": (experts, ffn, hidden),
+                           p + "mlp.experts.linear_fc1.bias": (experts, ffn),
+                           p + "mlp.experts.linear_fc2.weight": (experts, hidden, ffn),
+                           p + "mlp.experts.linear_fc2.bias": (experts, hidden)})
+        else:
+            shapes.update({p + "mlp.linear_fc1.weight": (ffn, hidden), p + "mlp.linear_fc1.bias": (ffn,),
+                           p + "mlp.linear_fc2.weight": (hidden, ffn), p + "mlp.linear_fc2.bias": (hidden,)})
+    return shapes
+
+
+def make_synthetic_reader(shapes, config):
+    import torch
+
+    from megatron_switch.checkpoint.contents import (
+        CheckpointReader,
+        TensorSpec,
+        full_index,
+    )
+
+    class SyntheticReader(CheckpointReader):
+        """Deterministic weights, produced block by block on demand (nothing is held)."""
+
+        format_name = "synthetic"
+
+        def read(self, name, index=None):
+            """Element value = frac(golden ratio x global position + phase(name)): any block agrees with it."""
+            shape = self.tensors[name].shape
+            index = index or full_index(shape)
+            strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+            position = torch.zeros([1] * len(shape), dtype=torch.int64)
+            for d, ((a, b), stride) in enumerate(zip(index, strides)):
+                view = [1] * len(shape)
+                view[d] = b - a
+                position = position + (torch.arange(a, b, dtype=torch.int64) * stride).view(view)
+            phase = (zlib.crc32(name.encode()) % 1000) / 1000
+            return ((position.double() * 0.6180339887498949 + phase).frac_().float() - 0.5) * 0.1
+
+    reader = SyntheticReader("synthetic")
+    reader.tensors = {n: TensorSpec(s, torch.float32) for n, s in shapes.items()}
+    reader.objects = {n.rsplit(".", 1)[0] + "._extra_state": None for n in shapes if n.endswith("linear_proj.weight")}
+    reader.common = {"iteration": 100, "consumed_train_samples": 1600, "model_config": config,
+                     "layout": {"tp": 1, "pp": 1, "ep": 8},
+                     "scheduler": {"max_lr": 1e-3, "num_steps": 100, "lr_decay_style": "cosine"}}
+    return reader
+
+
+def child(argv):
+    """One measured step: `generate` or `convert`, in this fresh process."""
+    import torch  # noqa: F401  (imported before the baseline is taken)
+
+    from megatron_switch.checkpoint import convert as convert_module  # noqa: F401
+
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    start = time.perf_counter()
+    if argv[0] == "generate":
+        from megatron_switch.checkpoint.contents import compute_manifest, write_manifest
+        from megatron_switch.checkpoint.legacy import write_legacy
+        from megatron_switch.checkpoint.sharding import Layout
+        from megatron_switch.training.checkpointing import TRACKER
+
+        _, save, spec = argv
+        spec = json.loads(spec)
+        reader = make_synthetic_reader({k: tuple(v) for k, v in spec["shapes"].items()}, spec["config"])
+        os.makedirs(save)
+        names = sorted(reader.tensors)
+        write_legacy(os.path.join(save, "iter_0000100"), reader, names, reader.common, Layout(1, 1, 8),
+                     spec["config"]["num_layers"], _NoBar())
+        with open(os.path.join(save, TRACKER), "w") as f:
+            f.write("100")
+        write_manifest(save, compute_manifest(reader, names, _NoBar()), {"iteration": 100})
+    else:
+        from megatron_switch.checkpoint.convert import convert
+
+        _, load, save, tp, pp, ep, fmt = argv
+        convert(load, save, int(tp), int(pp), int(ep), fmt, progress=False)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": seconds, "baseline_rss_bytes": baseline, "peak_rss_bytes": peak}))
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+
+def _du(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def measure(args_list, label):
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args_list], capture_output=True,
+                          text=True, cwd=ROOT, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{label}: {result['seconds']:.1f} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} GiB "
+          f"(baseline {result['baseline_rss_bytes'] / 2**30:.2f} GiB)", flush=True)
+    return result
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        return child(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--ffn", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--workdir", default=None, help="Default: a temporary directory (removed afterwards).")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "convert.json"))
+    args = parser.parse_args()
+    vocab, seq = 32768, 2048
+    shapes = switch_gpt_shapes(args.layers, args.hidden, args.ffn, args.experts, vocab, seq)
+    config = {"num_layers": args.layers, "hidden_size": args.hidden, "num_attention_heads": 16,
+              "ffn_hidden_size": args.ffn, "num_experts": args.experts, "padded_vocab_size": vocab}
+    total = sum(math.prod(s) for s in shapes.values()) * 4
+    largest = max(math.prod(s) for s in shapes.values()) * 4
+    print(f"synthetic Switch GPT: {len(shapes)} tensors, {total / 2**30:.2f} GiB, largest tensor "
+          f"{largest / 2**30:.2f} GiB ({args.experts} experts)", flush=True)
+    workdir = args.workdir or tempfile.mkdtemp(prefix="convert-bench-")
+    steps = [("legacy EP8 -> torch_dist TP2 PP2 EP4", "torch_dist", (2, 2, 4)),
+             ("torch_dist -> safetensors", "safetensors", (2, 2, 4)),
+             ("safetensors -> legacy TP1 PP2 EP8", "torch", (1, 2, 8))]
+    results = {}
+    try:
+        source = os.path.join(workdir, "step0")
+        results["generate legacy EP8 (synthetic)"] = measure(
+            ["generate", source, json.dumps({"shapes": shapes, "config": config})], "generate legacy EP8")
+        results["generate legacy EP8 (synthetic)"]["checkpoint_bytes"] = _du(source)
+        for i, (label, fmt, (tp, pp, ep)) in enumerate(steps, start=1):
+            target = os.path.join(workdir, f"step{i}")
+            results[label] = measure(["convert", source, target, str(tp), str(pp), str(ep), fmt], label)
+            results[label]["checkpoint_bytes"] = _du(target)
+            shutil.rmtree(source)
+            source = target
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    for r in results.values():
+        r["extra_rss_bytes"] = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+        r["extra_rss_over_largest_tensor"] = r["extra_rss_bytes"] / largest
+    report = {"model": {"tensors": len(shapes), "total_bytes": total, "largest_tensor_bytes": largest,
+                        "experts": args.experts, "hidden": args.hidden, "ffn": args.ffn, "layers": args.layers},
+              "machine": {"cpus": os.cpu_count()}, "steps": results}
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
