@@ -73,14 +73,19 @@ def make_synthetic_reader(shapes, config):
             """Element value = frac(golden ratio x global position + phase(name)): any block agrees with it."""
             shape = self.tensors[name].shape
             index = index or full_index(shape)
+            out = torch.empty([b - a for a, b in index])
             strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
-            position = torch.zeros([1] * len(shape), dtype=torch.int64)
-            for d, ((a, b), stride) in enumerate(zip(index, strides)):
-                view = [1] * len(shape)
-                view[d] = b - a
-                position = position + (torch.arange(a, b, dtype=torch.int64) * stride).view(view)
             phase = (zlib.crc32(name.encode()) % 1000) / 1000
-            return ((position.double() * 0.6180339887498949 + phase).frac_().float() - 0.5) * 0.1
+            rows = max(1, (1 << 22) // max(1, math.prod(out.shape[1:])))  # ~4M elements at a time
+            for start in range(0, out.shape[0], rows):
+                sub = ((index[0][0] + start, min(index[0][1], index[0][0] + start + rows)), *index[1:])
+                position = torch.zeros([1] * len(shape), dtype=torch.float64)
+                for d, ((a, b), stride) in enumerate(zip(sub, strides)):
+                    view = [1] * len(shape)
+                    view[d] = b - a
+                    position = position + (torch.arange(a, b, dtype=torch.float64) * stride).view(view)
+                out[start:start + rows] = ((position * 0.6180339887498949 + phase).frac_().float() - 0.5) * 0.1
+            return out
 
     reader = SyntheticReader("synthetic")
     reader.tensors = {n: TensorSpec(s, torch.float32) for n, s in shapes.items()}

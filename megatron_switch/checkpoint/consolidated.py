@@ -8,7 +8,8 @@ Directory contents:
                                  from, for reference), model_config, common (scheduler, optimizer
                                  hyper-parameters, progress), objects (`_extra_state` entries)
 Files are written tensor by tensor (the safetensors layout: 8-byte header size, JSON header, data)
-and read block by block through `safetensors.safe_open`.
+and read block by block through `safetensors.safe_open`, reopened for every read so that the
+memory-mapped pages of one tensor are released before the next is read.
 """
 
 from __future__ import annotations
@@ -79,8 +80,12 @@ class ConsolidatedReader(CheckpointReader):
             if meta.get("format") != FORMAT:
                 raise ConvertError(f"{path}/{INDEX}: not a megatron-switch checkpoint index (format "
                                    f"{meta.get('format')!r})")
-            self._files = {file: safe_open(os.path.join(path, file), framework="pt")
-                           for file in sorted(set(index["weight_map"].values()))}
+            self._where = index["weight_map"]
+            for file in sorted(set(self._where.values())):
+                with safe_open(os.path.join(path, file), framework="pt") as handle:
+                    for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
+                        view = handle.get_slice(name)
+                        self.tensors[name] = TensorSpec(tuple(view.get_shape()), _DTYPES[view.get_dtype()])
         except ConvertError:
             raise
         except FileNotFoundError as err:
@@ -88,18 +93,21 @@ class ConsolidatedReader(CheckpointReader):
         except Exception as err:  # noqa: BLE001  (json, safetensors raise several types)
             raise ConvertError(f"{path}: cannot be opened ({type(err).__name__}: {err}); a file is truncated "
                                f"or corrupt") from None
-        self._where = index["weight_map"]
-        for name, file in self._where.items():
-            view = self._files[file].get_slice(name)
-            self.tensors[name] = TensorSpec(tuple(view.get_shape()), _DTYPES[view.get_dtype()])
+        missing = sorted(set(self._where) - set(self.tensors))
+        if missing:
+            raise ConvertError(f"{path}: {INDEX} lists {len(missing)} tensors the files do not hold "
+                               f"({', '.join(missing[:3])}...)")
         self.common = meta["common"]
         self.objects = {k: _decode_object(v) for k, v in meta.get("objects", {}).items()}
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         spec = self.tensors[name]
         index = index or full_index(spec.shape)
-        try:
-            tensor = self._files[self._where[name]].get_slice(name)[tuple(slice(a, b) for a, b in index)]
+        from safetensors import safe_open
+
+        try:  # opened per read: the file's memory map (and its resident pages) goes with the handle
+            with safe_open(os.path.join(self.path, self._where[name]), framework="pt") as handle:
+                tensor = handle.get_slice(name)[tuple(slice(a, b) for a, b in index)]
         except Exception as err:  # noqa: BLE001
             raise ConvertError(f"{self.path}: {name} cannot be read ({type(err).__name__}: {err})") from None
         return tensor.contiguous()
