@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--ddp-impl", choices=("megatron", "local"), default=None,
+                   help="Gradient reduction: megatron-core's DistributedDataParallel (default with CUDA) or "
+                        "the plain all-reduce of the CPU path (the only choice without CUDA).")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="With --ddp-impl megatron: overlap the gradient reduction with backward.")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help=argparse.SUPPRESS)
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
     g.add_argument("--master-port", type=int, default=None)
@@ -115,6 +121,17 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.num_experts is not None and not args.moe_switch:
         fail("--num-experts without --moe-switch: this trainer's mixture of experts is the Switch "
              "layer; add --moe-switch")
+    cuda = torch.cuda.is_available()
+    args.ddp_impl = args.ddp_impl or ("megatron" if cuda else "local")
+    if args.ddp_impl == "megatron" and not cuda:
+        fail("--ddp-impl megatron needs CUDA (megatron-core's DistributedDataParallel allocates its "
+             "buffers on the GPU); this machine has none: use --ddp-impl local (the default here)")
+    if args.overlap_grad_reduce and args.ddp_impl != "megatron":
+        fail("--overlap-grad-reduce needs --ddp-impl megatron (a GPU): drop it on CPU")
+    if args.use_distributed_optimizer:
+        fail("--use-distributed-optimizer: megatron-switch train keeps the full optimizer state on each "
+             "data-parallel rank; drop the flag, or train through Megatron-LM "
+             "(python -m megatron_switch.megatron_lm.pretrain_gpt ... --use-distributed-optimizer)")
     if args.fp8_format and not args.moe_switch:
         fail("--fp8-format: this trainer runs the Switch experts' GEMMs in FP8 (the dense layers stay "
              "bf16); add --moe-switch --num-experts N, or drop --fp8-format")

@@ -1,14 +1,12 @@
 """The per-rank training loop: data, model, optimizer, steps, checkpoints, signals, reports.
 
-CPU (gloo) path: plain PyTorch AdamW on the model's parameters (float32 master copies under
---bf16); gradients reduced as Megatron's DDP does (dense over DP, experts over expert-DP,
-`training.gradients`); global gradient-norm clipping over every model-parallel dimension.
+The optimizer step (AdamW on float32 masters; gradients reduced by megatron-core's DDP on GPUs or
+by the equivalent all-reduce on CPU; one global gradient norm) is `training.optimizer.Optimization`.
 """
 
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import random
 import signal
@@ -27,9 +25,9 @@ from megatron_switch.compat import apply_cpu_shims
 from megatron_switch.data.sampler import collate, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
 from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
-from megatron_switch.training.gradients import allreduce_gradients
 from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
 from megatron_switch.training.model import build_model
+from megatron_switch.training.optimizer import Optimization
 from megatron_switch.training.schedule import forward_backward
 
 
@@ -76,33 +74,6 @@ def _batches(dataset, consumed: int, args) -> Iterator[list[dict[str, torch.Tens
         return DaliLoader(dataset, consumed, args.micro_batch_size, args.global_batch_size,
                           args.data_parallel_size, parallel_state.get_data_parallel_rank(), comm_device())
     return (_micro_batches(dataset, c, args) for c in itertools.count(consumed, args.global_batch_size))
-
-
-def _param_groups(params, weight_decay: float):
-    """Weight decay on matrices only (not on biases and norm weights)."""
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
-    return [dict(params=decay, weight_decay=weight_decay, wd_mult=1.0, lr_mult=1.0),
-            dict(params=no_decay, weight_decay=0.0, wd_mult=0.0, lr_mult=1.0)]
-
-
-def global_grad_norm(params) -> float:
-    """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
-    per expert-parallel group, every pipeline stage included."""
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
-    expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.double().square().sum()
-        if not getattr(p, "allreduce", True):
-            expert += sq
-        elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            dense += sq
-    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
-    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
-    return math.sqrt(float((dense + expert).item()))
 
 
 def _start_checkpoint_writer_ignoring(signals) -> None:
@@ -157,19 +128,9 @@ def _train(args, tokenizer) -> None:
         from megatron.core.transformer.module import Float16Module
 
         model = Float16Module(model.config, model)
-    params = list(model.parameters())
-    # Float32 master weights under --bf16 (the router is float32 already).
-    masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_() for p in params]
-    for master, p in zip(masters, params):
-        if master is not p:
-            master.allreduce = getattr(p, "allreduce", True)
-            master.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
-    optimizer = torch.optim.AdamW(
-        _param_groups(masters, args.weight_decay),
-        lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-    group_params = [p for g in optimizer.param_groups for p in g["params"]]
-    model_of_master = {id(m): p for m, p in zip(masters, params)}
-    model_params_in_optimizer_order = [model_of_master[id(m)] for m in group_params]
+    optimization = Optimization(model, args, megatron_ddp=args.ddp_impl == "megatron")
+    optimizer = optimization.optimizer
+    model_params_in_optimizer_order = optimization.params_in_optimizer_order
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -201,26 +162,10 @@ def _train(args, tokenizer) -> None:
     model.train()
     while iteration < args.train_iters:
         batches = next(train_batches)
-        for p in params:
-            p.grad = None
-        loss = forward_backward(model, batches, args)
-        if args.bf16:
-            for master, p in zip(masters, params):
-                if master is not p:
-                    master.grad = None if p.grad is None else p.grad.float()
-        allreduce_gradients(masters)
-        grad_norm = global_grad_norm(masters)
-        if args.clip_grad > 0 and grad_norm > args.clip_grad:
-            for p in masters:
-                if p.grad is not None:
-                    p.grad.mul_(args.clip_grad / (grad_norm + 1e-6))
-        optimizer.step()
+        optimization.zero_grad()
+        loss = forward_backward(optimization.model, batches, args)
+        grad_norm = optimization.step()
         scheduler.step(increment=1)
-        if args.bf16:
-            with torch.no_grad():
-                for master, p in zip(masters, params):
-                    if master is not p:
-                        p.copy_(master)
         iteration += 1
         consumed += args.global_batch_size
         if loss is not None:

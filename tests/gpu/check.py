@@ -4,8 +4,10 @@
    same layer in bf16: identical routing, outputs and gradients within the stated tolerances.
 2. router_fp32: under --bf16 (Float16Module) and FP8, the router weight, its gradient, the gates
    and the logsumexp stay float32 (checked with a forward hook).
-3. train_bf16 / train_fp8: `megatron-switch train` for a few dozen steps on the GPU (NCCL, one
-   rank) with --bf16, and with --bf16 --fp8-format hybrid: the loss falls, a checkpoint is saved.
+3. train_bf16 / train_bf16_local_ddp / train_fp8: `megatron-switch train` for a few dozen steps on
+   the GPU (NCCL, one rank) with --bf16 (megatron-core's DDP, the default on GPU), the same with
+   --ddp-impl local (the CPU path's reduction: the losses must agree), and with --fp8-format hybrid:
+   the loss falls, a checkpoint is saved.
 4. throughput: forward+backward of one layer at the same shapes: a dense FFN of equal FLOPs per
    token, our Switch layer in bf16 and FP8, megatron-core's MoELayer (top-1, alltoall dispatcher,
    SequentialMLP experts); tokens/s and % of the 790 TFLOP/s bf16 peak.
@@ -131,7 +133,7 @@ def _train(name, extra, out_dir):
     subprocess.run(["rm", "-rf", save], check=True)
     cmd = [sys.executable, "-m", "megatron_switch.cli", "train", "--bf16", "--moe-switch", "--num-experts", "8",
            "--moe-layer-freq", "2", "--num-layers", "4", "--hidden-size", "512", "--num-attention-heads", "8",
-           "--seq-length", "512", "--micro-batch-size", "8", "--global-batch-size", "32", "--train-iters", "60",
+           "--seq-length", "512", "--micro-batch-size", "8", "--global-batch-size", "32", "--train-iters", "40",
            "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10", "--save", save, *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
@@ -145,12 +147,28 @@ def _train(name, extra, out_dir):
         raise AssertionError(f"loss did not fall: {first} -> {last}")
     checkpoints = sorted(d for d in os.listdir(save) if d.startswith("iter_"))
     return {"lm_loss_first": round(first, 4), "lm_loss_last": round(last, 4),
+            "lm_losses": [round(r["lm_loss"], 5) for r in records],
             "tokens_per_s": round(records[-1]["tokens_per_s"]), "checkpoints": checkpoints}
 
 
 @check
 def train_bf16(out_dir):
     return _train("bf16", [], out_dir)
+
+
+@check
+def train_bf16_local_ddp(out_dir):
+    """The CPU path's gradient reduction on the GPU: the same losses as megatron-core's DDP (which
+    accumulates micro-batch gradients in float32 rather than bf16: agreement to 2%)."""
+    result = _train("bf16-local", ["--ddp-impl", "local"], out_dir)
+    reference = RESULTS.get("train_bf16", {}).get("lm_losses")
+    if reference:
+        worst = max(abs(a - b) / b for a, b in zip(result["lm_losses"], reference))
+        result["max_relative_difference_vs_megatron_ddp"] = round(worst, 5)
+        if worst > 0.02:
+            raise AssertionError(f"losses differ from the megatron-DDP run by {worst:.3%}: "
+                                 f"{result['lm_losses']} vs {reference}")
+    return result
 
 
 @check
@@ -277,6 +295,7 @@ def main():
                               "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
     scaled_mm_scales()
     train_bf16(args.out)
+    train_bf16_local_ddp(args.out)
     train_fp8(args.out)
     _init_single_rank()
     fp8_vs_bf16()

@@ -1,0 +1,118 @@
+"""The trainer's optimizer step: AdamW on float32 master weights, with gradients reduced one of two ways.
+
+- `--ddp-impl megatron` (the default with CUDA): megatron-core's DistributedDataParallel wraps the
+  model. Gradients accumulate over micro-batches in its contiguous float32 buffers (`main_grad`);
+  `finalize_model_grads` reduces dense gradients over data parallel and expert gradients over
+  expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence parallel) and embedding
+  (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` overlaps the reduction with backward.
+- `--ddp-impl local` (always on CPU/gloo, where megatron's DDP cannot run): `gradients.allreduce_gradients`,
+  the same arithmetic on `.grad`.
+
+Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
+(--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_switch.training.gradients import allreduce_gradients
+
+
+def global_grad_norm(params) -> float:
+    """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
+    per expert-parallel group, every pipeline stage included."""
+    from megatron_switch.comm import comm_device
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
+    expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
+    for p in params:
+        if p.grad is None:
+            continue
+        sq = p.grad.double().square().sum()
+        if not getattr(p, "allreduce", True):
+            expert += sq
+        elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
+            dense += sq
+    dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
+    dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
+    return math.sqrt(float((dense + expert).item()))
+
+
+def _param_groups(params, weight_decay: float):
+    """Weight decay on matrices only (not on biases and norm weights)."""
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
+            {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0}]
+
+
+class Optimization:
+    """The model as the schedule runs it (`model`), as checkpoints and statistics see it (`module`),
+    and the step: `zero_grad()`, backward by the schedule, then `step()` -> global gradient norm.
+
+    `optimizer` (a torch AdamW whose param_groups hold the masters) and `params_in_optimizer_order`
+    (the model parameter of each master) are what checkpoints save and restore.
+    """
+
+    def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
+        self.module, self.args, self.megatron_ddp = module, args, megatron_ddp
+        self.model = module
+        if megatron_ddp:
+            from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
+                use_distributed_optimizer=False, check_for_nan_in_grad=False)
+            self.model = DistributedDataParallel(module.config, ddp_config, module)
+        self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_()
+                        for p in self.params]
+        for master, p in zip(self.masters, self.params):
+            if master is not p:
+                master.allreduce = getattr(p, "allreduce", True)
+                master.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.masters, args.weight_decay),
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+        model_of_master = {id(m): p for m, p in zip(self.masters, self.params)}
+        self.params_in_optimizer_order = [model_of_master[id(m)] for g in self.optimizer.param_groups
+                                          for m in g["params"]]
+
+    def zero_grad(self) -> None:
+        if self.megatron_ddp:
+            self.model.zero_grad_buffer()
+        for p in self.params + self.masters:
+            p.grad = None
+
+    def step(self) -> float:
+        """Reduce, clip to --clip-grad, AdamW, copy the masters back; returns the gradient norm."""
+        if self.megatron_ddp:
+            from megatron.core.distributed import finalize_model_grads
+
+            finalize_model_grads([self.model])
+            for master, p in zip(self.masters, self.params):
+                master.grad = p.main_grad  # float32, reduced and scaled by megatron's DDP
+        else:
+            for master, p in zip(self.masters, self.params):
+                if master is not p:
+                    master.grad = None if p.grad is None else p.grad.float()
+            allreduce_gradients(self.masters)
+        grad_norm = global_grad_norm(self.masters)
+        clip = self.args.clip_grad
+        if clip > 0 and grad_norm > clip:
+            for p in self.masters:
+                if p.grad is not None:
+                    p.grad.mul_(clip / (grad_norm + 1e-6))
+        self.optimizer.step()
+        with torch.no_grad():
+            for master, p in zip(self.masters, self.params):
+                if master is not p:
+                    p.copy_(master)
+        return grad_norm
