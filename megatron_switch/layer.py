@@ -65,13 +65,13 @@ class SwitchMLP(MegatronModule):
     ep_group / tp_group: process groups (None: a single rank); by default those of `pg_collection`
     (megatron-core >= 0.17 passes its ProcessGroupCollection to every MLP it builds), else Megatron's
     expert-parallel and tensor-parallel groups when megatron.core.parallel_state is initialised.
-    is_mtp_layer: passed by megatron-core >= 0.19 to MLPs of multi-token-prediction layers; a Switch
-    layer routes the same way there.
+    is_mtp_layer, name: passed by megatron-core >= 0.19 to every MLP it builds (whether the layer
+    is a multi-token-prediction layer; the module's dotted name); a Switch layer routes the same way.
     """
 
     def __init__(self, config: TransformerConfig, submodules=None, switch: Optional[SwitchConfig] = None,
                  layer_number: int = 1, ep_group=FROM_PARALLEL_STATE, tp_group=FROM_PARALLEL_STATE,
-                 pg_collection=None, is_mtp_layer: bool = False):
+                 pg_collection=None, is_mtp_layer: bool = False, name: Optional[str] = None):
         super().__init__(config=config)
         if switch is None:
             raise SwitchConfigError("SwitchMLP needs a SwitchConfig: build the spec with "

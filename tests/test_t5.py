@@ -2,6 +2,7 @@
 T5Model and run forward and backward on CPU."""
 
 import copy
+import functools
 
 import torch
 from megatron.core.datasets.t5_dataset import T5MaskedWordPieceDataset
@@ -27,7 +28,9 @@ def _configs(encoder_layers=4, decoder_layers=4):
 def _mlp_class(layer_spec):
     """The MLP class a layer spec builds (megatron-core >= 0.19 may give a functools.partial)."""
     mlp = layer_spec.submodules.mlp
-    return getattr(mlp, "module", None) or getattr(mlp, "func", None)
+    if isinstance(mlp, functools.partial):  # e.g. partial(MLP.as_mlp_submodule, ...): the class it binds
+        return getattr(mlp.func, "__self__", mlp.func)
+    return mlp.module
 
 
 def test_t5_specs_put_switch_layers_at_k_2k_in_each_stack():
