@@ -39,7 +39,7 @@ def fp8_dtypes(fp8_format: str) -> Tuple[torch.dtype, torch.dtype]:
 def _quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool, transpose: bool):
     fp8_max = torch.finfo(dtype).max
     dims = tuple(range(1, x.dim())) if per_expert else None
-    amax = torch.linalg.vector_norm(x.detach(), ord=float("inf"), dim=dims).float()
+    amax = torch.linalg.vector_norm(x, ord=float("inf"), dim=dims).float()
     scale = torch.where(amax > 0, fp8_max / amax, torch.ones_like(amax))
     view = scale.view(-1, *[1] * (x.dim() - 1)) if per_expert else scale
     x_fp8 = (x * view).to(dtype)
@@ -61,6 +61,7 @@ def quantize(x: torch.Tensor, dtype: torch.dtype, per_expert: bool = False, tran
     On CUDA the function is compiled (torch.compile), which fuses scaling, cast and transpose into
     passes that read x once; elsewhere, and if compilation is unavailable, it runs eagerly.
     """
+    x = x.detach()  # plain tensors only: a Parameter or a grad-requiring input would recompile the kernels
     if not x.is_cuda:
         return _quantize(x, dtype, per_expert, transpose)
     compiled = _COMPILED.get("quantize")
