@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.helpers import free_port
 
@@ -96,7 +98,7 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     seen = []
     for line in proc.stdout:  # wait for training to be under way, then signal every process
         seen.append(line)
-        if line.startswith(" iteration") and len([l for l in seen if l.startswith(" iteration")]) == 3:
+        if line.startswith(" iteration") and sum(s.startswith(" iteration") for s in seen) == 3:
             os.killpg(proc.pid, signal.SIGTERM)
             break
     rest = proc.stdout.read()
@@ -145,3 +147,49 @@ def test_bad_flags_fail_before_any_process_starts(tmp_path, flags, message):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_process_groups, tmp_path):
+    """A checkpoint without optimizer state (convert --no-optim) loaded into a --bf16 run: the float32
+    master weights start from the loaded model, so the first step updates the loaded weights (not the
+    fresh initialisation the masters were copied from)."""
+    from megatron_switch.checkpoint.convert import convert
+    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.training.arguments import parse_args
+    from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_switch.training.model import build_model
+    from megatron_switch.training.optimizer import Optimization
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron.core.transformer.module import Float16Module
+
+    def setup(seed):
+        args = parse_args(["--moe-switch", "--num-experts", "2", "--num-layers", "2", "--hidden-size", "32",
+                           "--num-attention-heads", "2", "--seq-length", "16", "--bf16", "--seed", str(seed),
+                           "--switch-expert-activation", "relu"])
+        args.switch = dataclasses.replace(args.switch, init_seed=seed)
+        torch.manual_seed(seed)
+        model = build_model(args, 258)
+        model = Float16Module(model.config, model)
+        optimization = Optimization(model, args, megatron_ddp=False)
+        scheduler = OptimizerParamScheduler(optimization.optimizer, init_lr=1e-3, max_lr=1e-3, min_lr=0.0,
+                                            lr_warmup_steps=0, lr_decay_steps=10, lr_decay_style="constant",
+                                            start_wd=0.0, end_wd=0.0, wd_incr_steps=10, wd_incr_style="constant")
+        return model, optimization, scheduler
+
+    apply_cpu_shims()
+    model, optimization, scheduler = setup(seed=1)
+    save_checkpoint(str(tmp_path / "full"), 1, model, optimization.optimizer,
+                    optimization.params_in_optimizer_order, scheduler,
+                    {"iteration": 1, "consumed_train_samples": 0})
+    convert(str(tmp_path / "full"), str(tmp_path / "no-optim"), fmt="torch_dist", no_optim=True,
+            progress=False, log=lambda *a: None)
+
+    fresh, fresh_optimization, fresh_scheduler = setup(seed=2)  # other weights until the load
+    load_checkpoint(str(tmp_path / "no-optim"), fresh, fresh_optimization.optimizer,
+                    fresh_optimization.params_in_optimizer_order, fresh_scheduler)
+    separate = 0
+    for master, param, saved in zip(fresh_optimization.masters, fresh_optimization.params, optimization.params):
+        assert torch.equal(param, saved)
+        assert torch.equal(master, param.float())
+        separate += master is not param
+    assert separate > 0  # the bf16 parameters do have float32 copies

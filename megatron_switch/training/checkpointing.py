@@ -212,14 +212,21 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
             state["step"] = torch.tensor(loaded["optimizer_step"])
         optimizer.load_state_dict(optimizer_state)
     else:
-        _say_no_optimizer(path)
+        _without_optimizer_state(path, optimizer, params_in_optimizer_order)
     scheduler.load_state_dict(loaded["scheduler"])
     if "rng" in loaded:
         _restore_rng(loaded["rng"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng")}
 
 
-def _say_no_optimizer(path: str) -> None:
+def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) -> None:
+    """A checkpoint without optimizer state: Adam starts from zero, and float32 master weights
+    (--bf16) start from the loaded model, not from the initialisation they were copied from."""
+    masters = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for master, param in zip(masters, params_in_optimizer_order):
+            if master is not param:
+                master.copy_(param)
     if dist.get_rank() == 0:
         print(f" checkpoint {path} has no optimizer state: Adam's moments start from zero", flush=True)
 
@@ -298,7 +305,7 @@ def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, schedul
         _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order,
                                model.sharded_state_dict(metadata=model_metadata()), localize)
     else:
-        _say_no_optimizer(path)
+        _without_optimizer_state(path, optimizer, params_in_optimizer_order)
     if state.get("opt_param_scheduler") is not None:
         scheduler.load_state_dict(state["opt_param_scheduler"])
     return {"iteration": state["iteration"],
