@@ -112,14 +112,14 @@ FP8_MIN_CAPABILITY = (8, 9)  # Ada, Hopper, Blackwell: FP8 tensor cores
 def resolve_expert_backend(switch: SwitchConfig) -> str:
     """"torch" or "te" for this machine, or SwitchConfigError saying what to use instead.
 
-    auto: te when CUDA and Transformer Engine are both present, else torch. FP8 on the torch
+    auto: torch (te only when asked for: it has not been run anywhere yet). FP8 on the torch
     backend needs a CUDA GPU of compute capability 8.9+ and the tensorwise recipe; the other
     recipes need te.
     """
     cuda = torch.cuda.is_available()
     backend = switch.expert_backend
     if backend == "auto":
-        backend = "te" if cuda and transformer_engine_import_error() is None else "torch"
+        backend = "torch"
     if backend == "te":
         if not cuda:
             raise SwitchConfigError(

@@ -1,11 +1,13 @@
 """The `te` expert backend: Transformer Engine's GroupedLinear, bf16 or FP8, behind the bank interface.
 
-Imported only when `resolve_expert_backend` picks `te` (CUDA and Transformer Engine present).
+Imported only when `--switch-expert-backend te` is asked for (CUDA and Transformer Engine present).
 `TEExperts` has the interface of `experts.TorchExperts` (`forward_padded`, `forward_grouped`,
-`reset_parameters`) and the same parameter names in its state dicts (weight1 [E_l, f', h],
-weight2 [E_l, h, f], bias1, bias2, stacked over local experts), so a checkpoint written by one
-backend loads into the other. Transformer Engine's own FP8 metadata (`_extra_state`: delayed-scaling
-amax history) is not checkpointed; it restarts after a load.
+`reset_parameters`), the same checkpoint keys and global shapes in sharded (torch_dist) checkpoints
+(one block per expert), and the stacked names (weight1 [E_l, f', h], weight2 [E_l, h, f], bias1, bias2)
+in plain state dicts, so a checkpoint written by one backend loads into the other. Transformer
+Engine's own FP8 metadata (`_extra_state`: delayed-scaling amax history) is not checkpointed; it
+restarts after a load. This backend has not been run: Transformer Engine could not be installed on
+any machine the project is tested on.
 
 FP8 runs only inside the expert bank (`fp8_autocast` around the two GroupedLinear calls); token
 counts are padded to TE's FP8 multiple with TE's Fp8Padding/Fp8Unpadding. The router and the
@@ -95,7 +97,14 @@ class TEExperts(ExpertBank):
             for bias in self._per_expert("bias1") + self._per_expert("bias2"):
                 bias.zero_()
 
-    # Stacked views of the per-expert TE parameters (copies: for checkpoints, not for training).
+    def checkpoint_parameters(self, name: str):
+        """(state-dict name, parameter, local expert) of each expert's `name` (weight1, bias1, ...):
+        SwitchMLP.sharded_state_dict places each at its global expert index, so the parameters
+        themselves are saved and loaded (the optimizer state maps onto them by identity)."""
+        module, kind = self.STACKED[name]
+        return [(f"{module}.{kind}{e}", param, e) for e, param in enumerate(self._per_expert(name))]
+
+    # Stacked copies of the per-expert TE parameters, for plain state dicts (not for training).
     weight1 = property(lambda self: torch.stack(self._per_expert("weight1")).detach())
     weight2 = property(lambda self: torch.stack(self._per_expert("weight2")).detach())
     bias1 = property(lambda self: torch.stack(self._per_expert("bias1")).detach()

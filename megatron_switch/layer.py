@@ -122,14 +122,24 @@ class SwitchMLP(MegatronModule):
             dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         ep_rank, ep = group_rank(self.ep_group), group_size(self.ep_group)
         replica_id = (0, 0, parallel_state.get_expert_data_parallel_rank())
+        axis = len(sharded_offsets)
         for name, key in self.EXPERT_KEYS.items():
-            param = getattr(self.experts, name)
-            if param is None:
-                continue
             full_key = f"{prefix}experts.{key}"
-            state[full_key] = ShardedTensor.from_rank_offsets(
-                full_key, param, *sharded_offsets, (len(sharded_offsets), ep_rank, ep),
-                replica_id=replica_id, prepend_axis_num=len(sharded_offsets))
+            per_expert = getattr(self.experts, "checkpoint_parameters", None)
+            if per_expert is None:  # the torch bank: one [E_l, ...] block of the [E, ...] tensor
+                param = getattr(self.experts, name)
+                if param is not None:
+                    state[full_key] = ShardedTensor.from_rank_offsets(
+                        full_key, param, *sharded_offsets, (axis, ep_rank, ep),
+                        replica_id=replica_id, prepend_axis_num=axis)
+                continue
+            # A bank holding one parameter per expert (Transformer Engine): one [1, ...] block each,
+            # under the bank's own parameter name, at the expert's global index.
+            for local_name, param, local in per_expert(name):
+                state[f"{prefix}experts.{local_name}"] = ShardedTensor.from_rank_offsets(
+                    full_key, param, *sharded_offsets, (axis, self.experts.first_expert + local,
+                                                        self.switch.num_experts),
+                    replica_id=replica_id, prepend_axis_num=axis + 1)
         return state
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
