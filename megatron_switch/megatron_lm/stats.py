@@ -40,7 +40,9 @@ def report_switch_stats(mlp, config: TransformerConfig, *, weight: float = 1.0,
     weight scales the values (T5: 1/2, the encoder and decoder layers of one depth share a slot).
     """
     def hook(module, inputs, output):
-        if not module.training or module.last_stats is None:
+        # As megatron's router records: training forwards with autograd on (full recomputation runs
+        # each layer twice, the first time under no_grad).
+        if not module.training or not torch.is_grad_enabled() or module.last_stats is None:
             return
         avg_group = (parallel_state.get_data_parallel_group()
                      if parallel_state.model_parallel_is_initialized() else None)
