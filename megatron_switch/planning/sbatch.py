@@ -152,7 +152,9 @@ def training_command(job: SbatchJob) -> list[str]:
         argv += ["--tokenizer-model", job.tokenizer_model]
     argv += ["--save", job.save, "--save-interval", str(job.save_interval), "--log-interval", str(job.log_interval),
              "--exit-signal-handler"]
-    if not megatron_lm:
+    if megatron_lm:
+        argv += ["--exit-signal", "SIGUSR1"]  # Megatron-LM listens for SIGTERM unless told (core_v0.16.1)
+    else:
         argv += ["--no-progress-bar"]
     return argv + list(job.extra_args)
 
