@@ -178,13 +178,33 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
                 result.close()
             compare_manifests(manifest, found, f"the converted checkpoint {save}")
             write_manifest(written, manifest, {"format": fmt, "layout": layout.as_dict(), "iteration": iteration})
+            _sync_tree(written)  # on disk before the name says "complete": a power loss cannot half-write it
             os.rename(written, save)
+            _sync_tree(os.path.dirname(os.path.abspath(save)), recursive=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
         reader.close()
     log(f" wrote {save}: {len(manifest)} tensors, each checked against the source")
     return manifest
+
+
+def _sync_tree(path: str, recursive: bool = True) -> None:
+    """fsync every file below `path` and the directories themselves."""
+    def sync(name: str, flags: int) -> None:
+        fd = os.open(name, flags)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    if recursive:
+        for folder, _, files in os.walk(path):
+            for file in files:
+                sync(os.path.join(folder, file), os.O_RDONLY)
+            sync(folder, os.O_RDONLY)
+    else:
+        sync(path, os.O_RDONLY)
 
 
 def build_parser() -> argparse.ArgumentParser:
