@@ -291,3 +291,19 @@ def test_layout_check_names_the_tensor_that_does_not_split():
                                           "--target-tp 256 .*make-vocab-size-divisible-by"):
         check_layout(Layout(256, 1, 1), shapes, {"num_layers": 2})
     check_layout(Layout(128, 1, 4), shapes, {"num_layers": 2})
+
+
+def test_gated_dense_mlp_is_not_resplit_across_tensor_parallel_sizes(run, tmp_path):
+    """Megatron-LM checkpoints trained with --swiglu shard [gate; up] per TP rank: a TP change is refused,
+    the same TP converts."""
+    _, out = run
+    gated = tmp_path / "gated"
+    shutil.copytree(out["torch-ep4"][0], gated)
+    for file in gated.rglob("model_optim_rng.pt"):
+        state = torch.load(file, weights_only=False)
+        state["args"].swiglu = True
+        torch.save(state, file)
+    with pytest.raises(ConvertError, match="gated dense MLPs.*keep --target-tp 1"):
+        convert(str(gated), str(tmp_path / "tp2"), target_tp=2, fmt="torch_dist", progress=False, log=_quiet)
+    assert _leftovers(tmp_path, "tp2") == []
+    convert(str(gated), str(tmp_path / "same-tp"), target_ep=2, fmt="torch_dist", progress=False, log=_quiet)

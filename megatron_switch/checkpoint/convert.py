@@ -131,6 +131,11 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
         fmt = fmt or reader.format_name
         config = _model_config(reader)
         layout = _target_layout(reader, target_tp, target_pp, target_ep)
+        source_tp = Layout(**reader.common["layout"]).tp if reader.common.get("layout") else 1
+        if (config.get("swiglu") or config.get("gated_linear_unit")) and layout.tp != source_tp:
+            raise ConvertError(f"{load} has gated dense MLPs (--swiglu): Megatron shards their [gate; up] "
+                               f"linear_fc1 per tensor-parallel rank, which this converter does not re-split; "
+                               f"keep --target-tp {source_tp}")
         model_names = sorted(n for n in reader.tensors if not is_optimizer(n))
         check_layout(layout, {n: reader.tensors[n].shape for n in model_names}, config)
         names = sorted(reader.tensors) if not no_optim else model_names

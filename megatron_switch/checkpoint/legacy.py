@@ -87,7 +87,8 @@ def layout_of_args(args) -> Layout:
 
 
 MODEL_CONFIG_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_experts",
-                     "padded_vocab_size", "max_position_embeddings", "untie_embeddings_and_output_weights")
+                     "padded_vocab_size", "max_position_embeddings", "untie_embeddings_and_output_weights",
+                     "swiglu")
 
 
 class LegacyReader(CheckpointReader):

@@ -118,7 +118,8 @@ def model_description(model) -> tuple[dict, dict]:
     config = model.config
     switch = next((m.switch for m in model.modules() if isinstance(m, SwitchMLP)), None)
     described = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
-                 "num_attention_heads": config.num_attention_heads, "ffn_hidden_size": config.ffn_hidden_size}
+                 "num_attention_heads": config.num_attention_heads, "ffn_hidden_size": config.ffn_hidden_size,
+                 "gated_linear_unit": config.gated_linear_unit}
     if switch is not None:
         described.update(num_experts=switch.num_experts, expert_interval=switch.expert_interval)
     layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
