@@ -44,21 +44,28 @@ def slurm():
         pytest.skip(problem)
 
 
-def _job_state(job: str) -> tuple[str, str]:
-    """(state, reason) of a queued or running job; ("", "") once it has left the queue."""
-    out = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T %r"], capture_output=True, text=True,
-                         check=False).stdout.split()
-    return (out[0], out[1]) if len(out) >= 2 else ("", "")
+FAILED_STATES = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def _wait(job: str, condition, what: str, log: str) -> None:
-    """Poll until condition() holds; fail if the job leaves the queue first."""
-    while not condition():
-        if _job_state(job)[0] == "":
-            if condition():
-                return
-            text = _read(log) or "(no log)"
-            pytest.fail(f"job {job} ended before {what}:\n{text[-4000:]}")
+def _job(job: str) -> dict | None:
+    """slurmctld's record of the job (kept MinJobAge seconds after it ends): JobState, Restarts, Reason, ...
+    None when slurmctld did not answer this time (it can be busy on a loaded machine: ask again)."""
+    done = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, check=False)
+    if done.returncode != 0 or "JobState=" not in done.stdout:
+        return None
+    return dict(field.split("=", 1) for field in done.stdout.split() if "=" in field)
+
+
+def _wait(job: str, condition, what: str, log: str) -> dict:
+    """Poll slurmctld until condition(record) holds; fail if the job fails or completes first."""
+    while True:
+        record = _job(job)
+        if record is not None:
+            if condition(record):
+                return record
+            if record["JobState"] in FAILED_STATES or record["JobState"] == "COMPLETED":
+                text = _read(log) or "(no log)"
+                pytest.fail(f"job {job} is {record['JobState']} before {what}:\n{text[-4000:]}")
         time.sleep(POLL_SECONDS)
 
 
@@ -92,15 +99,17 @@ def test_tiny_job_trains_is_preempted_requeues_and_finishes(slurm, tmp_path):
     job = submit.stdout.strip().split(";")[0]
     try:
         # Train until the first checkpoint, then preempt: USR1 to the batch script, as --signal=B:USR1 does.
-        _wait(job, lambda: _tracker(save) >= 10, "its first checkpoint", log)
+        _wait(job, lambda r: _tracker(save) >= 10, "its first checkpoint", log)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
         # The script requeues the job; SLURM holds a requeued job back (BeginTime) for a while: release it.
-        _wait(job, lambda: _job_state(job)[0] == "PENDING" or "restart 1" in _read(log), "it requeued", log)
-        if _job_state(job)[0] == "PENDING":
-            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        _wait(job, lambda: _job_state(job)[0] == "", "it finished", log)
+        requeued = lambda r: int(r.get("Restarts", 0)) >= 1 or r["JobState"] == "PENDING"  # noqa: E731
+        record = _wait(job, requeued, "it requeued", log)
+        if record["JobState"] == "PENDING":
+            subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+        _wait(job, lambda r: r["JobState"] == "COMPLETED" and int(r.get("Restarts", 0)) >= 1, "it finished", log)
     finally:
-        if _job_state(job)[0]:
+        record = _job(job)
+        if record is not None and record["JobState"] in ("PENDING", "RUNNING", "SUSPENDED", "REQUEUED"):
             subprocess.run(["scancel", job], check=False)
 
     text = _read(log)
@@ -118,6 +127,4 @@ def test_tiny_job_trains_is_preempted_requeues_and_finishes(slurm, tmp_path):
     assert "requeued" not in second_run
     assert _tracker(save) == TRAIN_ITERS
     assert os.path.isfile(os.path.join(save, f"iter_{TRAIN_ITERS:07d}", "metadata.json"))
-    state = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True, check=False).stdout
-    if state:  # finished jobs stay visible for MinJobAge seconds
-        assert "JobState=COMPLETED" in state and "Restarts=1" in state, state
+    assert record is not None and record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
