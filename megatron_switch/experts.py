@@ -233,15 +233,16 @@ class TorchExperts(ExpertBank):
         h = linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
         return linear(self._ffn_tail(h), self.weight2[e], None if self.bias2 is None else self.bias2[e])
 
+    def _project(self, x_ENi: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        """One projection of the whole bank: FP8 GEMMs when fp8_format is set, else batched GEMMs."""
+        if self.switch.fp8_format:
+            return fp8_bank_linear(x_ENi, weight, bias, self.switch.fp8_format)
+        return _BankProjection.apply(x_ENi, weight, bias, self.config.gradient_accumulation_fusion)
+
     def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
         """[E_l, N, h] -> [E_l, N, h]: every expert gets the same number N of token slots."""
-        if self.switch.fp8_format:
-            fmt = self.switch.fp8_format
-            h = fp8_bank_linear(x_ENh, self.weight1, self.bias1, fmt)
-            return fp8_bank_linear(self._ffn_tail(h), self.weight2, self.bias2, fmt)
-        fuse = self.config.gradient_accumulation_fusion
-        h = _BankProjection.apply(x_ENh, self.weight1, self.bias1, fuse)
-        return _BankProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, fuse)
+        h = self._project(x_ENh, self.weight1, self.bias1)
+        return self._project(self._ffn_tail(h), self.weight2, self.bias2)
 
     def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""

@@ -4,15 +4,15 @@ Formats (Megatron's --fp8-format): "e4m3" quantizes every GEMM operand to e4m3; 
 activations and weights in e4m3 and gradients in e5m2 (wider range, less precision).
 Scaling (--fp8-recipe tensorwise, "current scaling"): each operand gets its own scale from its own
 amax at the moment it is quantized,
-    scale = fp8_max / amax(x),   x_fp8 = saturate(x * scale),   x ~= x_fp8 * scale^-1,
+    scale = fp8_max / amax(x),   x_fp8 = fp8(x * scale),   x ~= x_fp8 * scale^-1,
 and the GEMM receives the inverse scales, so y = (a_fp8 @ b_fp8^T) * scale_a^-1 * scale_b^-1 in
 float32 accumulation, written in the activation dtype. Biases, activations, the router and the
 combine stay in bf16/fp32.
 
 All three GEMMs of a projection (forward, dgrad, wgrad) run in FP8. `_scaled_mm` wants the token
 dimension to be a multiple of 16; rows are zero-padded to it (`FP8_MULTIPLE`) and cut afterwards,
-which changes no result (zero rows do not move an amax). The input is saved for backward in FP8
-(1 byte per element), which also halves the expert activations kept for backward.
+which changes no result (zero rows do not move an amax). Backward keeps only the FP8 transposes
+of the input and the weight (1 byte per element), which also halves the expert activations kept.
 """
 
 from __future__ import annotations

@@ -123,9 +123,9 @@ class SwitchMLP(MegatronModule):
         ep_rank, ep = group_rank(self.ep_group), group_size(self.ep_group)
         replica_id = (0, 0, parallel_state.get_expert_data_parallel_rank())
         axis = len(sharded_offsets)
+        per_expert = getattr(self.experts, "checkpoint_parameters", None)
         for name, key in self.EXPERT_KEYS.items():
             full_key = f"{prefix}experts.{key}"
-            per_expert = getattr(self.experts, "checkpoint_parameters", None)
             if per_expert is None:  # the torch bank: one [E_l, ...] block of the [E, ...] tensor
                 param = getattr(self.experts, name)
                 if param is not None:

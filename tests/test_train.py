@@ -159,7 +159,6 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
     from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_switch.training.model import build_model
     from megatron_switch.training.optimizer import Optimization
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.transformer.module import Float16Module
 
     def setup(seed):
@@ -171,10 +170,7 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
         model = build_model(args, 258)
         model = Float16Module(model.config, model)
         optimization = Optimization(model, args, megatron_ddp=False)
-        scheduler = OptimizerParamScheduler(optimization.optimizer, init_lr=1e-3, max_lr=1e-3, min_lr=0.0,
-                                            lr_warmup_steps=0, lr_decay_steps=10, lr_decay_style="constant",
-                                            start_wd=0.0, end_wd=0.0, wd_incr_steps=10, wd_incr_style="constant")
-        return model, optimization, scheduler
+        return model, optimization, optimization.scheduler
 
     apply_cpu_shims()
     model, optimization, scheduler = setup(seed=1)

@@ -20,15 +20,15 @@ from typing import List
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from megatron_switch.comm import comm_device
 from megatron_switch.training.gradients import allreduce_gradients
 
 
 def global_grad_norm(params) -> float:
     """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
     per expert-parallel group, every pipeline stage included."""
-    from megatron_switch.comm import comm_device
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
     expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
@@ -57,8 +57,9 @@ class Optimization:
     """The model as the schedule runs it (`model`), as checkpoints and statistics see it (`module`),
     and the step: `zero_grad()`, backward by the schedule, then `step()` -> global gradient norm.
 
-    `optimizer` (a torch AdamW whose param_groups hold the masters) and `params_in_optimizer_order`
-    (the model parameter of each master) are what checkpoints save and restore.
+    `optimizer` (a torch AdamW whose param_groups hold the masters), `params_in_optimizer_order`
+    (the model parameter of each master) and `scheduler` (Megatron's learning-rate and weight-decay
+    schedule from the --lr* flags) are what checkpoints save and restore.
     """
 
     def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
@@ -84,6 +85,11 @@ class Optimization:
         model_of_master = {id(m): p for m, p in zip(self.masters, self.params)}
         self.params_in_optimizer_order = [model_of_master[id(m)] for g in self.optimizer.param_groups
                                           for m in g["params"]]
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
+            min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
+            lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+            wd_incr_steps=args.train_iters, wd_incr_style="constant")
 
     def zero_grad(self) -> None:
         if self.megatron_ddp:

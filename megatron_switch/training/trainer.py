@@ -18,7 +18,6 @@ import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_switch.comm import comm_device
 from megatron_switch.compat import apply_cpu_shims
@@ -131,11 +130,7 @@ def _train(args, tokenizer) -> None:
     optimization = Optimization(model, args, megatron_ddp=args.ddp_impl == "megatron")
     optimizer = optimization.optimizer
     model_params_in_optimizer_order = optimization.params_in_optimizer_order
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    scheduler = optimization.scheduler
 
     iteration, consumed = 0, 0
     if args.load:
