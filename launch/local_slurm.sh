@@ -75,6 +75,8 @@ SelectTypeParameters=CR_Core
 MpiDefault=none
 ReturnToService=2
 JobRequeue=1
+# A requeued job waits cred_expire seconds before it may start again (default 120): 10 on this test node.
+AuthInfo=cred_expire=10
 NodeName=$host CPUs=$cpus State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
