@@ -1,72 +1,58 @@
-"""Forward and backward over the micro-batches of one step, with or without pipeline stages.
+"""Forward and backward over the micro-batches of one step, through megatron-core's own schedules.
 
-On CUDA, Megatron's own schedules drive pipeline parallelism; they allocate on the GPU, so on CPU
-this module runs the same model through a GPipe schedule over gloo send/recv: every stage runs all
-micro-batches forward (receiving activations from the previous stage, sending to the next), then
-all backward in the same order (receiving output gradients, sending input gradients).
-Loss per micro-batch: mean over its unmasked tokens; the step averages micro-batches, and
+`megatron.core.pipeline_parallel.get_forward_backward_func()` picks the schedule Megatron-LM uses:
+no pipelining (PP = 1: each micro-batch forward then backward, its graph freed before the next) or
+1F1B (PP > 1: warm-up forwards, steady one-forward-one-backward, cool-down backwards, activations
+exchanged with the neighbouring stages by point-to-point sends). The same code runs on GPUs (NCCL)
+and on CPUs (gloo; `compat.apply_cpu_shims` maps the schedules' few CUDA-only allocations to the CPU).
+
+Loss per micro-batch: the sum of its unmasked tokens' losses and their count; the schedule divides
+by the count and by the number of micro-batches (Megatron's per-micro-batch mean), and
 `MoEAuxLossAutoScaler` scales the Switch losses' gradients by the same 1 / micro-batches.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 
-def _model_forward(model, batch: Dict[str, torch.Tensor]):
-    loss_per_token = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-    if not parallel_state.is_pipeline_last_stage():
-        return loss_per_token  # hidden states [s, b, h] for the next stage
-    mask = batch["loss_mask"].float()
-    return (loss_per_token.float() * mask).sum() / mask.sum()
+def _loss(loss_mask: torch.Tensor, loss_per_token: torch.Tensor):
+    """Megatron's three-value loss: (sum over unmasked tokens, their count, values to report)."""
+    mask = loss_mask.float()
+    total = (loss_per_token.float() * mask).sum()
+    count = mask.sum()
+    return total, count.int(), {"lm_loss": (total / count.clamp(min=1)).detach()}
 
 
-def _activation_shape(args, micro_batch_size: int):
-    return (args.seq_length, micro_batch_size, args.hidden_size)
+def _forward_step(batches, model):
+    batch = next(batches)
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    return output, partial(_loss, batch["loss_mask"])
 
 
 def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forward_only: bool = False
                      ) -> Optional[torch.Tensor]:
-    """Runs every micro-batch; returns the mean loss on the last stage (None elsewhere)."""
+    """Runs every micro-batch of one step on this stage; returns the mean of the micro-batches'
+    losses on the last pipeline stage, None on the others."""
     num_micro = len(batches)
     MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro, device=batches[0]["tokens"].device))
-    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    pipelined = parallel_state.get_pipeline_model_parallel_world_size() > 1
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    inputs, outputs, losses = [], [], []
-    for batch in batches:
-        received = None
-        if pipelined and not first:
-            received = torch.empty(_activation_shape(args, batch["tokens"].shape[0]), dtype=dtype,
-                                   device=batch["tokens"].device)
-            dist.recv(received, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-            received.requires_grad_(not forward_only)
-            model.set_input_tensor(received)
-        with torch.set_grad_enabled(not forward_only):
-            output = _model_forward(model, batch)
-        if pipelined and not last:
-            dist.send(output.detach().contiguous(), dst=parallel_state.get_pipeline_model_parallel_next_rank())
-        if last:
-            losses.append(output.detach())
-        if not forward_only:
-            if not pipelined:  # free each micro-batch's graph as soon as possible
-                (output / num_micro).backward()
-            else:
-                inputs.append(received)
-                outputs.append(output)
-    if pipelined and not forward_only:
-        for received, output in zip(inputs, outputs):
-            if last:
-                (output / num_micro).backward()
-            else:
-                grad = torch.empty_like(output)
-                dist.recv(grad, src=parallel_state.get_pipeline_model_parallel_next_rank())
-                output.backward(grad)
-            if not first:
-                dist.send(received.grad.contiguous(), dst=parallel_state.get_pipeline_model_parallel_prev_rank())
-    return torch.stack(losses).mean() if last else None
+    reported = get_forward_backward_func()(
+        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=num_micro, seq_length=args.seq_length, micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_only=forward_only)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return torch.stack([r["lm_loss"] for r in reported]).mean()
+
+
+def attach_gradient_reduction(model, megatron_ddp: bool) -> None:
+    """With megatron-core's DDP, accumulate gradients over all micro-batches before its reduction
+    starts (`no_sync`), as Megatron-LM configures the schedule."""
+    if megatron_ddp:
+        model.config.no_sync_func = model.no_sync
