@@ -59,16 +59,21 @@ def test_ep2_run_learns_and_reports(tmp_path):
 @pytest.mark.parametrize("layout", [
     ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
     ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "256"],
-], ids=["tp2xep2", "pp2"])
+    ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+     "--expert-model-parallel-size", "2"],
+], ids=["tp2xep2", "pp2", "tp2xpp2xep2"])
 def test_layouts_match_one_process(tmp_path, layout):
-    common = [*SMALL, *EXACT, "--global-batch-size", "8", "--train-iters", "4"]
+    common = [*SMALL, *EXACT, "--global-batch-size", "8", "--train-iters", "4", "--eval-interval", "2",
+              "--eval-iters", "2"]
     # Megatron pads the vocabulary to a multiple of 128 x TP; 256 keeps one process at TP=2's size.
     run_train(["--nproc-per-node", "1", *common, "--make-vocab-size-divisible-by", "256",
                "--plots-dir", str(tmp_path / "one")], tmp_path)
     run_train([*layout, *common, "--plots-dir", str(tmp_path / "many")], tmp_path)
     for one, many in zip(metrics(tmp_path / "one"), metrics(tmp_path / "many")):
-        for key in ("lm_loss", "aux_loss", "dropped_fraction", "grad_norm"):
-            assert many[key] == pytest.approx(one[key], rel=2e-5, abs=1e-6), (key, one, many)
+        assert one.keys() == many.keys()
+        for key in ("lm_loss", "aux_loss", "dropped_fraction", "grad_norm", "valid_lm_loss"):
+            assert many.get(key) == pytest.approx(one.get(key), rel=2e-5, abs=1e-6), (key, one, many)
+    assert "valid_lm_loss" in one  # the evaluation passes (forward only) were compared too
 
 
 @pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
