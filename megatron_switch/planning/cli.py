@@ -109,7 +109,9 @@ def _model(args) -> tuple[str, ModelSpec, dict, str]:
     return "custom", ModelSpec(**overrides), {}, "a Switch model from the command line"
 
 
-def _setup(args, spec: ModelSpec, training: dict) -> tuple[Cluster, TrainingSetup]:
+def _setup(args, spec: ModelSpec, training: dict,
+           distributed_optimizer: bool | None = None) -> tuple[Cluster, TrainingSetup]:
+    """distributed_optimizer: None plans with it on GPUs (Megatron-LM's) unless --no-distributed-optimizer."""
     gpn = args.gpus_per_node or (2 if args.cpu else 8)
     memory = args.gpu_memory or parse_memory("4GB" if args.cpu else "80GB")
     cluster = Cluster(args.nodes, gpn, memory, args.memory_reserve)
@@ -119,7 +121,8 @@ def _setup(args, spec: ModelSpec, training: dict) -> tuple[Cluster, TrainingSetu
         raise LayoutError("--micro-batch-size and --global-batch-size must be >= 1")
     setup = TrainingSetup(micro_batch_size=micro, global_batch_size=global_batch,
                           precision="fp32" if args.cpu else "bf16",
-                          distributed_optimizer=not args.no_distributed_optimizer and not args.cpu,
+                          distributed_optimizer=(not args.no_distributed_optimizer and not args.cpu
+                                                 if distributed_optimizer is None else distributed_optimizer),
                           sequence_parallel=not args.cpu)
     return cluster, setup
 
@@ -216,9 +219,9 @@ def _plan_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def _plan(args, top: int):
+def _plan(args, top: int, distributed_optimizer: bool | None = None):
     name, spec, training, description = _model(args)
-    cluster, setup = _setup(args, spec, training)
+    cluster, setup = _setup(args, spec, training, distributed_optimizer)
     layouts = _layouts(args, spec, cluster, setup, top)
     return name, spec, training, description, cluster, setup, layouts
 
@@ -238,6 +241,26 @@ def plan_main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     report = plan_report(name, description, spec, cluster, setup, layouts)
     print(json.dumps(report, indent=2) if args.json else format_plan(report))
+
+
+def _train_distributed_optimizer(args, extra_args: list[str]) -> bool:
+    """Whether a `megatron-switch train` job shards its optimizer state: only with
+    --use-distributed-optimizer among its --extra-args, which on GPUs also need --ddp-impl local."""
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    probe.add_argument("--use-distributed-optimizer", action="store_true")
+    probe.add_argument("--ddp-impl", default=None)
+    train_flags, _ = probe.parse_known_args(extra_args)
+    if not train_flags.use_distributed_optimizer:
+        return False
+    if args.no_distributed_optimizer:
+        raise SbatchError("--no-distributed-optimizer contradicts --use-distributed-optimizer in --extra-args: "
+                          "drop one of them")
+    if not args.cpu and train_flags.ddp_impl != "local":
+        raise SbatchError("--extra-args has --use-distributed-optimizer: on GPUs `megatron-switch train` shards "
+                          "the optimizer state only with --ddp-impl local (megatron-core's DistributedOptimizer "
+                          "is not wired into it yet); add --ddp-impl local to --extra-args, or run Megatron-LM "
+                          "with --megatron-lm PATH")
+    return True
 
 
 def sbatch_main(argv: list[str] | None = None) -> None:
@@ -274,12 +297,15 @@ def sbatch_main(argv: list[str] | None = None) -> None:
     g.add_argument("--extra-args", default="", help="More training flags, appended as given (one quoted string).")
     args = parser.parse_args(argv)
     if args.cpu and args.megatron_lm:
-        parser.error("--cpu runs `megatron-switch train` (Megatron-LM's pretrain scripts need CUDA): drop --megatron-lm")
+        parser.error("--cpu runs `megatron-switch train` (Megatron-LM's pretrain scripts need CUDA): "
+                     "drop --megatron-lm")
     try:
-        # `megatron-switch train` has neither the distributed optimizer nor recomputation: plan without them.
-        if args.megatron_lm is None:
-            args.no_distributed_optimizer = args.no_recompute = True
-        name, spec, training, description, cluster, setup, layouts = _plan(args, top=1)
+        extra_args = shlex.split(args.extra_args)
+        distributed_optimizer = None
+        if args.megatron_lm is None:  # `megatron-switch train` has no recomputation: plan without it
+            args.no_recompute = True
+            distributed_optimizer = _train_distributed_optimizer(args, extra_args)
+        name, spec, training, description, cluster, setup, layouts = _plan(args, 1, distributed_optimizer)
         best = layouts[0]
         report = plan_report(name, description, spec, cluster, setup, [best])
 
@@ -299,7 +325,7 @@ def sbatch_main(argv: list[str] | None = None) -> None:
             signal_seconds=args.signal_seconds or (60 if args.cpu else 300),
             container_image=args.container_image, container_mounts=args.container_mounts,
             container_workdir=args.container_workdir, python=args.python, env=tuple(args.env),
-            extra_args=tuple(shlex.split(args.extra_args)), plan_text=format_plan(report),
+            extra_args=tuple(extra_args), plan_text=format_plan(report),
             generated_by="megatron-switch sbatch " + shlex.join(sys.argv[2:] if argv is None else argv))
         script = render_sbatch(job, args.template)
     except _USER_ERRORS as err:

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the plain all-reduce of the CPU path (the only choice without CUDA).")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="With --ddp-impl megatron: overlap the gradient reduction with backward.")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="With --ddp-impl local: shard the float32 master weights and Adam's state over "
+                        "data-parallel ranks (ZeRO-1; gradients are still all-reduced in full).")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
     g.add_argument("--master-port", type=int, default=None)
@@ -123,15 +125,17 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
              "layer; add --moe-switch")
     cuda = torch.cuda.is_available()
     args.ddp_impl = args.ddp_impl or ("megatron" if cuda else "local")
+    if args.use_distributed_optimizer and args.ddp_impl != "local":
+        fail("--use-distributed-optimizer needs --ddp-impl local: megatron-core's DistributedOptimizer (for "
+             "--ddp-impl megatron, the default with CUDA) is not wired into this trainer yet; use "
+             "--ddp-impl local --use-distributed-optimizer (this trainer's sharded optimizer state), or "
+             "train through Megatron-LM (python -m megatron_switch.megatron_lm.pretrain_gpt ... "
+             "--use-distributed-optimizer)")
     if args.ddp_impl == "megatron" and not cuda:
         fail("--ddp-impl megatron needs CUDA (megatron-core's DistributedDataParallel allocates its "
              "buffers on the GPU); this machine has none: use --ddp-impl local (the default here)")
     if args.overlap_grad_reduce and args.ddp_impl != "megatron":
         fail("--overlap-grad-reduce needs --ddp-impl megatron (a GPU): drop it on CPU")
-    if args.use_distributed_optimizer:
-        fail("--use-distributed-optimizer: megatron-switch train keeps the full optimizer state on each "
-             "data-parallel rank; drop the flag, or train through Megatron-LM "
-             "(python -m megatron_switch.megatron_lm.pretrain_gpt ... --use-distributed-optimizer)")
     if args.fp8_format and not args.moe_switch:
         fail("--fp8-format: this trainer runs the Switch experts' GEMMs in FP8 (the dense layers stay "
              "bf16); add --moe-switch --num-experts N, or drop --fp8-format")

@@ -11,6 +11,11 @@ moments and any float32 master weights (--bf16) sharded like their parameters, t
 iteration and consumed samples, the model shape and layout (for `megatron-switch convert`), and each
 rank's RNG states (restored when the world size is unchanged).
 
+With `--use-distributed-optimizer` each rank's optimizer holds only the parameters it owns
+(`optimizer.data_parallel_sharded`): it saves their state as the main data-parallel replica and
+nothing for the others, so the global tensors are the same as without it, and either kind of run
+(at any data-parallel size) loads the other's checkpoints, each rank reading its own parameters.
+
 Loading detects the format of the iteration directory, as Megatron-LM does: torch_dist (any layout:
 it reshards) or legacy `mp_rank_*` files (the layout they were written for). A checkpoint without
 optimizer state (`convert --no-optim`) restores the model and scheduler; Adam starts from zero.
@@ -18,6 +23,7 @@ optimizer state (`convert --no-optim`) restores the model and scheduler; Adam st
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -73,9 +79,19 @@ def checkpoint_format(path: str):
     return None
 
 
+def _main_data_parallel_replica(sharded):
+    """The same shard of the same tensor, as the main copy over data parallel: megatron's replica_id
+    is (tied-embedding copy, TP rank, DP rank) with DP rank over data parallel (dense) or
+    expert-data parallel (experts); only that last component becomes 0."""
+    replica_id = sharded.replica_id
+    assert isinstance(replica_id, tuple) and len(replica_id) == 3, (sharded.key, replica_id)
+    return dataclasses.replace(sharded, replica_id=(*replica_id[:-1], 0))
+
+
 def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
     """Adam's moments, and the float32 master weights where they are not the model's own
-    parameters (--bf16), each sharded exactly like its model parameter."""
+    parameters (--bf16), each sharded exactly like its model parameter; with a data-parallel
+    sharded optimizer, as the main replica of the parameters this rank owns (the only ones it has)."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         make_sharded_optimizer_tensor,
@@ -84,13 +100,28 @@ def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer
 
     state = optimizer.state_dict()
     id_map = get_param_id_to_sharded_param_map(model_sharded, params_in_optimizer_order)
+    if getattr(optimizer, "data_parallel_sharded", False):
+        id_map = {index: _main_data_parallel_replica(sharded) for index, sharded in id_map.items()}
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
     masters = [p for group in optimizer.param_groups for p in group["params"]]
     state["main_params"] = {
         index: make_sharded_optimizer_tensor(id_map[index], master, "optimizer.main_param")
         for index, (master, param) in enumerate(zip(masters, params_in_optimizer_order))
         if master is not param}
-    return state
+    # Empty containers (fp32 masters; a rank that owns no parameter) would be common state, and
+    # differ from rank 0's: leave them out (loading restores them).
+    return {key: value for key, value in state.items() if value != {}}
+
+
+def _optimizer_step(optimizer) -> float:
+    """Collective: Adam's step count, the same on every rank, also one whose optimizer holds no
+    parameter (a data-parallel rank that owns none)."""
+    from megatron_switch.comm import comm_device
+
+    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
+    step = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=comm_device())
+    dist.all_reduce(step, op=dist.ReduceOp.MAX)
+    return float(step.item())
 
 
 def init_optimizer_state(optimizer) -> None:
@@ -131,7 +162,6 @@ def model_description(model) -> tuple[dict, dict]:
 def _state(model, optimizer, params_in_optimizer_order, scheduler, common: dict, with_optimizer: bool = True,
            with_rng: bool = True):
     model_sharded = model.sharded_state_dict(metadata=model_metadata())
-    steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     model_config, layout = model_description(model)
     state = {
         "model": model_sharded,
@@ -142,7 +172,7 @@ def _state(model, optimizer, params_in_optimizer_order, scheduler, common: dict,
     }
     if with_optimizer:
         state["optimizer"] = _optimizer_sharded_state(optimizer, model_sharded, params_in_optimizer_order)
-        state["optimizer_step"] = max(steps) if steps else 0.0
+        state["optimizer_step"] = _optimizer_step(optimizer)
     if with_rng:
         state["rng"] = _rng_object(dist.get_rank(), dist.get_world_size())
         state["world_size"] = dist.get_world_size()
@@ -205,9 +235,10 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
     model.load_state_dict(loaded["model"])
     if "optimizer" in loaded:
         optimizer_state = loaded["optimizer"]
+        optimizer_state.setdefault("state", {})
         masters = [p for group in optimizer.param_groups for p in group["params"]]
         with torch.no_grad():
-            for index, value in optimizer_state.pop("main_params").items():
+            for index, value in optimizer_state.pop("main_params", {}).items():
                 masters[index].copy_(value)
         for state in optimizer_state["state"].values():
             state["step"] = torch.tensor(loaded["optimizer_step"])

@@ -11,7 +11,7 @@ Megatron's DDP needs CUDA; this is the equivalent reduction for the CPU path:
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,10 +23,15 @@ def _all_reduce_flat(grads, group) -> None:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat, group=group)
+    copy_from_flat(flat, grads)
+
+
+def copy_from_flat(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Copy consecutive pieces of the 1-D `flat` into `tensors` (the inverse of concatenating them)."""
     offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 def allreduce_gradients(params: Iterable[torch.nn.Parameter], sequence_parallel: bool = False) -> None:
@@ -39,15 +44,23 @@ def allreduce_gradients(params: Iterable[torch.nn.Parameter], sequence_parallel:
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    reduce_gradients(params, [p.grad for p in params], sequence_parallel)
+
+
+def reduce_gradients(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor],
+                     sequence_parallel: bool = False) -> None:
+    """Reduce `grads[i]`, the gradient of `params[i]` (any dtype, e.g. a float32 copy of a bf16
+    parameter's), in place; the parameter's attributes (`allreduce`, `sequence_parallel`) say over
+    which group. Every rank of a group must pass the same parameters in the same order."""
     if sequence_parallel:
-        _all_reduce_flat([p.grad for p in params if getattr(p, "sequence_parallel", False)],
+        _all_reduce_flat([g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)],
                          parallel_state.get_tensor_model_parallel_group())
     dp = parallel_state.get_data_parallel_world_size()
-    for dtype in {p.grad.dtype for p in params}:
-        dense = [p.grad for p in params if p.grad.dtype == dtype and getattr(p, "allreduce", True)]
-        expert = [p.grad for p in params if p.grad.dtype == dtype and not getattr(p, "allreduce", True)]
+    for dtype in dict.fromkeys(g.dtype for g in grads):  # first-seen order: the same on every rank
+        dense = [g for p, g in zip(params, grads) if g.dtype == dtype and getattr(p, "allreduce", True)]
+        expert = [g for p, g in zip(params, grads) if g.dtype == dtype and not getattr(p, "allreduce", True)]
         _all_reduce_flat(dense, parallel_state.get_data_parallel_group())
         _all_reduce_flat(expert, parallel_state.get_expert_data_parallel_group())
     if dp > 1:
-        for p in params:
-            p.grad.div_(dp)
+        for g in grads:
+            g.div_(dp)

@@ -5,17 +5,24 @@
   `finalize_model_grads` reduces dense gradients over data parallel and expert gradients over
   expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence parallel) and embedding
   (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` overlaps the reduction with backward.
-- `--ddp-impl local` (always on CPU/gloo, where megatron's DDP cannot run): `gradients.allreduce_gradients`,
-  the same arithmetic on `.grad`.
+- `--ddp-impl local` (always on CPU/gloo, where megatron's DDP cannot run): `gradients.reduce_gradients`,
+  the same arithmetic on float32 copies of `.grad`.
 
 Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
 (--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
+
+`--use-distributed-optimizer` (with `--ddp-impl local`; ZeRO-1): each parameter is owned by one rank
+of its reduction group (`ownership.ParameterOwners`), and only the owner keeps its float32 master and
+Adam's moments, so the optimizer state per rank shrinks by about DP (experts: expert-DP). Sharded is
+the optimizer state only: weights and gradients stay whole on every rank, and gradients are still
+all-reduced in full (not reduce-scattered), so the norm and clipping are those of the plain step.
+After AdamW each owner broadcasts its updated parameters. With DP = 1 it is the plain optimizer.
 """
 
 from __future__ import annotations
 
 import math
-from typing import List
+from typing import List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -23,19 +30,19 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_switch.comm import comm_device
-from megatron_switch.training.gradients import allreduce_gradients
+from megatron_switch.training.gradients import reduce_gradients
+from megatron_switch.training.ownership import ParameterOwners
 
 
-def global_grad_norm(params) -> float:
-    """Norm of the whole model's gradient: tensor-parallel duplicates counted once, experts once
-    per expert-parallel group, every pipeline stage included."""
+def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> float:
+    """Norm of the whole model's gradient (`grads[i]` is the reduced gradient of `params[i]`):
+    tensor-parallel duplicates counted once, experts once per expert-parallel group, every pipeline
+    stage included."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
     expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
-    for p in params:
-        if p.grad is None:
-            continue
-        sq = p.grad.double().square().sum()
+    for p, grad in zip(params, grads):
+        sq = grad.double().square().sum()
         if not getattr(p, "allreduce", True):
             expert += sq
         elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
@@ -59,12 +66,18 @@ class Optimization:
 
     `optimizer` (a torch AdamW whose param_groups hold the masters), `params_in_optimizer_order`
     (the model parameter of each master) and `scheduler` (Megatron's learning-rate and weight-decay
-    schedule from the --lr* flags) are what checkpoints save and restore.
+    schedule from the --lr* flags) are what checkpoints save and restore. `params` are all trainable
+    parameters; `owned` those this rank updates (all of them, or its share under
+    --use-distributed-optimizer, where `owners` says whose each is and `optimizer.data_parallel_sharded`
+    tells checkpoints that this rank's state is the only copy); `masters` the float32 masters of `owned`.
     """
 
     def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
         self.module, self.args, self.megatron_ddp = module, args, megatron_ddp
         self.model = module
+        if megatron_ddp and args.use_distributed_optimizer:
+            raise ValueError("--use-distributed-optimizer needs --ddp-impl local: megatron-core's "
+                             "DistributedOptimizer is not wired into this trainer")
         if megatron_ddp:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -73,18 +86,19 @@ class Optimization:
                 use_distributed_optimizer=False, check_for_nan_in_grad=False)
             self.model = DistributedDataParallel(module.config, ddp_config, module)
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        self.owners = ParameterOwners(self.params) if args.use_distributed_optimizer else None
+        self.owned = self.owners.owned if self.owners is not None else self.params
         self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_()
-                        for p in self.params]
-        for master, p in zip(self.masters, self.params):
-            if master is not p:
-                master.allreduce = getattr(p, "allreduce", True)
-                master.tensor_model_parallel = getattr(p, "tensor_model_parallel", False)
+                        for p in self.owned]
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.masters, args.weight_decay),
             lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
-        model_of_master = {id(m): p for m, p in zip(self.masters, self.params)}
+        self.optimizer.data_parallel_sharded = self.owners is not None
+        model_of_master = {id(m): p for m, p in zip(self.masters, self.owned)}
         self.params_in_optimizer_order = [model_of_master[id(m)] for g in self.optimizer.param_groups
                                           for m in g["params"]]
+        index = {id(p): i for i, p in enumerate(self.params)}
+        self._owned_index = [index[id(p)] for p in self.owned]
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
             min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
@@ -97,28 +111,34 @@ class Optimization:
         for p in self.params + self.masters:
             p.grad = None
 
-    def step(self) -> float:
-        """Reduce, clip to --clip-grad, AdamW, copy the masters back; returns the gradient norm."""
+    def _reduced_gradients(self) -> List[torch.Tensor]:
+        """The float32 gradient of each of `params`, reduced over data parallel (and scaled by 1 / DP)."""
         if self.megatron_ddp:
             from megatron.core.distributed import finalize_model_grads
 
             finalize_model_grads([self.model])
-            for master, p in zip(self.masters, self.params):
-                master.grad = p.main_grad  # float32, reduced and scaled by megatron's DDP
-        else:
-            for master, p in zip(self.masters, self.params):
-                if master is not p:
-                    master.grad = None if p.grad is None else p.grad.float()
-            allreduce_gradients(self.masters)
-        grad_norm = global_grad_norm(self.masters)
+            return [p.main_grad for p in self.params]  # float32, reduced and scaled by megatron's DDP
+        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p.grad is None else p.grad.float()
+                 for p in self.params]  # a float32 .grad is used in place
+        reduce_gradients(self.params, grads, sequence_parallel=self.args.sequence_parallel)
+        return grads
+
+    def step(self) -> float:
+        """Reduce, clip to --clip-grad, AdamW on this rank's masters, copy them back, and (sharded)
+        broadcast the owners' parameters; returns the gradient norm."""
+        grads = self._reduced_gradients()
+        grad_norm = global_grad_norm(self.params, grads)
+        for master, i in zip(self.masters, self._owned_index):
+            master.grad = grads[i]
         clip = self.args.clip_grad
         if clip > 0 and grad_norm > clip:
-            for p in self.masters:
-                if p.grad is not None:
-                    p.grad.mul_(clip / (grad_norm + 1e-6))
+            for master in self.masters:
+                master.grad.mul_(clip / (grad_norm + 1e-6))
         self.optimizer.step()
         with torch.no_grad():
-            for master, p in zip(self.masters, self.params):
+            for master, p in zip(self.masters, self.owned):
                 if master is not p:
                     p.copy_(master)
+        if self.owners is not None:
+            self.owners.broadcast()
         return grad_norm
