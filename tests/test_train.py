@@ -56,14 +56,17 @@ def test_ep2_run_learns_and_reports(tmp_path):
     assert {"aux_loss", "dropped_fraction", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
 
 
-@pytest.mark.parametrize("layout", [
-    ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"],
-    ["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "256"],
-    ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
-     "--expert-model-parallel-size", "2"],
-], ids=["tp2xep2", "pp2", "tp2xpp2xep2"])
-def test_layouts_match_one_process(tmp_path, layout):
-    common = [*SMALL, *EXACT, "--global-batch-size", "8", "--train-iters", "4", "--eval-interval", "2",
+@pytest.mark.parametrize("layout, tied", [
+    (["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"], False),
+    (["--nproc-per-node", "2", "--pipeline-model-parallel-size", "2", "--make-vocab-size-divisible-by", "256"], False),
+    (["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+      "--expert-model-parallel-size", "2"], True),
+], ids=["tp2xep2", "pp2", "tp2xpp2xep2-tied"])
+def test_layouts_match_one_process(tmp_path, layout, tied):
+    """Same losses, routing and gradient norms as one process; with tied embeddings across pipeline
+    stages, the last stage's copy starts equal to the first stage's and gets the same updates."""
+    shape = [flag for flag in SMALL if flag != "--untie-embeddings-and-output-weights"] if tied else SMALL
+    common = [*shape, *EXACT, "--global-batch-size", "8", "--train-iters", "4", "--eval-interval", "2",
               "--eval-iters", "2"]
     # Megatron pads the vocabulary to a multiple of 128 x TP; 256 keeps one process at TP=2's size.
     run_train(["--nproc-per-node", "1", *common, "--make-vocab-size-divisible-by", "256",

@@ -175,9 +175,6 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
                  "allocate on the GPU; drop the flag on CPU (the Switch layer itself supports it)")
         if args.seq_length % tp:
             fail(f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
-    if pp > 1 and not args.untie_embeddings_and_output_weights and not torch.cuda.is_available():
-        fail("--pipeline-model-parallel-size > 1 on CPU needs --untie-embeddings-and-output-weights "
-             "(megatron-core synchronises tied embeddings through CUDA)")
     if args.ckpt_format != "torch_dist":
         fail("--ckpt-format torch (Megatron's legacy per-rank files) is not written by the trainer: "
              "train with torch_dist and convert with `megatron-switch convert --format torch`; --load "

@@ -6,7 +6,9 @@ Megatron's DDP needs CUDA; this is the equivalent reduction for the CPU path:
 - both scaled by 1 / data-parallel size (as Megatron's DDP does), so a step on DP replicas equals
   one process averaging their micro-batches;
 - with sequence parallelism, parameters marked `sequence_parallel` (norms) are first summed over
-  the tensor-parallel group, as Megatron's `finalize_model_grads` does.
+  the tensor-parallel group, as Megatron's `finalize_model_grads` does;
+- with tied embeddings and pipeline stages, the first stage's word embeddings and the last stage's
+  copy (`shared_embedding`) are summed over the embedding group, so both copies get the same update.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ def reduce_gradients(params: Sequence[torch.nn.Parameter], grads: Sequence[torch
     if sequence_parallel:
         _all_reduce_flat([g for p, g in zip(params, grads) if getattr(p, "sequence_parallel", False)],
                          parallel_state.get_tensor_model_parallel_group())
+    if parallel_state.is_rank_in_embedding_group(ignore_virtual=True):
+        _all_reduce_flat([g for p, g in zip(params, grads) if getattr(p, "shared_embedding", False)],
+                         parallel_state.get_embedding_group())
     dp = parallel_state.get_data_parallel_world_size()
     for dtype in dict.fromkeys(g.dtype for g in grads):  # first-seen order: the same on every rank
         dense = [g for p, g in zip(params, grads) if g.dtype == dtype and getattr(p, "allreduce", True)]

@@ -42,6 +42,20 @@ def transformer_config(args) -> TransformerConfig:
         pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32, **extra)
 
 
+class _GPTModel(GPTModel):
+    """megatron-core's GPTModel, except that with tied embeddings and PP > 1 the last stage's copy of
+    the word embeddings is not synchronised by megatron's all-reduce (which moves it to CUDA first):
+    `init_dense_parameters` draws it from the embedding's own seed, so both copies start equal on
+    any device. Their gradients are summed over the embedding group at every step."""
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        embd_group, self.embd_group = self.embd_group, None  # not in a group: no start-up all-reduce
+        try:
+            super().setup_embeddings_and_output_layer()
+        finally:
+            self.embd_group = embd_group
+
+
 def global_name(name: str, layer_offset: int) -> str:
     return re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + layer_offset}.", name)
 
@@ -58,6 +72,8 @@ def init_dense_parameters(model: torch.nn.Module, args) -> None:
         if id(param) in switch_params:
             continue
         gname = global_name(name, offset)
+        if getattr(param, "shared_embedding", False):  # the last stage's copy of tied embeddings
+            gname = "embedding.word_embeddings.weight"
         shape = list(param.shape)
         sharded = getattr(param, "tensor_model_parallel", False)
         if sharded:
@@ -87,7 +103,7 @@ def build_model(args, vocab_size: int) -> torch.nn.Module:
         from megatron_switch.config import SwitchConfig
 
         switch = SwitchConfig(num_experts=1, expert_interval=args.num_layers + 1)
-    model = GPTModel(
+    model = _GPTModel(
         config=config, transformer_layer_spec=get_switch_gpt_layer_spec(config, switch),
         vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by,
                                      args.tensor_model_parallel_size),

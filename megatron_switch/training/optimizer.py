@@ -42,6 +42,8 @@ def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch
     dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
     expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
     for p, grad in zip(params, grads):
+        if getattr(p, "shared", False):
+            continue  # the last stage's copy of tied embeddings: the first stage counts them
         sq = grad.double().square().sum()
         if not getattr(p, "allreduce", True):
             expert += sq
