@@ -156,7 +156,8 @@ def _built_counts(spec: ModelSpec, tp: int, pp: int, ep: int):
         params = list(model.parameters())
         experts = sum(p.numel() for p in params if getattr(p, "allreduce", True) is False)
         routers = sum(p.numel() for n, p in model.named_parameters() if n.endswith("router.weight"))
-        return sum(p.numel() for p in params) - experts, experts, routers, parallel_state.get_pipeline_model_parallel_rank()
+        stage = parallel_state.get_pipeline_model_parallel_rank()
+        return sum(p.numel() for p in params) - experts, experts, routers, stage
     finally:
         parallel_state.destroy_model_parallel()
 
@@ -238,6 +239,9 @@ def test_sbatch_megatron_lm_command():
                  "export PYTHONPATH=/opt/Megatron-LM", "scontrol show hostnames", "--moe-layer-freq '([0]*1+[1])*24'"):
         assert line in script, line
     assert subprocess.run(["bash", "-n"], check=False, input=script, text=True).returncode == 0
+    unsharded = _run(sbatch_main, ["--preset", "switch-base-128-gpt", "--nodes", "4", "--save", "/ckpt",
+                                   "--megatron-lm", "/opt/Megatron-LM", "--no-distributed-optimizer"])
+    assert "--use-distributed-optimizer" not in unsharded  # planned without it, so launched without it
 
 
 # -- the committed Switch-C example is what the generator writes today --------------------------------

@@ -47,6 +47,7 @@ class SbatchJob:
     log_interval: int = 10
     cpu: bool = False
     megatron_lm: str | None = None
+    distributed_optimizer: bool = True  # Megatron-LM jobs: --use-distributed-optimizer, as planned
     data_path: tuple[str, ...] = ()
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
@@ -141,7 +142,9 @@ def training_command(job: SbatchJob) -> list[str]:
     if not job.cpu:
         argv += ["--bf16"]
     if megatron_lm:
-        argv += ["--use-distributed-optimizer", "--ckpt-format", "torch_dist"]
+        if job.distributed_optimizer:
+            argv += ["--use-distributed-optimizer"]
+        argv += ["--ckpt-format", "torch_dist"]
         if c.recompute:
             argv += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     if job.data_path:
