@@ -129,7 +129,9 @@ def init_optimizer_state(optimizer) -> None:
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not optimizer.state[p]:
-                optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                # A fused AdamW keeps its step count on the parameter's device.
+                step = torch.tensor(0.0, device=p.device if group.get("fused") else "cpu")
+                optimizer.state[p] = {"step": step, "exp_avg": torch.zeros_like(p),
                                       "exp_avg_sq": torch.zeros_like(p)}
 
 

@@ -34,21 +34,28 @@ from megatron_switch.training.gradients import reduce_gradients
 from megatron_switch.training.ownership import ParameterOwners
 
 
+def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Squared 2-norm of all `grads` together, as a float64 [1] tensor (float32 per-tensor norms,
+    multi-tensor kernels where the device has them)."""
+    if not grads:
+        return torch.zeros(1, dtype=torch.float64, device=comm_device())
+    return torch.nn.utils.get_total_norm(grads, 2.0).double().square().reshape(1).to(comm_device())
+
+
 def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> float:
     """Norm of the whole model's gradient (`grads[i]` is the reduced gradient of `params[i]`):
     tensor-parallel duplicates counted once, experts once per expert-parallel group, every pipeline
     stage included."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    dense = torch.zeros(1, dtype=torch.float64, device=comm_device())
-    expert = torch.zeros(1, dtype=torch.float64, device=comm_device())
+    dense, expert = [], []
     for p, grad in zip(params, grads):
         if getattr(p, "shared", False):
             continue  # the last stage's copy of tied embeddings: the first stage counts them
-        sq = grad.double().square().sum()
         if not getattr(p, "allreduce", True):
-            expert += sq
+            expert.append(grad)
         elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
-            dense += sq
+            dense.append(grad)
+    dense, expert = _sum_of_squares(dense), _sum_of_squares(expert)
     dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
     dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
     return math.sqrt(float((dense + expert).item()))
@@ -94,7 +101,7 @@ class Optimization:
                         for p in self.owned]
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.masters, args.weight_decay),
-            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
         self.optimizer.data_parallel_sharded = self.owners is not None
         model_of_master = {id(m): p for m, p in zip(self.masters, self.owned)}
         self.params_in_optimizer_order = [model_of_master[id(m)] for g in self.optimizer.param_groups
