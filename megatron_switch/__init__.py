@@ -9,14 +9,14 @@ QUIET_IMPORT_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex 
 for _message in QUIET_IMPORT_WARNINGS:
     warnings.filterwarnings("ignore", message=_message)
 
-from megatron_switch.arguments import add_switch_args
-from megatron_switch.config import SwitchConfig, SwitchConfigError
-from megatron_switch.initialization import switch_init_method
-from megatron_switch.layer import SwitchMLP, SwitchStats, switch_stats
-from megatron_switch.parallel import LayoutError, initialize_parallel, validate_layout
-from megatron_switch.router import SwitchRouter
-from megatron_switch.spec import get_switch_gpt_layer_spec
-from megatron_switch.t5 import get_switch_t5_layer_specs
+from megatron_switch.arguments import add_switch_args  # noqa: E402  (after the filters)
+from megatron_switch.config import SwitchConfig, SwitchConfigError  # noqa: E402  (after the filters)
+from megatron_switch.initialization import switch_init_method  # noqa: E402  (after the filters)
+from megatron_switch.layer import SwitchMLP, SwitchStats, switch_stats  # noqa: E402  (after the filters)
+from megatron_switch.parallel import LayoutError, initialize_parallel, validate_layout  # noqa: E402  (after the filters)
+from megatron_switch.router import SwitchRouter  # noqa: E402  (after the filters)
+from megatron_switch.spec import get_switch_gpt_layer_spec  # noqa: E402  (after the filters)
+from megatron_switch.t5 import get_switch_t5_layer_specs  # noqa: E402  (after the filters)
 
 __version__ = "0.1.0"
 

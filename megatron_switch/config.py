@@ -142,7 +142,9 @@ class SwitchConfig:
         def given(name: str) -> bool:
             return getattr(args, name, None) is not None and (typed is None or name in typed)
 
-        get = lambda name, default: getattr(args, name) if given(name) else default
+        def get(name, default):
+            return getattr(args, name) if given(name) else default
+
         if getattr(args, "num_experts", None) is None:
             raise SwitchConfigError("--moe-switch needs --num-experts N")
         interval = _interval_from_layer_freq(get("moe_layer_freq", 1), getattr(args, "num_layers", None))

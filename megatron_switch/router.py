@@ -109,10 +109,9 @@ class _RouterScores(torch.autograd.Function):
     @staticmethod
     def backward(ctx, _, g_gate_T, g_prob_sum_E, g_lse_T):
         x_Th, w_Eh, max_T, sum_T, expert_T, gate_T = ctx.saved_tensors
-        zeros = lambda t: torch.zeros_like(t)
-        g_gate_T = zeros(gate_T) if g_gate_T is None else g_gate_T
-        g_prob_sum_E = zeros(w_Eh[:, 0]) if g_prob_sum_E is None else g_prob_sum_E
-        g_lse_T = zeros(max_T) if g_lse_T is None else g_lse_T
+        g_gate_T = torch.zeros_like(gate_T) if g_gate_T is None else g_gate_T
+        g_prob_sum_E = torch.zeros_like(w_Eh[:, 0]) if g_prob_sum_E is None else g_prob_sum_E
+        g_lse_T = torch.zeros_like(max_T) if g_lse_T is None else g_lse_T
         g_x = torch.empty_like(x_Th) if ctx.needs_input_grad[0] else None
         g_w = torch.zeros_like(w_Eh) if ctx.needs_input_grad[1] else None
         for a, b in _RouterScores._chunks(*expert_T.shape, w_Eh.shape[0]):

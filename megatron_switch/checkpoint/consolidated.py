@@ -117,7 +117,8 @@ def _write_file(path: str, source: CheckpointReader, names, progress) -> None:
     header, offset = {}, 0
     for name in names:
         spec = source.tensors[name]
-        header[name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape), "data_offsets": [offset, offset + spec.nbytes]}
+        header[name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
+                        "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -137,7 +138,8 @@ def _write_file(path: str, source: CheckpointReader, names, progress) -> None:
 def write_consolidated(path: str, source: CheckpointReader, names, common: dict, progress) -> None:
     """Write `names` of `source` to the new directory `path` as consolidated safetensors."""
     os.makedirs(path)
-    files = {MODEL_FILE: [n for n in names if not is_optimizer(n)], OPTIMIZER_FILE: [n for n in names if is_optimizer(n)]}
+    files = {MODEL_FILE: [n for n in names if not is_optimizer(n)],
+             OPTIMIZER_FILE: [n for n in names if is_optimizer(n)]}
     weight_map = {}
     for file, members in files.items():
         if members:

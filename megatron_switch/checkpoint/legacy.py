@@ -108,7 +108,8 @@ class LegacyReader(CheckpointReader):
         self.files = {c: rank_file(path, self.layout, c) for c in self.layout.coords()}
         missing = [f for f in self.files.values() if not os.path.isfile(f)]
         if missing:
-            raise ConvertError(f"missing rank file {missing[0]}{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: "
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise ConvertError(f"missing rank file {missing[0]}{more}: "
                                f"a legacy checkpoint saved at {self.layout} has {len(self.files)} files "
                                f"(mp_rank_TT[_PPP][_EEE]); copy the missing ones from the training run")
         args = head["args"]
@@ -182,7 +183,8 @@ class LegacyReader(CheckpointReader):
             where = placement(name, self.layout, self.num_layers)
             first = self.refs[(0, where.stage, 0)].get(name)
             if first is None:
-                raise ConvertError(f"{self.files[(0, where.stage, 0)]}: no {local_name(name, self.layout, self.num_layers)}, "
+                local = local_name(name, self.layout, self.num_layers)
+                raise ConvertError(f"{self.files[(0, where.stage, 0)]}: no {local}, "
                                    f"which other rank files of stage {where.stage} hold")
             shape = list(first.shape)
             if where.axis is not None:
@@ -197,7 +199,8 @@ class LegacyReader(CheckpointReader):
                 if ref.shape != expected or ref.dtype != spec.dtype:
                     raise ConvertError(f"{self.files[coord]}: {local_name(name, self.layout, self.num_layers)} has "
                                        f"shape {ref.shape} {ref.dtype}, the layout {self.layout} needs {expected} "
-                                       f"{spec.dtype} (mismatched shape: the files come from different runs or layouts)")
+                                       f"{spec.dtype} (mismatched shape: the files come from different runs "
+                                       f"or layouts)")
             self.tensors[name] = spec
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:

@@ -245,21 +245,15 @@ def plan_main(argv: list[str] | None = None) -> None:
 
 def _train_distributed_optimizer(args, extra_args: list[str]) -> bool:
     """Whether a `megatron-switch train` job shards its optimizer state: only with
-    --use-distributed-optimizer among its --extra-args, which on GPUs also need --ddp-impl local."""
+    --use-distributed-optimizer among its --extra-args."""
     probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     probe.add_argument("--use-distributed-optimizer", action="store_true")
-    probe.add_argument("--ddp-impl", default=None)
     train_flags, _ = probe.parse_known_args(extra_args)
     if not train_flags.use_distributed_optimizer:
         return False
     if args.no_distributed_optimizer:
         raise SbatchError("--no-distributed-optimizer contradicts --use-distributed-optimizer in --extra-args: "
                           "drop one of them")
-    if not args.cpu and train_flags.ddp_impl != "local":
-        raise SbatchError("--extra-args has --use-distributed-optimizer: on GPUs `megatron-switch train` shards "
-                          "the optimizer state only with --ddp-impl local (megatron-core's DistributedOptimizer "
-                          "is not wired into it yet); add --ddp-impl local to --extra-args, or run Megatron-LM "
-                          "with --megatron-lm PATH")
     return True
 
 

@@ -67,8 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="With --ddp-impl megatron: overlap the gradient reduction with backward.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
-                   help="With --ddp-impl local: shard the float32 master weights and Adam's state over "
-                        "data-parallel ranks (ZeRO-1; gradients are still all-reduced in full).")
+                   help="Shard the float32 master weights and Adam's state over data-parallel ranks "
+                        "(ZeRO-1, with either --ddp-impl; gradients are still all-reduced in full).")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
     g.add_argument("--master-port", type=int, default=None)
@@ -125,12 +125,6 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
              "layer; add --moe-switch")
     cuda = torch.cuda.is_available()
     args.ddp_impl = args.ddp_impl or ("megatron" if cuda else "local")
-    if args.use_distributed_optimizer and args.ddp_impl != "local":
-        fail("--use-distributed-optimizer needs --ddp-impl local: megatron-core's DistributedOptimizer (for "
-             "--ddp-impl megatron, the default with CUDA) is not wired into this trainer yet; use "
-             "--ddp-impl local --use-distributed-optimizer (this trainer's sharded optimizer state), or "
-             "train through Megatron-LM (python -m megatron_switch.megatron_lm.pretrain_gpt ... "
-             "--use-distributed-optimizer)")
     if args.ddp_impl == "megatron" and not cuda:
         fail("--ddp-impl megatron needs CUDA (megatron-core's DistributedDataParallel allocates its "
              "buffers on the GPU); this machine has none: use --ddp-impl local (the default here)")

@@ -11,12 +11,13 @@
 Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
 (--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
 
-`--use-distributed-optimizer` (with `--ddp-impl local`; ZeRO-1): each parameter is owned by one rank
+`--use-distributed-optimizer` (ZeRO-1, after either reduction): each parameter is owned by one rank
 of its reduction group (`ownership.ParameterOwners`), and only the owner keeps its float32 master and
 Adam's moments, so the optimizer state per rank shrinks by about DP (experts: expert-DP). Sharded is
 the optimizer state only: weights and gradients stay whole on every rank, and gradients are still
 all-reduced in full (not reduce-scattered), so the norm and clipping are those of the plain step.
 After AdamW each owner broadcasts its updated parameters. With DP = 1 it is the plain optimizer.
+(megatron-core's own DistributedOptimizer, which reduce-scatters into sharded buffers, is not used.)
 """
 
 from __future__ import annotations
@@ -84,9 +85,6 @@ class Optimization:
     def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
         self.module, self.args, self.megatron_ddp = module, args, megatron_ddp
         self.model = module
-        if megatron_ddp and args.use_distributed_optimizer:
-            raise ValueError("--use-distributed-optimizer needs --ddp-impl local: megatron-core's "
-                             "DistributedOptimizer is not wired into this trainer")
         if megatron_ddp:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 

@@ -7,7 +7,9 @@
 3. train_bf16 / train_bf16_local_ddp / train_fp8: `megatron-switch train` for a few dozen steps on
    the GPU (NCCL, one rank) with --bf16 (megatron-core's DDP, the default on GPU), the same with
    --ddp-impl local (the CPU path's reduction: the losses must agree), and with --fp8-format hybrid:
-   the loss falls, a checkpoint is saved.
+   the loss falls, a checkpoint is saved. Every run goes through megatron-core's schedules.
+   train_bf16_zero1: --use-distributed-optimizer on megatron-core's DDP (one rank: it owns every
+   parameter, so the losses must equal train_bf16's).
 4. throughput: forward+backward of one layer at the same shapes: a dense FFN of equal FLOPs per
    token, our Switch layer in bf16 and FP8, megatron-core's MoELayer (top-1, alltoall dispatcher,
    SequentialMLP experts); tokens/s and % of the 790 TFLOP/s bf16 peak.
@@ -172,6 +174,21 @@ def train_bf16_local_ddp(out_dir):
 
 
 @check
+def train_bf16_zero1(out_dir):
+    """The sharded optimizer state after megatron-core's DDP reduction (its `main_grad` buffers):
+    at one rank the same step as the plain optimizer, so the same losses."""
+    result = _train("bf16-zero1", ["--use-distributed-optimizer"], out_dir)
+    reference = RESULTS.get("train_bf16", {}).get("lm_losses")
+    if reference:
+        worst = max(abs(a - b) / b for a, b in zip(result["lm_losses"], reference))
+        result["max_relative_difference_vs_plain"] = worst
+        if worst > 1e-3:
+            raise AssertionError(f"losses differ from the plain optimizer's by {worst:.3%}: "
+                                 f"{result['lm_losses']} vs {reference}")
+    return result
+
+
+@check
 def train_fp8(out_dir):
     return _train("fp8", ["--fp8-format", "hybrid"], out_dir)
 
@@ -296,6 +313,7 @@ def main():
     scaled_mm_scales()
     train_bf16(args.out)
     train_bf16_local_ddp(args.out)
+    train_bf16_zero1(args.out)
     train_fp8(args.out)
     _init_single_rank()
     fp8_vs_bf16()
