@@ -5,14 +5,21 @@ Applied once, and only when CUDA is absent, so GPU behaviour is untouched:
   and then `torch.cuda.synchronize()`, and allocates one-element status flags on
   `torch.cuda.current_device()`;
 - the pipeline schedules count tokens in `torch.zeros([], device="cuda")`, and their point-to-point
-  layer allocates shape messages and receive buffers on `torch.cuda.current_device()`.
+  layer allocates shape messages and receive buffers on `torch.cuda.current_device()`;
+- sequence parallelism gathers and scatters the sequence into buffers allocated on
+  `torch.cuda.current_device()` (tensor-parallel mappings and linear layers, megatron's global
+  memory buffer).
 Inside those modules only, `torch` is replaced by a stand-in whose `cuda.current_device()` is the
 CPU, whose `cuda.synchronize()` does nothing and whose `zeros(..., device="cuda")` allocates on the
 CPU: on a CPU-only build every tensor already lives on the CPU and every copy is synchronous.
+
+`seed_parallel_rng` seeds megatron's named RNG streams (tensor-parallel dropout and the like): on
+CUDA through megatron's own function, without CUDA in a CPU tracker with the same interface.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import types
 
@@ -27,6 +34,9 @@ _CPU_SHIMMED_MODULES = (
     "megatron.core.dist_checkpointing.exchange_utils",
     "megatron.core.pipeline_parallel.schedules",
     "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.utils",
 )
 
 
@@ -68,3 +78,67 @@ def apply_cpu_shims() -> None:
         if getattr(module, "torch", None) is torch:
             module.torch = proxy
     _APPLIED = True
+
+
+class CpuRNGStatesTracker:
+    """megatron-core's RNG tracker (`tensor_parallel.get_cuda_rng_tracker()`) for a machine without
+    CUDA: the same named streams (data-, tensor- and expert-parallel), each a CPU generator state
+    that `fork(name)` swaps in for the duration of the block. Megatron forks the tensor-parallel
+    stream around dropout in sharded regions (the embedding's output under sequence parallelism)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.states_, self.seeds_ = {}, set()
+        self._is_initialized = False
+
+    def is_initialized(self) -> bool:
+        return self._is_initialized
+
+    def get_states(self) -> dict:
+        return dict(self.states_)
+
+    def set_states(self, states: dict) -> None:
+        self._is_initialized = True
+        self.states_ = dict(states)
+
+    def add(self, name: str, seed: int) -> None:
+        if seed in self.seeds_ or name in self.states_:
+            raise ValueError(f"RNG stream {name} or seed {seed} already exists")
+        self._is_initialized = True
+        self.seeds_.add(seed)
+        self.states_[name] = torch.Generator().manual_seed(seed).get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name: str = "model-parallel-rng"):
+        if name not in self.states_:
+            raise KeyError(f"RNG stream {name} was not added (seed_parallel_rng seeds them)")
+        outside = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outside)
+
+
+def seed_parallel_rng(seed: int) -> None:
+    """Seed megatron-core's named RNG streams as Megatron-LM does (`model_parallel_cuda_manual_seed`:
+    data parallel `seed`, tensor parallel `seed + 2718 + tp_rank`, expert parallel
+    `seed + 1024 + 100 * ep_rank + etp_rank`). Without CUDA the streams live in a
+    `CpuRNGStatesTracker` installed as megatron's tracker. Call after the parallel groups exist."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    tracker = CpuRNGStatesTracker()
+    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+    tracker.add("data-parallel-rng", seed)
+    tracker.add("model-parallel-rng", seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
+    tracker.add("expert-parallel-rng", seed + 1024 + 100 * parallel_state.get_expert_model_parallel_rank()
+                + parallel_state.get_expert_tensor_parallel_rank())

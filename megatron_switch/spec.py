@@ -24,6 +24,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -85,13 +86,36 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+class TorchNorm:
+    """megatron-core's `WrappedTorchNorm` (torch's LayerNorm or RMSNorm, used when neither Transformer
+    Engine nor apex is installed), also under sequence parallelism, which megatron's wrapper refuses:
+    each TP rank normalises its own sequence shard, so its weight gradient is a partial sum; the
+    parameters are marked `sequence_parallel`, as megatron's fused norms mark theirs, and the
+    gradient reduction (megatron's DDP or the CPU path's) sums them over the TP group."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        if not config.sequence_parallel:
+            return WrappedTorchNorm(config, hidden_size, eps)
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"--normalization {config.normalization} with --sequence-parallel: use LayerNorm or "
+                             f"RMSNorm (or install Transformer Engine)")
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+
 def _dense_layer_spec(use_transformer_engine: bool, normalization: Optional[str],
                       qk_layernorm: bool) -> ModuleSpec:
     if use_transformer_engine:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
-    return with_sdp_attention(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    layer = with_sdp_attention(get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm))
+    norms = {name: TorchNorm for name in ("input_layernorm", "pre_mlp_layernorm")
+             if getattr(layer.submodules, name) is WrappedTorchNorm}
+    return dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, **norms))
 
 
 def with_sdp_attention(layer: ModuleSpec) -> ModuleSpec:

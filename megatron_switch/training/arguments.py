@@ -164,9 +164,6 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.sequence_parallel:
         if tp == 1:
             fail("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if not torch.cuda.is_available():
-            fail("--sequence-parallel needs CUDA: megatron-core's sequence-parallel dense layers "
-                 "allocate on the GPU; drop the flag on CPU (the Switch layer itself supports it)")
         if args.seq_length % tp:
             fail(f"--seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
     if args.ckpt_format != "torch_dist":

@@ -138,7 +138,13 @@ def init_optimizer_state(optimizer) -> None:
 def _rng_object(rank: int, world: int):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    if get_cuda_rng_tracker().is_initialized():  # megatron's named streams (tensor-parallel dropout)
+        state["tracker"] = get_cuda_rng_tracker().get_states()
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
@@ -266,9 +272,15 @@ def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) ->
 
 
 def _restore_rng(rng: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
     numpy.random.set_state(rng["numpy"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    if "tracker" in rng:
+        get_cuda_rng_tracker().set_states(rng["tracker"])
 
 
 def load_model_weights(root: str, model) -> int:

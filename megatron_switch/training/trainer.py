@@ -20,7 +20,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_switch.comm import comm_device
-from megatron_switch.compat import apply_cpu_shims
+from megatron_switch.compat import apply_cpu_shims, seed_parallel_rng
 from megatron_switch.data.sampler import collate, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
 from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
@@ -121,6 +121,7 @@ def train(args) -> None:
 
 def _train(args, tokenizer) -> None:
     _seed_all(args.seed)
+    seed_parallel_rng(args.seed)
     train_ds, valid_ds, _ = _datasets(args, tokenizer)
     model = build_model(args, tokenizer.vocab_size).to(comm_device())
     if args.bf16:
