@@ -41,7 +41,7 @@ _CPU_SHIMMED_MODULES = (
 
 
 class _CpuCuda(types.SimpleNamespace):
-    """`torch.cuda` as seen by megatron's checkpoint code on a machine without CUDA."""
+    """`torch.cuda` as the shimmed megatron modules see it on a machine without CUDA."""
 
     @staticmethod
     def current_device():
