@@ -136,6 +136,10 @@ def seed_parallel_rng(seed: int) -> None:
     from megatron.core.tensor_parallel import random as megatron_random
 
     tracker = CpuRNGStatesTracker()
+    # Activation recomputation saves and restores the CPU state, the CUDA state and the tracker's
+    # streams; there is no CUDA generator here, so its part is nothing.
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
     megatron_random._CUDA_RNG_STATE_TRACKER = tracker
     megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
     tracker.add("data-parallel-rng", seed)

@@ -80,6 +80,20 @@ def test_layouts_match_one_process(tmp_path, layout, tied):
     assert "valid_lm_loss" in one  # the evaluation passes (forward only) were compared too
 
 
+def test_activation_recomputation_gives_the_same_run(tmp_path):
+    """Full recomputation with dropout and router jitter: megatron's checkpointing restores the RNG
+    states, so the recomputed forward routes and drops the same tokens."""
+    common = ["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "8",
+              "--train-iters", "3", "--hidden-dropout", "0.1"]
+    run_train([*common, "--plots-dir", str(tmp_path / "stored")], tmp_path)
+    run_train([*common, "--recompute-granularity", "full", "--recompute-method", "uniform",
+               "--recompute-num-layers", "1", "--plots-dir", str(tmp_path / "recomputed")], tmp_path)
+    stored, recomputed = metrics(tmp_path / "stored"), metrics(tmp_path / "recomputed")
+    for a, b in zip(stored, recomputed):
+        for key in ("lm_loss", "aux_loss", "dropped_fraction", "grad_norm"):
+            assert a[key] == b[key], (key, a, b)
+
+
 @pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
 def test_resume_is_bit_identical(tmp_path, precision):
     common = ["--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
@@ -150,6 +164,8 @@ def test_missing_and_corrupt_checkpoints_fail_clearly_and_touch_nothing(tmp_path
     (["--fp16"], "use --bf16"),
     (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (["--save-interval", "5"], "--save-interval needs --save"),
+    (["--recompute-granularity", "full"], "needs --recompute-method uniform|block and --recompute-num-layers"),
+    (["--recompute-method", "uniform"], "go with --recompute-granularity full"),
 ])
 def test_bad_flags_fail_before_any_process_starts(tmp_path, flags, message):
     proc = run_train(["--train-iters", "1", *flags], tmp_path, check=False)

@@ -296,8 +296,7 @@ def sbatch_main(argv: list[str] | None = None) -> None:
     try:
         extra_args = shlex.split(args.extra_args)
         distributed_optimizer = None
-        if args.megatron_lm is None:  # `megatron-switch train` has no recomputation: plan without it
-            args.no_recompute = True
+        if args.megatron_lm is None:
             distributed_optimizer = _train_distributed_optimizer(args, extra_args)
         name, spec, training, description, cluster, setup, layouts = _plan(args, 1, distributed_optimizer)
         best = layouts[0]

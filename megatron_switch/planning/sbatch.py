@@ -145,8 +145,8 @@ def training_command(job: SbatchJob) -> list[str]:
         if job.distributed_optimizer:
             argv += ["--use-distributed-optimizer"]
         argv += ["--ckpt-format", "torch_dist"]
-        if c.recompute:
-            argv += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    if c.recompute:  # both trainers take Megatron's recomputation flags
+        argv += ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
     if job.data_path:
         argv += ["--data-path", *job.data_path]
     if job.tokenizer_type:

@@ -61,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="Activation recomputation, as megatron-core does it: full layers, or selective "
+                        "(the attention core).")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--ddp-impl", choices=("megatron", "local"), default=None,
                    help="Gradient reduction: megatron-core's DistributedDataParallel (default with CUDA) or "
                         "the plain all-reduce of the CPU path (the only choice without CUDA).")
@@ -161,6 +166,13 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
         fail(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
     if args.seq_length > args.max_position_embeddings:
         fail(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+    if args.recompute_granularity == "full" and (args.recompute_method is None or args.recompute_num_layers is None):
+        fail("--recompute-granularity full needs --recompute-method uniform|block and --recompute-num-layers N "
+             "(as in Megatron-LM; e.g. --recompute-method uniform --recompute-num-layers 1)")
+    if args.recompute_granularity != "full" and (args.recompute_method or args.recompute_num_layers):
+        fail("--recompute-method and --recompute-num-layers go with --recompute-granularity full")
+    if args.recompute_num_layers is not None and not 1 <= args.recompute_num_layers <= args.num_layers // pp:
+        fail(f"--recompute-num-layers must be between 1 and the layers per pipeline stage ({args.num_layers // pp})")
     if args.sequence_parallel:
         if tp == 1:
             fail("--sequence-parallel needs --tensor-model-parallel-size > 1")

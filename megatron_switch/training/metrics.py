@@ -23,7 +23,8 @@ def is_reporting_rank() -> bool:
 
 class SwitchStatsAccumulator:
     """Sums each Switch layer's statistics over every training micro-batch of a logging interval
-    (a forward hook on each Switch layer; evaluation forwards are not counted)."""
+    (a forward hook on each Switch layer; evaluation forwards and the no-grad first pass of activation
+    recomputation are not counted, so each micro-batch counts once)."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int, num_experts: int):
         self.layers = [m for m in model.modules() if isinstance(m, SwitchMLP)]
@@ -38,7 +39,7 @@ class SwitchStatsAccumulator:
         self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64, device=comm_device())
 
     def _record(self, layer, inputs, output) -> None:
-        if not layer.training:
+        if not layer.training or not torch.is_grad_enabled():
             return
         stats = layer.last_stats
         row = self.table[layer.layer_number - 1]

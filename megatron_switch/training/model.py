@@ -39,7 +39,9 @@ def transformer_config(args) -> TransformerConfig:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         sequence_parallel=args.sequence_parallel, bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32, **extra)
+        pipeline_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers, **extra)
 
 
 class _GPTModel(GPTModel):
