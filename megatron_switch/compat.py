@@ -124,25 +124,19 @@ class CpuRNGStatesTracker:
 
 
 def seed_parallel_rng(seed: int) -> None:
-    """Seed megatron-core's named RNG streams as Megatron-LM does (`model_parallel_cuda_manual_seed`:
-    data parallel `seed`, tensor parallel `seed + 2718 + tp_rank`, expert parallel
-    `seed + 1024 + 100 * ep_rank + etp_rank`). Without CUDA the streams live in a
-    `CpuRNGStatesTracker` installed as megatron's tracker. Call after the parallel groups exist."""
-    from megatron.core import parallel_state, tensor_parallel
+    """Seed megatron-core's named RNG streams (data-, tensor- and expert-parallel) with megatron's
+    own `model_parallel_cuda_manual_seed`, as Megatron-LM does. Without CUDA a `CpuRNGStatesTracker`
+    is installed as megatron's tracker first, so the same streams and seeds live on the CPU.
+    Call after the parallel groups exist."""
+    from megatron.core import tensor_parallel
 
-    if torch.cuda.is_available():
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        return
-    from megatron.core.tensor_parallel import random as megatron_random
+    if not torch.cuda.is_available():
+        from megatron.core.tensor_parallel import random as megatron_random
 
-    tracker = CpuRNGStatesTracker()
-    # Activation recomputation saves and restores the CPU state, the CUDA state and the tracker's
-    # streams; there is no CUDA generator here, so its part is nothing.
-    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
-    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
-    megatron_random._CUDA_RNG_STATE_TRACKER = tracker
-    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
-    tracker.add("data-parallel-rng", seed)
-    tracker.add("model-parallel-rng", seed + 2718 + parallel_state.get_tensor_model_parallel_rank())
-    tracker.add("expert-parallel-rng", seed + 1024 + 100 * parallel_state.get_expert_model_parallel_rank()
-                + parallel_state.get_expert_tensor_parallel_rank())
+        # Activation recomputation saves and restores the CPU state, the CUDA state and the
+        # tracker's streams; there is no CUDA generator here, so its part is nothing.
+        megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+        megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+        megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+        megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True  # megatron keeps this tracker
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

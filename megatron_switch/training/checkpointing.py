@@ -137,7 +137,6 @@ def init_optimizer_state(optimizer) -> None:
 
 def _rng_object(rank: int, world: int):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
     state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy.random.get_state()}

@@ -92,6 +92,9 @@ class Optimization:
                 grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
                 use_distributed_optimizer=False, check_for_nan_in_grad=False)
             self.model = DistributedDataParallel(module.config, ddp_config, module)
+            # The schedule accumulates every micro-batch's gradient before the reduction starts,
+            # as Megatron-LM configures it.
+            module.config.no_sync_func = self.model.no_sync
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         self.owners = ParameterOwners(self.params) if args.use_distributed_optimizer else None
         self.owned = self.owners.owned if self.owners is not None else self.params

@@ -49,10 +49,3 @@ def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forwar
     if not parallel_state.is_pipeline_last_stage():
         return None
     return torch.stack([r["lm_loss"] for r in reported]).mean()
-
-
-def attach_gradient_reduction(model, megatron_ddp: bool) -> None:
-    """With megatron-core's DDP, accumulate gradients over all micro-batches before its reduction
-    starts (`no_sync`), as Megatron-LM configures the schedule."""
-    if megatron_ddp:
-        model.config.no_sync_func = model.no_sync

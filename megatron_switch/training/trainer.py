@@ -27,7 +27,7 @@ from megatron_switch.training.checkpointing import load_checkpoint, save_checkpo
 from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
 from megatron_switch.training.model import build_model
 from megatron_switch.training.optimizer import Optimization
-from megatron_switch.training.schedule import attach_gradient_reduction, forward_backward
+from megatron_switch.training.schedule import forward_backward
 
 
 def _seed_all(seed: int) -> None:
@@ -129,7 +129,6 @@ def _train(args, tokenizer) -> None:
 
         model = Float16Module(model.config, model)
     optimization = Optimization(model, args, megatron_ddp=args.ddp_impl == "megatron")
-    attach_gradient_reduction(optimization.model, optimization.megatron_ddp)
     optimizer = optimization.optimizer
     model_params_in_optimizer_order = optimization.params_in_optimizer_order
     scheduler = optimization.scheduler
