@@ -8,7 +8,9 @@ Applied once, and only when CUDA is absent, so GPU behaviour is untouched:
   layer allocates shape messages and receive buffers on `torch.cuda.current_device()`;
 - sequence parallelism gathers and scatters the sequence into buffers allocated on
   `torch.cuda.current_device()` (tensor-parallel mappings and linear layers, megatron's global
-  memory buffer).
+  memory buffer);
+- megatron's DistributedDataParallel allocates its contiguous gradient buffers (`main_grad`) on
+  `torch.cuda.current_device()` (CUDA streams only for options this trainer never sets).
 Inside those modules only, `torch` is replaced by a stand-in whose `cuda.current_device()` is the
 CPU, whose `cuda.synchronize()` does nothing and whose `zeros(..., device="cuda")` allocates on the
 CPU: on a CPU-only build every tensor already lives on the CPU and every copy is synchronous.
@@ -37,6 +39,8 @@ _CPU_SHIMMED_MODULES = (
     "megatron.core.tensor_parallel.layers",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
 )
 
 

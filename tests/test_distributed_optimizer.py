@@ -1,6 +1,7 @@
-"""`--use-distributed-optimizer` on the CPU path (ZeRO-1): who owns which parameter, that each rank
-keeps only its share of the optimizer state, that training is the plain optimizer's, and that
-checkpoints move between runs with and without it."""
+"""`--use-distributed-optimizer` (ZeRO-1) on CPU: who owns which parameter, that each rank keeps only
+its share of the optimizer state, that training is the plain optimizer's after either gradient
+reduction (megatron-core's DDP, the default, or the local one), and that checkpoints move between
+runs with and without it."""
 
 from __future__ import annotations
 
@@ -138,10 +139,15 @@ def test_each_rank_keeps_only_its_share_of_the_optimizer_state(tmp_path):
     spawn(_ownership_worker, 4, str(tmp_path / "ckpt"))
 
 
-def test_fp32_training_matches_the_plain_optimizer(tmp_path):
-    for name, flags in (("plain", []), ("sharded", [SHARDED])):
+def test_fp32_training_matches_the_plain_optimizer_after_either_reduction(tmp_path):
+    """Plain and sharded, after megatron-core's DDP (buckets reduced during backward) and after the
+    local reduction: at DP=2 in float32 all four runs are the same run."""
+    runs = {"megatron": ["--overlap-grad-reduce"], "megatron-sharded": ["--overlap-grad-reduce", SHARDED],
+            "local": ["--ddp-impl", "local"], "local-sharded": ["--ddp-impl", "local", SHARDED]}
+    for name, flags in runs.items():
         run_train([*DP2, *flags, "--train-iters", "4", "--plots-dir", str(tmp_path / name)], tmp_path)
-    _assert_same(metrics(tmp_path / "plain"), metrics(tmp_path / "sharded"), rel=1e-5)
+    for name in runs:
+        _assert_same(metrics(tmp_path / "megatron"), metrics(tmp_path / name))
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,6 @@ import importlib.util
 import os
 from typing import List, Optional
 
-import torch
-
 from megatron_switch.arguments import add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.parallel import LayoutError, validate_layout
@@ -66,11 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(the attention core).")
     g.add_argument("--recompute-method", choices=("uniform", "block"), default=None)
     g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--ddp-impl", choices=("megatron", "local"), default=None,
-                   help="Gradient reduction: megatron-core's DistributedDataParallel (default with CUDA) or "
-                        "the plain all-reduce of the CPU path (the only choice without CUDA).")
+    g.add_argument("--ddp-impl", choices=("megatron", "local"), default="megatron",
+                   help="Gradient reduction: megatron-core's DistributedDataParallel (the default, on GPU "
+                        "and CPU) or a plain bucketed all-reduce of .grad (the same arithmetic, as a cross-check).")
     g.add_argument("--overlap-grad-reduce", action="store_true",
-                   help="With --ddp-impl megatron: overlap the gradient reduction with backward.")
+                   help="With --ddp-impl megatron: start each bucket's reduction during backward.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard the float32 master weights and Adam's state over data-parallel ranks "
                         "(ZeRO-1, with either --ddp-impl; gradients are still all-reduced in full).")
@@ -128,13 +126,9 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.num_experts is not None and not args.moe_switch:
         fail("--num-experts without --moe-switch: this trainer's mixture of experts is the Switch "
              "layer; add --moe-switch")
-    cuda = torch.cuda.is_available()
-    args.ddp_impl = args.ddp_impl or ("megatron" if cuda else "local")
-    if args.ddp_impl == "megatron" and not cuda:
-        fail("--ddp-impl megatron needs CUDA (megatron-core's DistributedDataParallel allocates its "
-             "buffers on the GPU); this machine has none: use --ddp-impl local (the default here)")
     if args.overlap_grad_reduce and args.ddp_impl != "megatron":
-        fail("--overlap-grad-reduce needs --ddp-impl megatron (a GPU): drop it on CPU")
+        fail("--overlap-grad-reduce needs --ddp-impl megatron (the local reduction runs after backward): "
+             "drop one of them")
     if args.fp8_format and not args.moe_switch:
         fail("--fp8-format: this trainer runs the Switch experts' GEMMs in FP8 (the dense layers stay "
              "bf16); add --moe-switch --num-experts N, or drop --fp8-format")

@@ -1,12 +1,13 @@
 """The trainer's optimizer step: AdamW on float32 master weights, with gradients reduced one of two ways.
 
-- `--ddp-impl megatron` (the default with CUDA): megatron-core's DistributedDataParallel wraps the
-  model. Gradients accumulate over micro-batches in its contiguous float32 buffers (`main_grad`);
-  `finalize_model_grads` reduces dense gradients over data parallel and expert gradients over
-  expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence parallel) and embedding
-  (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` overlaps the reduction with backward.
-- `--ddp-impl local` (always on CPU/gloo, where megatron's DDP cannot run): `gradients.reduce_gradients`,
-  the same arithmetic on float32 copies of `.grad`.
+- `--ddp-impl megatron` (the default, on GPU/NCCL and on CPU/gloo): megatron-core's
+  DistributedDataParallel wraps the model. Gradients accumulate over micro-batches in its contiguous
+  float32 buffers (`main_grad`); `finalize_model_grads` reduces dense gradients over data parallel and
+  expert gradients over expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence
+  parallel) and embedding (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` starts each
+  bucket's reduction during backward. On CPU `compat.apply_cpu_shims` puts its buffers on the CPU.
+- `--ddp-impl local`: `gradients.reduce_gradients`, the same arithmetic on float32 copies of `.grad`
+  (micro-batches accumulate in `.grad`, so in bf16 under --bf16): a cross-check of megatron's.
 
 Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
 (--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
