@@ -42,7 +42,7 @@ def _tiny_args(*extra: str):
                        "--untie-embeddings-and-output-weights", *extra])
 
 
-def _build(args):
+def _build(args, megatron_ddp: bool):
     from megatron.core.transformer.module import Float16Module
 
     from megatron_switch.training.model import build_model
@@ -51,30 +51,58 @@ def _build(args):
     model = build_model(args, 258)
     if args.bf16:
         model = Float16Module(model.config, model)
-    return model, Optimization(model, args, megatron_ddp=False)
+    return model, Optimization(model, args, megatron_ddp=megatron_ddp)
 
 
 def _fake_step(optimization, seed: int) -> float:
-    """A step on gradients drawn from `seed` (the same on every rank)."""
+    """A step on gradients drawn from `seed` (the same on every rank), put where the backward
+    pass would put them (megatron DDP's main_grad buffers, or .grad)."""
     generator = torch.Generator().manual_seed(seed)
     optimization.zero_grad()
     for p in optimization.params:
-        p.grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        grad = torch.randn(p.shape, generator=generator).to(p.dtype)
+        if optimization.megatron_ddp:
+            p.main_grad.copy_(grad)
+        else:
+            p.grad = grad
     return optimization.step()
 
 
+IMPLS = pytest.mark.parametrize("megatron_ddp", [True, False], ids=["megatron-ddp", "local"])
+
+
+@IMPLS
 @pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
-def test_one_rank_sharded_is_the_plain_optimizer(single_process_groups, precision):
+def test_one_rank_sharded_is_the_plain_optimizer(single_process_groups, precision, megatron_ddp):
     from megatron_switch.compat import apply_cpu_shims
 
     apply_cpu_shims()
-    plain_model, plain = _build(_tiny_args(*precision))
-    sharded_model, sharded = _build(_tiny_args(*precision, SHARDED))
-    assert [id(p) for p in sharded.owned] == [id(p) for p in sharded.params]
+    plain_model, plain = _build(_tiny_args(*precision), megatron_ddp)
+    sharded_model, sharded = _build(_tiny_args(*precision, SHARDED), megatron_ddp)
+    assert [(id(p), a, b) for p, a, b in sharded.pieces] == [(id(p), 0, p.numel()) for p in sharded.params]
     for seed in (1, 2):
         assert _fake_step(sharded, seed) == _fake_step(plain, seed)
     for a, b in zip(plain_model.parameters(), sharded_model.parameters()):
         assert torch.equal(a, b)
+
+
+@given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.data())
+def test_flat_range_blocks_are_contiguous_rectangles_covering_the_range(shape, data):
+    from megatron_switch.training.checkpointing import flat_range_blocks
+
+    numel = int(torch.tensor(shape).prod())
+    start = data.draw(st.integers(0, numel - 1))
+    end = data.draw(st.integers(start + 1, numel))
+    t = torch.arange(numel).view(shape)
+    covered = []
+    blocks = flat_range_blocks(shape, start, end)
+    assert len(blocks) <= 2 * len(shape) - 1
+    for offset, block, first in blocks:
+        region = t[tuple(slice(o, o + b) for o, b in zip(offset, block))]
+        assert region.shape == tuple(block)
+        assert torch.equal(region.reshape(-1), torch.arange(first, first + region.numel()))  # a contiguous run
+        covered.extend(region.reshape(-1).tolist())
+    assert covered == list(range(start, end))
 
 
 def _gather(obj, group) -> list:
@@ -83,7 +111,7 @@ def _gather(obj, group) -> list:
     return out
 
 
-def _ownership_worker(rank, world_size, tmp):
+def _ownership_worker(rank, world_size, tmp, megatron_ddp):
     from megatron.core import parallel_state
 
     from megatron_switch.compat import apply_cpu_shims
@@ -94,37 +122,40 @@ def _ownership_worker(rank, world_size, tmp):
     initialize_parallel(ep=2, num_experts=4)  # 4 ranks: data parallel 4, expert-data parallel 2
     apply_cpu_shims()
     args = _tiny_args("--bf16", "--expert-model-parallel-size", "2", SHARDED)
-    model, optimization = _build(args)
+    model, optimization = _build(args, megatron_ddp)
     _fake_step(optimization, seed=1)
     name = {id(p): n for n, p in model.named_parameters()}
     for dense, group in ((True, parallel_state.get_data_parallel_group()),
                          (False, parallel_state.get_expert_data_parallel_group())):
         mine = [p for p in optimization.params if getattr(p, "allreduce", True) == dense]
-        owned = {name[id(p)] for p in optimization.owned if getattr(p, "allreduce", True) == dense}
-        every = _gather(owned, group)
-        assert set().union(*every) == {name[id(p)] for p in mine}  # every parameter has an owner
-        assert sum(map(len, every)) == len(mine)  # exactly one
-        assert all(every), "each rank owns a share"
-        # Adam's moments and the float32 masters exist for the owned parameters only.
-        masters = {id(m) for m, p in zip(optimization.masters, optimization.owned)
-                   if getattr(p, "allreduce", True) == dense}
-        held = [s for m, s in optimization.optimizer.state.items() if id(m) in masters]
-        assert len(held) == len(owned)
+        pieces = [(name[id(p)], a, b) for p, a, b in optimization.pieces if getattr(p, "allreduce", True) == dense]
+        every = [piece for share in _gather(pieces, group) for piece in share]
+        for p in mine:  # the group's pieces of each parameter cover its elements exactly once
+            ranges = sorted((a, b) for n, a, b in every if n == name[id(p)])
+            assert ranges[0][0] == 0 and ranges[-1][1] == p.numel(), name[id(p)]
+            assert all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:])), name[id(p)]
+        assert all(_gather(len(pieces), group)), "each rank updates a share"
+        # Adam's moments and the float32 masters exist for this rank's pieces only.
+        masters = [m for m, (p, _, _) in zip(optimization.masters, optimization.pieces)
+                   if getattr(p, "allreduce", True) == dense]
+        held = [optimization.optimizer.state[m] for m in masters]
         sizes = _gather(sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in held), group)
         assert sum(sizes) == 2 * sum(p.numel() for p in mine)
         assert max(sizes) < 2 * sum(p.numel() for p in mine)
-        # After the step every replica holds the owners' updated values.
+        # After the step every replica holds the same updated values.
         values = torch.cat([p.detach().float().reshape(-1) for p in mine])
         assert all(torch.equal(values, other) for other in _gather(values, group))
     assert all(m.dtype == torch.float32 for m in optimization.masters)
-    assert len(optimization.masters) == len(optimization.owned) < len(optimization.params)
+    assert sum(m.numel() for m in optimization.masters) < sum(p.numel() for p in optimization.params)
+    if megatron_ddp:
+        return
 
     # A rank that owns nothing: one trainable parameter, owned by data-parallel rank 0.
     for p in model.parameters():
         p.requires_grad_(False)
     model.module.decoder.final_layernorm.bias.requires_grad_(True)
     one = Optimization(model, args, megatron_ddp=False)
-    owns = bool(one.owned)
+    owns = bool(one.pieces)
     assert owns == (parallel_state.get_data_parallel_rank() == 0)
     _fake_step(one, seed=2)
     common = {"iteration": 1, "consumed_train_samples": 0}
@@ -135,19 +166,23 @@ def _ownership_worker(rank, world_size, tmp):
     assert steps == ([1.0] if owns else [])
 
 
-def test_each_rank_keeps_only_its_share_of_the_optimizer_state(tmp_path):
-    spawn(_ownership_worker, 4, str(tmp_path / "ckpt"))
+@IMPLS
+def test_each_rank_keeps_only_its_share_of_the_optimizer_state(tmp_path, megatron_ddp):
+    spawn(_ownership_worker, 4, str(tmp_path / "ckpt"), megatron_ddp)
 
 
 def test_fp32_training_matches_the_plain_optimizer_after_either_reduction(tmp_path):
     """Plain and sharded, after megatron-core's DDP (buckets reduced during backward) and after the
-    local reduction: at DP=2 in float32 all four runs are the same run."""
+    local reduction: at DP=2 in float32 all four runs are the same run, bit for bit but for the
+    sharded run after megatron's DDP, whose gradient norm is summed from reduce-scattered shards
+    (another order of the same float32 sums)."""
     runs = {"megatron": ["--overlap-grad-reduce"], "megatron-sharded": ["--overlap-grad-reduce", SHARDED],
             "local": ["--ddp-impl", "local"], "local-sharded": ["--ddp-impl", "local", SHARDED]}
     for name, flags in runs.items():
         run_train([*DP2, *flags, "--train-iters", "4", "--plots-dir", str(tmp_path / name)], tmp_path)
     for name in runs:
-        _assert_same(metrics(tmp_path / "megatron"), metrics(tmp_path / name))
+        _assert_same(metrics(tmp_path / "megatron"), metrics(tmp_path / name),
+                     rel=1e-6 if name == "megatron-sharded" else 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +202,11 @@ def _assert_same(expected, got, rel=0.0):
             assert b[key] == pytest.approx(a[key], rel=rel, abs=0.0), (key, a, b)
 
 
+BF16_REL = 1e-3  # plain vs sharded in bf16: float32 norms summed in another order, then bf16 rounding
+
+
 def test_bf16_training_matches_the_plain_optimizer(bf16_runs):
-    _assert_same(metrics(bf16_runs / "plain" / "plots"), metrics(bf16_runs / "sharded" / "plots"), rel=1e-5)
+    _assert_same(metrics(bf16_runs / "plain" / "plots"), metrics(bf16_runs / "sharded" / "plots"), rel=BF16_REL)
 
 
 def _at_iteration_3(run, tmp_path):
@@ -191,19 +229,25 @@ def test_checkpoints_hold_the_same_tensors_with_and_without_it(bf16_runs, tmp_pa
     assert any(k.startswith("optimizer.main_param.") for k in optimizer_keys)
     assert any(".experts." in k for k in optimizer_keys)
     for key, value in saved["plain"].items():  # the same training: model and optimizer alike
-        if isinstance(value, torch.Tensor):
-            assert torch.equal(value, saved["sharded"][key]), key
+        if isinstance(value, torch.Tensor):  # (a block in the wrong place would be off by its own size)
+            other = saved["sharded"][key]
+            assert value.shape == other.shape and value.dtype == other.dtype, key
+            scale = value.float().abs().max().clamp(min=1e-12)
+            assert (value.float() - other.float()).abs().max() <= 1e-2 * scale, key
 
 
-@pytest.mark.parametrize("saved_by,resumed_with", [("sharded", []), ("plain", [SHARDED])],
-                         ids=["sharded-to-plain", "plain-to-sharded"])
-def test_resume_across_the_flag_is_bit_identical(bf16_runs, tmp_path, saved_by, resumed_with):
+@pytest.mark.parametrize("saved_by,resumed_with,rel", [
+    ("sharded", [SHARDED], 0.0), ("sharded", [], BF16_REL), ("plain", [SHARDED], BF16_REL)],
+    ids=["sharded-bit-identical", "sharded-to-plain", "plain-to-sharded"])
+def test_resume_continues_the_run(bf16_runs, tmp_path, saved_by, resumed_with, rel):
+    """Resumed with the flag the checkpoint was saved with: bit-identical to the uninterrupted run.
+    Across the flag: the uninterrupted run of the other kind, within the two kinds' difference."""
     resumed = run_train([*DP2, "--bf16", *resumed_with, "--train-iters", "6",
                          "--load", str(_at_iteration_3(bf16_runs / saved_by, tmp_path)),
                          "--plots-dir", str(tmp_path / "resumed")], tmp_path)
     assert "at iteration 3" in resumed.stdout
-    straight = metrics(bf16_runs / "plain" / "plots")
-    _assert_same(straight[3:], metrics(tmp_path / "resumed"))
+    straight = metrics(bf16_runs / ("sharded" if resumed_with else "plain") / "plots")
+    _assert_same(straight[3:], metrics(tmp_path / "resumed"), rel=rel)
 
 
 def test_sbatch_plans_a_train_job_with_it_only_when_the_job_has_it(capsys):

@@ -11,10 +11,12 @@ moments and any float32 master weights (--bf16) sharded like their parameters, t
 iteration and consumed samples, the model shape and layout (for `megatron-switch convert`), and each
 rank's RNG states (restored when the world size is unchanged).
 
-With `--use-distributed-optimizer` each rank's optimizer holds only the parameters it owns
-(`optimizer.data_parallel_sharded`): it saves their state as the main data-parallel replica and
-nothing for the others, so the global tensors are the same as without it, and either kind of run
-(at any data-parallel size) loads the other's checkpoints, each rank reading its own parameters.
+With `--use-distributed-optimizer` each rank's optimizer holds only its pieces of the parameters
+(`optimizer.param_pieces`: element ranges of the flattened parameters, or whole ones). It saves them
+as the main data-parallel replica, each piece as rectangular blocks of the same global tensors
+(`flat_range_blocks`), and nothing for the other pieces, so the global tensors are the same as
+without it, and either kind of run (at any data-parallel size) loads the other's checkpoints, each
+rank reading its own pieces.
 
 Loading detects the format of the iteration directory, as Megatron-LM does: torch_dist (any layout:
 it reshards) or legacy `mp_rank_*` files (the layout they were written for). A checkpoint without
@@ -24,6 +26,7 @@ optimizer state (`convert --no-optim`) restores the model and scheduler; Adam st
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import shutil
@@ -88,10 +91,64 @@ def _main_data_parallel_replica(sharded):
     return dataclasses.replace(sharded, replica_id=(*replica_id[:-1], 0))
 
 
+def flat_range_blocks(shape: Sequence[int], start: int, end: int) -> list:
+    """Elements start..end of a row-major tensor of `shape` as rectangular blocks, each a
+    contiguous run of those elements: [(offset, block_shape, flat_start)], at most 2 * ndim - 1."""
+    if start >= end:
+        return []
+    if not shape:
+        return [((), (), start)]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (end - 1) // inner
+    if first == last:  # inside one row: the row's own blocks
+        return [((first, *offset), (1, *block), first * inner + flat)
+                for offset, block, flat in flat_range_blocks(shape[1:], start - first * inner, end - first * inner)]
+    whole_start = -(-start // inner) * inner
+    whole_end = end // inner * inner
+    blocks = flat_range_blocks(shape, start, whole_start)  # the partial first row
+    if whole_end > whole_start:
+        blocks.append(((whole_start // inner, *[0] * (len(shape) - 1)),
+                       ((whole_end - whole_start) // inner, *shape[1:]), whole_start))
+    return blocks + flat_range_blocks(shape, whole_end, end)  # the partial last row
+
+
+def _piece_blocks(sharded, key: str, flat: torch.Tensor, start: int, end: int) -> dict:
+    """`flat` (elements start..end of the model parameter `sharded` describes) as ShardedTensors of
+    the global tensor `key`, one per block (numbered in element order), as the main data-parallel
+    replica."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if not isinstance(sharded, ShardedTensor) or tuple(sharded.local_shape) != tuple(sharded.data.shape):
+        raise CheckpointError(f"{sharded.key}: the distributed optimizer's checkpoint needs a plain sharded "
+                              f"tensor per parameter; run without --use-distributed-optimizer")
+    main = _main_data_parallel_replica(sharded)
+    prepended = sharded.global_offset[:sharded.prepend_axis_num]
+    local_offset = sharded.global_offset[sharded.prepend_axis_num:]
+    return {number: ShardedTensor(key, flat[first - start:first - start + math.prod(block)].view(block), flat.dtype,
+                                  tuple(block), sharded.global_shape,
+                                  (*prepended, *(a + b for a, b in zip(local_offset, offset))), None,
+                                  main.replica_id, sharded.prepend_axis_num)
+            for number, (offset, block, first) in enumerate(flat_range_blocks(sharded.local_shape, start, end))}
+
+
+def _masters(optimizer) -> list:
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
+def _pieces(optimizer) -> list:
+    """(start, end) of the flattened parameter each master holds; None: the whole parameter."""
+    return getattr(optimizer, "param_pieces", None) or [None] * len(_masters(optimizer))
+
+
+def _piece(tensor: torch.Tensor, piece) -> torch.Tensor:
+    return tensor if piece is None else tensor.reshape(-1)[piece[0]:piece[1]]
+
+
 def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
-    """Adam's moments, and the float32 master weights where they are not the model's own
-    parameters (--bf16), each sharded exactly like its model parameter; with a data-parallel
-    sharded optimizer, as the main replica of the parameters this rank owns (the only ones it has)."""
+    """Adam's moments, and the float32 master weights of the bf16 parameters (--bf16), each sharded
+    exactly like its model parameter. With a sharded optimizer, each rank saves its pieces, as the
+    main data-parallel replica: whole parameters (the same tensors as without it), or element ranges
+    of them (`optimizer.param_pieces`), as blocks of the same global tensors."""
     from megatron.core.dist_checkpointing.optimizer import (
         get_param_id_to_sharded_param_map,
         make_sharded_optimizer_tensor,
@@ -100,17 +157,47 @@ def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer
 
     state = optimizer.state_dict()
     id_map = get_param_id_to_sharded_param_map(model_sharded, params_in_optimizer_order)
-    if getattr(optimizer, "data_parallel_sharded", False):
-        id_map = {index: _main_data_parallel_replica(sharded) for index, sharded in id_map.items()}
+    pieces = getattr(optimizer, "param_pieces", None)
+    masters = _masters(optimizer)
+    if pieces is not None:
+        blocks = {}
+        for index, (start, end) in enumerate(pieces):
+            tensors = {name: state["state"][index][name] for name in ("exp_avg", "exp_avg_sq")}
+            if params_in_optimizer_order[index].dtype != torch.float32:
+                tensors["main_param"] = masters[index]
+            blocks[index] = {name: _piece_blocks(id_map[index], f"optimizer.{_KEYS[name]}.{id_map[index].key}",
+                                                 tensor.reshape(-1), start, end)
+                             for name, tensor in tensors.items()}
+        # "layout" is the same on every rank (common state): it marks the optimizer state as present
+        # also where rank 0's is all tensors.
+        return {"layout": "pieces", "pieces": blocks}
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
-    masters = [p for group in optimizer.param_groups for p in group["params"]]
     state["main_params"] = {
         index: make_sharded_optimizer_tensor(id_map[index], master, "optimizer.main_param")
         for index, (master, param) in enumerate(zip(masters, params_in_optimizer_order))
-        if master is not param}
-    # Empty containers (fp32 masters; a rank that owns no parameter) would be common state, and
-    # differ from rank 0's: leave them out (loading restores them).
+        if param.dtype != torch.float32}
+    # Empty containers (fp32 masters) would be common state, and differ from rank 0's: leave them
+    # out (loading restores them).
     return {key: value for key, value in state.items() if value != {}}
+
+
+# Global tensor names (after "optimizer.") of what the plain optimizer's state dict holds.
+_KEYS = {"exp_avg": "state.exp_avg", "exp_avg_sq": "state.exp_avg_sq", "main_param": "main_param"}
+
+
+def _load_pieces(optimizer, loaded: dict, step: float) -> None:
+    """Copy the loaded blocks into the state of each of this rank's pieces (where the checkpoint
+    loader filled the views in place, this copies nothing new)."""
+    with torch.no_grad():
+        for index, master in enumerate(_masters(optimizer)):
+            state = optimizer.state[master]
+            state["step"].fill_(step)
+            for name, blocks in loaded.get("pieces", {}).get(index, {}).items():
+                target = (master if name == "main_param" else state[name]).view(-1)
+                offset = 0
+                for number in sorted(blocks):
+                    target[offset:offset + blocks[number].numel()].copy_(blocks[number].reshape(-1))
+                    offset += blocks[number].numel()
 
 
 def _optimizer_step(optimizer) -> float:
@@ -240,10 +327,15 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
                               f"it may be truncated or from another model: load an earlier iteration "
                               f"or start without --load") from None
     model.load_state_dict(loaded["model"])
-    if "optimizer" in loaded:
+    if "optimizer" in loaded and getattr(optimizer, "param_pieces", None) is not None:
+        _load_pieces(optimizer, loaded["optimizer"], loaded["optimizer_step"])
+    elif "optimizer" in loaded:
         optimizer_state = loaded["optimizer"]
+        if optimizer_state.pop("layout", None) == "pieces":  # saved by a sharded run: no param groups
+            optimizer_state.pop("pieces", None)  # (the scheduler restores the learning rate)
+            optimizer_state["param_groups"] = optimizer.state_dict()["param_groups"]
         optimizer_state.setdefault("state", {})
-        masters = [p for group in optimizer.param_groups for p in group["params"]]
+        masters = _masters(optimizer)
         with torch.no_grad():
             for index, value in optimizer_state.pop("main_params", {}).items():
                 masters[index].copy_(value)
@@ -261,11 +353,10 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
 def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) -> None:
     """A checkpoint without optimizer state: Adam starts from zero, and float32 master weights
     (--bf16) start from the loaded model, not from the initialisation they were copied from."""
-    masters = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
-        for master, param in zip(masters, params_in_optimizer_order):
-            if master is not param:
-                master.copy_(param)
+        for master, param, piece in zip(_masters(optimizer), params_in_optimizer_order, _pieces(optimizer)):
+            if param.dtype != torch.float32:
+                master.copy_(_piece(param, piece))
     if dist.get_rank() == 0:
         print(f" checkpoint {path} has no optimizer state: Adam's moments start from zero", flush=True)
 
@@ -372,19 +463,20 @@ def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, mo
             by_name[name] = (adam["state"].get(index), master)
     id_map = id_map_of(model_sharded, params_in_optimizer_order)
     current = optimizer.state_dict()
-    masters = [p for group in optimizer.param_groups for p in group["params"]]
     with torch.no_grad():
-        for index, (master, param) in enumerate(zip(masters, params_in_optimizer_order)):
+        for index, (master, param, piece) in enumerate(zip(_masters(optimizer), params_in_optimizer_order,
+                                                            _pieces(optimizer))):
             key = localize(id_map[index].key)
             if key not in by_name or by_name[key][0] is None:
                 raise CheckpointError(f"{file}: no optimizer state for {key}: the checkpoint is from another "
                                       f"model; convert it with --no-optim to load the weights only")
             moments, saved_master = by_name[key]
-            current["state"][index] = dict(moments)
-            if master is not param:
+            current["state"][index] = {name: _piece(value, piece) if name != "step" else value
+                                       for name, value in moments.items()}
+            if param.dtype != torch.float32:
                 if saved_master is None:
                     raise CheckpointError(f"{file}: no float32 master weight for {key} (saved without --bf16?)")
-                master.copy_(saved_master)
+                master.copy_(_piece(saved_master, piece))
     for group, saved_group in zip(current["param_groups"], adam["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
     optimizer.load_state_dict(current)

@@ -12,19 +12,24 @@
 Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
 (--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
 
-`--use-distributed-optimizer` (ZeRO-1, after either reduction): each parameter is owned by one rank
-of its reduction group (`ownership.ParameterOwners`), and only the owner keeps its float32 master and
-Adam's moments, so the optimizer state per rank shrinks by about DP (experts: expert-DP). Sharded is
-the optimizer state only: weights and gradients stay whole on every rank, and gradients are still
-all-reduced in full (not reduce-scattered), so the norm and clipping are those of the plain step.
-After AdamW each owner broadcasts its updated parameters. With DP = 1 it is the plain optimizer.
-(megatron-core's own DistributedOptimizer, which reduce-scatters into sharded buffers, is not used.)
+`--use-distributed-optimizer` (ZeRO-1): the float32 masters and Adam's moments are split over the
+reduction group (dense: data parallel, experts: expert-data parallel), so the optimizer state per
+rank shrinks by about that size; weights and gradient buffers stay whole. Each rank updates its
+*pieces* (parameter, start, end of the flattened parameter; `ownership.py` decides):
+- after megatron-core's DDP, built in its distributed-optimizer mode: the pieces in this rank's shard
+  of each bucket. Gradients are reduce-scattered (each rank receives its shard), the norm is summed
+  from the shards, and after AdamW the parameters are all-gathered from the shards: megatron-core's
+  DistributedOptimizer's communication, through megatron-core's own buffers and collectives;
+- after the local reduction: whole parameters, each owned by one rank, which broadcasts it after
+  AdamW (gradients are all-reduced in full there).
+With a reduction group of one rank it is the plain optimizer. Checkpoints hold the same global
+tensors either way (checkpointing.py).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -33,7 +38,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_switch.comm import comm_device
 from megatron_switch.training.gradients import reduce_gradients
-from megatron_switch.training.ownership import ParameterOwners
+from megatron_switch.training.ownership import ParameterOwners, ddp_shard_pieces
 
 
 def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -44,10 +49,12 @@ def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.nn.utils.get_total_norm(grads, 2.0).double().square().reshape(1).to(comm_device())
 
 
-def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor]) -> float:
-    """Norm of the whole model's gradient (`grads[i]` is the reduced gradient of `params[i]`):
-    tensor-parallel duplicates counted once, experts once per expert-parallel group, every pipeline
-    stage included."""
+def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch.Tensor],
+                     sharded: bool = False) -> float:
+    """Norm of the whole model's gradient (`grads[i]` is the reduced gradient of `params[i]`, or,
+    `sharded`, of this rank's piece of it, the pieces of the data-parallel ranks together making up
+    each parameter once): tensor-parallel duplicates counted once, experts once per expert-parallel
+    group, every pipeline stage included."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     dense, expert = [], []
     for p, grad in zip(params, grads):
@@ -58,15 +65,32 @@ def global_grad_norm(params: Sequence[torch.nn.Parameter], grads: Sequence[torch
         elif getattr(p, "tensor_model_parallel", False) or tp_rank == 0:
             dense.append(grad)
     dense, expert = _sum_of_squares(dense), _sum_of_squares(expert)
+    if sharded:  # every rank holds distinct pieces: one sum over all of them
+        total = dense + expert
+        dist.all_reduce(total)
+        return math.sqrt(float(total.item()))
     dist.all_reduce(dense, group=parallel_state.get_model_parallel_group())
     dist.all_reduce(expert, group=parallel_state.get_expert_tensor_model_pipeline_parallel_group())
     return math.sqrt(float((dense + expert).item()))
 
 
-def _param_groups(params, weight_decay: float):
-    """Weight decay on matrices only (not on biases and norm weights)."""
-    decay = [p for p in params if p.dim() > 1]
-    no_decay = [p for p in params if p.dim() <= 1]
+def _master(param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
+    """The float32 master of elements start..end of the flattened `param`: the parameter itself
+    (whole, float32), a view of it (a float32 piece), or a float32 copy (bf16)."""
+    if start == 0 and end == param.numel():
+        return param if param.dtype == torch.float32 else param.detach().float().requires_grad_()
+    piece = param.detach().view(-1)[start:end]
+    return piece if param.dtype == torch.float32 else piece.float()
+
+
+def _piece_of(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    return tensor if start == 0 and end == tensor.numel() else tensor.view(-1)[start:end]
+
+
+def _param_groups_of_pieces(masters, pieces, weight_decay: float):
+    """Weight decay on matrices only (not on biases and norm weights), judged by the parameter."""
+    decay = [m for m, (p, _, _) in zip(masters, pieces) if p.dim() > 1]
+    no_decay = [m for m, (p, _, _) in zip(masters, pieces) if p.dim() <= 1]
     return [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0, "lr_mult": 1.0},
             {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0, "lr_mult": 1.0}]
 
@@ -78,43 +102,53 @@ class Optimization:
     `optimizer` (a torch AdamW whose param_groups hold the masters), `params_in_optimizer_order`
     (the model parameter of each master) and `scheduler` (Megatron's learning-rate and weight-decay
     schedule from the --lr* flags) are what checkpoints save and restore. `params` are all trainable
-    parameters; `owned` those this rank updates (all of them, or its share under
-    --use-distributed-optimizer, where `owners` says whose each is and `optimizer.data_parallel_sharded`
-    tells checkpoints that this rank's state is the only copy); `masters` the float32 masters of `owned`.
+    parameters; `pieces` the (parameter, start, end) this rank updates: every parameter whole, or its
+    share under --use-distributed-optimizer (`optimizer.param_pieces` then tells checkpoints which
+    elements each master holds: the state of the others is another rank's); `masters` their float32
+    masters.
     """
 
     def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
         self.module, self.args, self.megatron_ddp = module, args, megatron_ddp
         self.model = module
+        sharded = args.use_distributed_optimizer
         if megatron_ddp:
             from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
             ddp_config = DistributedDataParallelConfig(
                 grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-                use_distributed_optimizer=False, check_for_nan_in_grad=False)
+                use_distributed_optimizer=sharded, check_for_nan_in_grad=False)
             self.model = DistributedDataParallel(module.config, ddp_config, module)
             # The schedule accumulates every micro-batch's gradient before the reduction starts,
             # as Megatron-LM configures it.
             module.config.no_sync_func = self.model.no_sync
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
-        self.owners = ParameterOwners(self.params) if args.use_distributed_optimizer else None
-        self.owned = self.owners.owned if self.owners is not None else self.params
-        self.masters = [p if p.dtype == torch.float32 else p.detach().float().requires_grad_()
-                        for p in self.owned]
-        self.optimizer = torch.optim.AdamW(
-            _param_groups(self.masters, args.weight_decay),
-            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
-        self.optimizer.data_parallel_sharded = self.owners is not None
-        model_of_master = {id(m): p for m, p in zip(self.masters, self.owned)}
-        self.params_in_optimizer_order = [model_of_master[id(m)] for g in self.optimizer.param_groups
-                                          for m in g["params"]]
         index = {id(p): i for i, p in enumerate(self.params)}
-        self._owned_index = [index[id(p)] for p in self.owned]
+        self.owners = ParameterOwners(self.params) if sharded and not megatron_ddp else None
+        if sharded and megatron_ddp:
+            pieces = sorted(ddp_shard_pieces(self.model), key=lambda piece: (index[id(piece[0])], piece[1]))
+        else:
+            pieces = [(p, 0, p.numel()) for p in (self.owners.owned if self.owners is not None else self.params)]
+        self.pieces: List[Tuple[torch.nn.Parameter, int, int]] = pieces
+        self.masters = [_master(*piece) for piece in pieces]
+        self.optimizer = torch.optim.AdamW(
+            _param_groups_of_pieces(self.masters, pieces, args.weight_decay),
+            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, fused=True)
+        piece_of_master = {id(m): piece for m, piece in zip(self.masters, pieces)}
+        in_order = [piece_of_master[id(m)] for g in self.optimizer.param_groups for m in g["params"]]
+        self.params_in_optimizer_order = [p for p, _, _ in in_order]
+        self.optimizer.param_pieces = [(start, end) for _, start, end in in_order] if sharded else None
+        self._piece_index = [index[id(p)] for p, _, _ in pieces]
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
             min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
             wd_incr_steps=args.train_iters, wd_incr_style="constant")
+
+    @property
+    def _sliced(self) -> bool:
+        """Pieces of megatron DDP's shards (reduce-scattered gradients)."""
+        return self.megatron_ddp and self.args.use_distributed_optimizer
 
     def zero_grad(self) -> None:
         if self.megatron_ddp:
@@ -123,7 +157,8 @@ class Optimization:
             p.grad = None
 
     def _reduced_gradients(self) -> List[torch.Tensor]:
-        """The float32 gradient of each of `params`, reduced over data parallel (and scaled by 1 / DP)."""
+        """The float32 gradient of each of `params`, reduced over data parallel (and scaled by 1 / DP);
+        after a reduce-scatter only this rank's pieces of it are reduced."""
         if self.megatron_ddp:
             from megatron.core.distributed import finalize_model_grads
 
@@ -136,20 +171,26 @@ class Optimization:
 
     def step(self) -> float:
         """Reduce, clip to --clip-grad, AdamW on this rank's masters, copy them back, and (sharded)
-        broadcast the owners' parameters; returns the gradient norm."""
+        gather or broadcast the updated parameters; returns the gradient norm."""
         grads = self._reduced_gradients()
-        grad_norm = global_grad_norm(self.params, grads)
-        for master, i in zip(self.masters, self._owned_index):
-            master.grad = grads[i]
+        piece_grads = [_piece_of(grads[i], start, end) for i, (_, start, end) in zip(self._piece_index, self.pieces)]
+        if self._sliced:
+            grad_norm = global_grad_norm([p for p, _, _ in self.pieces], piece_grads, sharded=True)
+        else:
+            grad_norm = global_grad_norm(self.params, grads)
+        for master, grad in zip(self.masters, piece_grads):
+            master.grad = grad
         clip = self.args.clip_grad
         if clip > 0 and grad_norm > clip:
             for master in self.masters:
                 master.grad.mul_(clip / (grad_norm + 1e-6))
         self.optimizer.step()
         with torch.no_grad():
-            for master, p in zip(self.masters, self.owned):
-                if master is not p:
-                    p.copy_(master)
-        if self.owners is not None:
+            for master, (p, start, end) in zip(self.masters, self.pieces):
+                if p.dtype != torch.float32:  # (float32 masters are the parameter's own elements)
+                    _piece_of(p.detach(), start, end).copy_(master)
+        if self._sliced:
+            self.model.start_param_sync(force_sync=True)  # all-gather the shards: every replica updated
+        elif self.owners is not None:
             self.owners.broadcast()
         return grad_norm

@@ -1,11 +1,16 @@
-"""Which rank owns each parameter under `--use-distributed-optimizer` (ZeRO-1), and the broadcast
-that brings every replica the owners' updated values.
+"""Which rank updates which parameters under `--use-distributed-optimizer` (ZeRO-1).
 
 A parameter is reduced over one group: dense parameters over data parallel, expert parameters
-(`param.allreduce == False`) over expert-data parallel. Within that group exactly one rank owns it:
-only the owner keeps its float32 master and Adam's state and updates it; afterwards each owner
-broadcasts what it updated. Every rank of a group holds the same parameters (same TP rank, pipeline
-stage and experts), so all of them compute the same owners from the parameters' sizes alone.
+(`param.allreduce == False`) over expert-data parallel. Every rank of a group holds the same
+parameters (same TP rank, pipeline stage and experts). Two ways to split them within the group:
+
+- With megatron-core's DDP (`ddp_shard_pieces`): DDP's distributed-optimizer mode lays each group's
+  parameters out in contiguous buckets, each split into equal shards, one per rank; the gradient is
+  reduce-scattered (rank r receives the reduced shard r) and, after the step, the parameters are
+  all-gathered from the shards. A rank updates the *pieces* (flattened element ranges) of the
+  parameters that fall in its shards: the communication of megatron-core's DistributedOptimizer.
+- With the local reduction (`ParameterOwners`): gradients are all-reduced; each parameter is owned
+  whole by one rank, chosen from the parameters' sizes alone, which updates it and broadcasts it.
 """
 
 from __future__ import annotations
@@ -30,6 +35,25 @@ def assign_owners(numels: Sequence[int], ranks: int) -> List[int]:
         owners[index] = rank
         loads[rank] += numels[index]
     return owners
+
+
+def ddp_shard_pieces(ddp) -> List[Tuple[torch.nn.Parameter, int, int]]:
+    """(param, start, end) for each piece of a parameter inside this rank's shard of a bucket of
+    `ddp` (megatron-core's DistributedDataParallel built with use_distributed_optimizer): elements
+    start..end of the flattened parameter, whose reduced gradient this rank receives and whose
+    updated values it sends to the others."""
+    pieces = []
+    for buffer in [*ddp.buffers, *ddp.expert_parallel_buffers]:
+        size, rank = dist.get_world_size(buffer.data_parallel_group), dist.get_rank(buffer.data_parallel_group)
+        for bucket in buffer.buckets:
+            shard = bucket.grad_data.numel() // size
+            low = bucket.offset + rank * shard
+            for param in bucket.params_list:
+                begin, finish, _ = buffer.param_index_map[param]
+                start, end = max(begin, low), min(finish, low + shard)
+                if start < end:
+                    pieces.append((param, start - begin, end - begin))
+    return pieces
 
 
 def reduction_group(param: torch.nn.Parameter) -> dist.ProcessGroup:
