@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="With --ddp-impl megatron: start each bucket's reduction during backward.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="Shard the float32 master weights and Adam's state over data-parallel ranks "
-                        "(ZeRO-1, with either --ddp-impl; gradients are still all-reduced in full).")
+                        "(ZeRO-1; after megatron's DDP: reduce-scattered gradients, all-gathered parameters).")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
     g.add_argument("--master-port", type=int, default=None)

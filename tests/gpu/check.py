@@ -8,8 +8,9 @@
    the GPU (NCCL, one rank) with --bf16 (megatron-core's DDP, the default on GPU), the same with
    --ddp-impl local (the CPU path's reduction: the losses must agree), and with --fp8-format hybrid:
    the loss falls, a checkpoint is saved. Every run goes through megatron-core's schedules.
-   train_bf16_zero1: --use-distributed-optimizer on megatron-core's DDP (one rank: it owns every
-   parameter, so the losses must equal train_bf16's).
+   train_bf16_zero1: --use-distributed-optimizer on megatron-core's DDP in its distributed-optimizer
+   mode (reduce-scatter, pieces, all-gather over NCCL; one rank: its shard is every parameter, so
+   the losses must equal train_bf16's).
 4. throughput: forward+backward of one layer at the same shapes: a dense FFN of equal FLOPs per
    token, our Switch layer in bf16 and FP8, megatron-core's MoELayer (top-1, alltoall dispatcher,
    SequentialMLP experts); tokens/s and % of the 790 TFLOP/s bf16 peak.
@@ -175,8 +176,9 @@ def train_bf16_local_ddp(out_dir):
 
 @check
 def train_bf16_zero1(out_dir):
-    """The sharded optimizer state after megatron-core's DDP reduction (its `main_grad` buffers):
-    at one rank the same step as the plain optimizer, so the same losses."""
+    """The sharded optimizer after megatron-core's DDP in its distributed-optimizer mode (gradients
+    reduce-scattered into its buffers, parameters all-gathered from them, over NCCL): at one rank
+    the same step as the plain optimizer, so the same losses."""
     result = _train("bf16-zero1", ["--use-distributed-optimizer"], out_dir)
     reference = RESULTS.get("train_bf16", {}).get("lm_losses")
     if reference:
