@@ -277,6 +277,20 @@ def test_resume_continues_the_run(bf16_runs, tmp_path, saved_by, resumed_with, r
     _assert_same(straight[3:], metrics(tmp_path / "resumed"), rel=rel)
 
 
+def test_sharded_checkpoints_convert_to_legacy_files_and_resume_from_them(bf16_runs, tmp_path):
+    """`megatron-switch convert` reads a sharded run's blocks as whole tensors; the trainer puts each
+    rank's pieces of the legacy files' tensors back into its sharded optimizer."""
+    from megatron_switch.checkpoint.convert import convert
+
+    legacy = tmp_path / "legacy"
+    convert(str(_at_iteration_3(bf16_runs / "sharded", tmp_path)), str(legacy), fmt="torch", progress=False,
+            log=lambda *a: None)
+    resumed = run_train([*DP2, "--bf16", SHARDED, "--train-iters", "4", "--load", str(legacy),
+                         "--plots-dir", str(tmp_path / "resumed")], tmp_path)
+    assert "at iteration 3" in resumed.stdout
+    _assert_same(metrics(bf16_runs / "sharded" / "plots")[3:4], metrics(tmp_path / "resumed"))
+
+
 def test_sbatch_plans_a_train_job_with_it_only_when_the_job_has_it(capsys):
     from megatron_switch.planning.cli import sbatch_main
     from tests.test_planning import _run

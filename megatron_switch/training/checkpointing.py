@@ -141,7 +141,10 @@ def _pieces(optimizer) -> list:
 
 
 def _piece(tensor: torch.Tensor, piece) -> torch.Tensor:
-    return tensor if piece is None else tensor.reshape(-1)[piece[0]:piece[1]]
+    """The elements of `tensor` a master holds, shaped as that master (a whole parameter keeps its shape)."""
+    if piece is None or tuple(piece) == (0, tensor.numel()):
+        return tensor
+    return tensor.reshape(-1)[piece[0]:piece[1]]
 
 
 def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
@@ -168,9 +171,10 @@ def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer
             blocks[index] = {name: _piece_blocks(id_map[index], f"optimizer.{_KEYS[name]}.{id_map[index].key}",
                                                  tensor.reshape(-1), start, end)
                              for name, tensor in tensors.items()}
-        # "layout" is the same on every rank (common state): it marks the optimizer state as present
-        # also where rank 0's is all tensors.
-        return {"layout": "pieces", "pieces": blocks}
+        # Common state, the same on every rank: the layout, and the groups' hyperparameters (for
+        # `megatron-switch convert`; which parameters each group holds differs from rank to rank).
+        groups = [{k: v for k, v in group.items() if k != "params"} for group in state["param_groups"]]
+        return {"layout": "pieces", "param_groups": groups, "pieces": blocks}
     optim_state_to_sharding_state(state, id_map, exclude_keys=("step",))
     state["main_params"] = {
         index: make_sharded_optimizer_tensor(id_map[index], master, "optimizer.main_param")
@@ -331,8 +335,8 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
         _load_pieces(optimizer, loaded["optimizer"], loaded["optimizer_step"])
     elif "optimizer" in loaded:
         optimizer_state = loaded["optimizer"]
-        if optimizer_state.pop("layout", None) == "pieces":  # saved by a sharded run: no param groups
-            optimizer_state.pop("pieces", None)  # (the scheduler restores the learning rate)
+        if optimizer_state.pop("layout", None) == "pieces":  # saved by a sharded run: groups without
+            optimizer_state.pop("pieces", None)  # their parameters (the scheduler restores the learning rate)
             optimizer_state["param_groups"] = optimizer.state_dict()["param_groups"]
         optimizer_state.setdefault("state", {})
         masters = _masters(optimizer)
