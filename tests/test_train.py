@@ -59,14 +59,14 @@ def test_ep2_run_learns_and_reports(tmp_path):
 @pytest.mark.parametrize("layout, tied", [
     (["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "2"], False),
     (["--nproc-per-node", "4", "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "2",
-      "--overlap-grad-reduce", "--make-vocab-size-divisible-by", "256"], False),
+      "--overlap-grad-reduce", "--use-distributed-optimizer", "--make-vocab-size-divisible-by", "256"], True),
     (["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
       "--expert-model-parallel-size", "2", "--sequence-parallel"], True),
-], ids=["tp2xep2", "pp2xdp2xep2-overlap", "tp2xpp2xep2-sp-tied"])
+], ids=["tp2xep2", "pp2xdp2xep2-overlap-zero1-tied", "tp2xpp2xep2-sp-tied"])
 def test_layouts_match_one_process(tmp_path, layout, tied):
-    """Same losses, routing and gradient norms as one process (gradients through megatron-core's DDP,
-    with data parallelism beside the pipeline, reduced bucket by bucket during backward in
-    pp2xdp2xep2-overlap); with tied embeddings across pipeline
+    """Same losses, routing and gradient norms as one process (gradients through megatron-core's DDP;
+    in pp2xdp2xep2-overlap-zero1-tied, with data parallelism beside the pipeline, reduce-scattered
+    bucket by bucket during backward for the distributed optimizer); with tied embeddings across pipeline
     stages, the last stage's copy starts equal to the first stage's and gets the same updates; with
     sequence parallelism, norm gradients (partial per sequence shard) are summed over TP."""
     shape = [flag for flag in SMALL if flag != "--untie-embeddings-and-output-weights"] if tied else SMALL
