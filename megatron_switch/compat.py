@@ -12,8 +12,10 @@ Applied once, and only when CUDA is absent, so GPU behaviour is untouched:
 - megatron's DistributedDataParallel allocates its contiguous gradient buffers (`main_grad`) on
   `torch.cuda.current_device()` (CUDA streams only for options this trainer never sets).
 Inside those modules only, `torch` is replaced by a stand-in whose `cuda.current_device()` is the
-CPU, whose `cuda.synchronize()` does nothing and whose `zeros(..., device="cuda")` allocates on the
-CPU: on a CPU-only build every tensor already lives on the CPU and every copy is synchronous.
+CPU, whose `cuda.synchronize()` does nothing, whose `cuda.current_stream()` has nothing to wait for
+(megatron-core 0.19's DDP waits on it before each reduction) and whose `zeros(..., device="cuda")`
+allocates on the CPU: on a CPU-only build every tensor already lives on the CPU and every copy is
+synchronous.
 
 `seed_parallel_rng` seeds megatron's named RNG streams (tensor-parallel dropout and the like): on
 CUDA through megatron's own function, without CUDA in a CPU tracker with the same interface.
@@ -44,12 +46,29 @@ _CPU_SHIMMED_MODULES = (
 )
 
 
+class _CpuStream:
+    """The one stream of a CPU: every operation is synchronous, so there is nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        return None
+
+    def wait_stream(self, stream) -> None:
+        return None
+
+    def synchronize(self) -> None:
+        return None
+
+
 class _CpuCuda(types.SimpleNamespace):
     """`torch.cuda` as the shimmed megatron modules see it on a machine without CUDA."""
 
     @staticmethod
     def current_device():
         return "cpu"
+
+    @staticmethod
+    def current_stream(*args, **kwargs):
+        return _CpuStream()
 
     @staticmethod
     def synchronize(*args, **kwargs):
