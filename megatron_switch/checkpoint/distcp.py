@@ -49,6 +49,7 @@ from megatron_switch.checkpoint.sharding import Layout, distinct_parts, placemen
 COMMON = "common.pt"
 CONFIG = "metadata.json"
 RNG_KEY = "rng_state"
+COMMON_KEY = "common_state"  # megatron-core >= 0.19 keeps the common state inside the checkpoint, not in common.pt
 
 
 def _object_key(key: str) -> str:
@@ -97,7 +98,7 @@ class DistCheckpointReader(CheckpointReader):
         self._reader = FileSystemReader(path)
         try:
             self._metadata = self._reader.read_metadata()
-            self.common = torch.load(os.path.join(path, COMMON), map_location="cpu", weights_only=False)
+            self.common = self._common_state(path)
         except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
             raise ConvertError(f"{path}: torch_dist metadata cannot be read ({type(err).__name__}: {err}); "
                                f"the checkpoint is truncated or corrupt") from None
@@ -106,9 +107,19 @@ class DistCheckpointReader(CheckpointReader):
         for key, meta in self._metadata.state_dict_metadata.items():
             if isinstance(meta, TensorStorageMetadata):
                 self.tensors[key] = TensorSpec(tuple(meta.size), meta.properties.dtype)
-            elif isinstance(meta, BytesStorageMetadata) and not key.startswith(RNG_KEY + "/"):
+            elif isinstance(meta, BytesStorageMetadata) and not key.startswith((RNG_KEY + "/", COMMON_KEY + "/")):
                 object_keys.append(key)
         self.objects = self._read_objects(object_keys)
+
+    @staticmethod
+    def _common_state(path: str) -> dict:
+        """common.pt (Megatron-LM's own may hold its argparse Namespace: not weights-only), or where
+        megatron-core >= 0.19 keeps it, inside the checkpoint (its loader reads both)."""
+        if os.path.isfile(os.path.join(path, COMMON)):
+            return torch.load(os.path.join(path, COMMON), map_location="cpu", weights_only=False)
+        from megatron.core.dist_checkpointing import load_common_state_dict
+
+        return load_common_state_dict(path)
 
     def _read_objects(self, keys) -> dict[str, Any]:
         import torch.distributed.checkpoint as dcp

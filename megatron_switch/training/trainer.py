@@ -81,9 +81,11 @@ def _start_checkpoint_writer_ignoring(signals) -> None:
     breaks the save the signal asks for. Start it now with the signals ignored (SIG_IGN survives exec)."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+    # (megatron-core 0.16 names it _get_write_results_queue, 0.19 get_write_results_queue)
+    start = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
     try:
-        filesystem_async._get_write_results_queue()
+        start()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
