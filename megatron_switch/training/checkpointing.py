@@ -36,6 +36,8 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from megatron_switch.training.ownership import piece_of
+
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
@@ -140,11 +142,6 @@ def _pieces(optimizer) -> list:
     return getattr(optimizer, "param_pieces", None) or [None] * len(_masters(optimizer))
 
 
-def _piece(tensor: torch.Tensor, piece) -> torch.Tensor:
-    """The elements of `tensor` a master holds, shaped as that master (a whole parameter keeps its shape)."""
-    if piece is None or tuple(piece) == (0, tensor.numel()):
-        return tensor
-    return tensor.reshape(-1)[piece[0]:piece[1]]
 
 
 def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
@@ -360,7 +357,7 @@ def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) ->
     with torch.no_grad():
         for master, param, piece in zip(_masters(optimizer), params_in_optimizer_order, _pieces(optimizer)):
             if param.dtype != torch.float32:
-                master.copy_(_piece(param, piece))
+                master.copy_(piece_of(param, piece))
     if dist.get_rank() == 0:
         print(f" checkpoint {path} has no optimizer state: Adam's moments start from zero", flush=True)
 
@@ -475,12 +472,12 @@ def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, mo
                 raise CheckpointError(f"{file}: no optimizer state for {key}: the checkpoint is from another "
                                       f"model; convert it with --no-optim to load the weights only")
             moments, saved_master = by_name[key]
-            current["state"][index] = {name: _piece(value, piece) if name != "step" else value
+            current["state"][index] = {name: piece_of(value, piece) if name != "step" else value
                                        for name, value in moments.items()}
             if param.dtype != torch.float32:
                 if saved_master is None:
                     raise CheckpointError(f"{file}: no float32 master weight for {key} (saved without --bf16?)")
-                master.copy_(_piece(saved_master, piece))
+                master.copy_(piece_of(saved_master, piece))
     for group, saved_group in zip(current["param_groups"], adam["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k not in ("params", "param_names")})
     optimizer.load_state_dict(current)

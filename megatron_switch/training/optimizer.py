@@ -38,7 +38,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from megatron_switch.comm import comm_device
 from megatron_switch.training.gradients import reduce_gradients
-from megatron_switch.training.ownership import ParameterOwners, ddp_shard_pieces
+from megatron_switch.training.ownership import ParameterOwners, ddp_shard_pieces, piece_of
 
 
 def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -81,10 +81,6 @@ def _master(param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
         return param if param.dtype == torch.float32 else param.detach().float().requires_grad_()
     piece = param.detach().view(-1)[start:end]
     return piece if param.dtype == torch.float32 else piece.float()
-
-
-def _piece_of(tensor: torch.Tensor, start: int, end: int) -> torch.Tensor:
-    return tensor if start == 0 and end == tensor.numel() else tensor.view(-1)[start:end]
 
 
 def _param_groups_of_pieces(masters, pieces, weight_decay: float):
@@ -173,7 +169,7 @@ class Optimization:
         """Reduce, clip to --clip-grad, AdamW on this rank's masters, copy them back, and (sharded)
         gather or broadcast the updated parameters; returns the gradient norm."""
         grads = self._reduced_gradients()
-        piece_grads = [_piece_of(grads[i], start, end) for i, (_, start, end) in zip(self._piece_index, self.pieces)]
+        piece_grads = [piece_of(grads[i], (start, end)) for i, (_, start, end) in zip(self._piece_index, self.pieces)]
         if self._sliced:
             grad_norm = global_grad_norm([p for p, _, _ in self.pieces], piece_grads, sharded=True)
         else:
@@ -188,7 +184,7 @@ class Optimization:
         with torch.no_grad():
             for master, (p, start, end) in zip(self.masters, self.pieces):
                 if p.dtype != torch.float32:  # (float32 masters are the parameter's own elements)
-                    _piece_of(p.detach(), start, end).copy_(master)
+                    piece_of(p.detach(), (start, end)).copy_(master)
         if self._sliced:
             self.model.start_param_sync(force_sync=True)  # all-gather the shards: every replica updated
         elif self.owners is not None:

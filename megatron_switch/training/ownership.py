@@ -15,7 +15,7 @@ parameters (same TP rank, pipeline stage and experts). Two ways to split them wi
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,14 @@ def assign_owners(numels: Sequence[int], ranks: int) -> List[int]:
         owners[index] = rank
         loads[rank] += numels[index]
     return owners
+
+
+def piece_of(tensor: torch.Tensor, piece: Optional[Tuple[int, int]]) -> torch.Tensor:
+    """Elements start..end (`piece`) of the flattened `tensor`, a view where the tensor is contiguous;
+    the tensor itself, in its shape, for None or a piece that is all of it."""
+    if piece is None or tuple(piece) == (0, tensor.numel()):
+        return tensor
+    return tensor.reshape(-1)[piece[0]:piece[1]]
 
 
 def ddp_shard_pieces(ddp) -> List[Tuple[torch.nn.Parameter, int, int]]:
