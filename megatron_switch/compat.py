@@ -55,9 +55,6 @@ class _CpuStream:
     def wait_stream(self, stream) -> None:
         return None
 
-    def synchronize(self) -> None:
-        return None
-
 
 class _CpuCuda(types.SimpleNamespace):
     """`torch.cuda` as the shimmed megatron modules see it on a machine without CUDA."""

@@ -142,8 +142,6 @@ def _pieces(optimizer) -> list:
     return getattr(optimizer, "param_pieces", None) or [None] * len(_masters(optimizer))
 
 
-
-
 def _optimizer_sharded_state(optimizer, model_sharded: dict, params_in_optimizer_order: Sequence):
     """Adam's moments, and the float32 master weights of the bf16 parameters (--bf16), each sharded
     exactly like its model parameter. With a sharded optimizer, each rank saves its pieces, as the

@@ -121,7 +121,7 @@ class Optimization:
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
         index = {id(p): i for i, p in enumerate(self.params)}
         self.owners = ParameterOwners(self.params) if sharded and not megatron_ddp else None
-        if sharded and megatron_ddp:
+        if self._sliced:
             pieces = sorted(ddp_shard_pieces(self.model), key=lambda piece: (index[id(piece[0])], piece[1]))
         else:
             pieces = [(p, 0, p.numel()) for p in (self.owners.owned if self.owners is not None else self.params)]
