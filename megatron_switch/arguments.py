@@ -41,6 +41,9 @@ def _flags():
         ("--switch-dropless", dict(action="store_true", help="No capacity limit (no dropped tokens).")),
         ("--switch-min-capacity", dict(type=int, default=None,
                                        help=f"Minimum slots per expert (default {_D.min_capacity}).")),
+        ("--moe-pad-expert-input-to-capacity", dict(
+            action="store_true", help="Experts compute every capacity slot, filled or not (static shapes; "
+                                      "the default on GPUs). Elsewhere only the kept tokens are computed.")),
         ("--moe-token-drop-policy", dict(type=str, default=None, choices=DROP_POLICIES,
                                          help="position: first come first served; probs: highest gates.")),
         ("--moe-aux-loss-coeff", dict(type=float, default=None,

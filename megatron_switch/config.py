@@ -32,6 +32,10 @@ class SwitchConfig:
     capacity_factor: train capacity factor; None or 0 means dropless.
     eval_capacity_factor: capacity factor outside training; None or 0 means dropless.
     min_capacity: lower bound on the per-expert capacity C.
+    pad_to_capacity: Megatron's --moe-pad-expert-input-to-capacity. True: the experts compute all
+        E x C slots, filled or not (static [E_l, EP * C, h] shapes, one batched GEMM per projection,
+        no host synchronisation). False: only the kept tokens (grouped GEMM; at most T rows, fewer
+        when tokens are dropped). None: padded on GPUs, kept tokens only elsewhere.
     drop_policy: "position" (first come, first served in flattened [s, b] order) or "probs"
         (keep the highest-gate tokens).
     aux_loss_coeff: alpha of the load-balancing loss alpha * E * sum_i f_i P_i.
@@ -55,6 +59,7 @@ class SwitchConfig:
     capacity_factor: Optional[float] = 1.25
     eval_capacity_factor: Optional[float] = 2.0
     min_capacity: int = 4
+    pad_to_capacity: Optional[bool] = None
     drop_policy: str = "position"
     aux_loss_coeff: float = 1e-2
     z_loss_coeff: float = 0.0
@@ -84,6 +89,9 @@ class SwitchConfig:
             need(value is None or (math.isfinite(value) and value >= 0),
                  f"{flag} must be >= 0 (0 means dropless), got {value}")
         need(self.min_capacity >= 0, f"--switch-min-capacity must be >= 0, got {self.min_capacity}")
+        need(not self.pad_to_capacity or self.capacity_factor_for(True) is not None,
+             "--moe-pad-expert-input-to-capacity pads to the capacity, and dropless training has none: "
+             "give --moe-expert-capacity-factor, or drop the flag")
         need(self.drop_policy in DROP_POLICIES,
              f"--moe-token-drop-policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         need(self.aux_loss_coeff >= 0, f"--moe-aux-loss-coeff must be >= 0, got {self.aux_loss_coeff}")
@@ -114,6 +122,10 @@ class SwitchConfig:
         """The capacity factor in force; None means dropless."""
         cf = self.capacity_factor if training else self.eval_capacity_factor
         return cf if cf else None
+
+    def pads_to_capacity(self, device_type: str) -> bool:
+        """Whether experts on a device of this type ("cuda", "cpu") compute every capacity slot."""
+        return self.pad_to_capacity if self.pad_to_capacity is not None else device_type == "cuda"
 
     def capacity(self, num_tokens: int, training: bool) -> Optional[int]:
         """C = max(min_capacity, ceil(cf * T / E)); None when dropless."""
@@ -157,6 +169,7 @@ class SwitchConfig:
             capacity_factor=capacity_factor,
             eval_capacity_factor=get("switch_eval_capacity_factor", cls.eval_capacity_factor),
             min_capacity=get("switch_min_capacity", cls.min_capacity),
+            pad_to_capacity=True if getattr(args, "moe_pad_expert_input_to_capacity", False) else None,
             drop_policy=get("moe_token_drop_policy", cls.drop_policy),
             aux_loss_coeff=_single(get("moe_aux_loss_coeff", cls.aux_loss_coeff), "--moe-aux-loss-coeff"),
             z_loss_coeff=get("moe_z_loss_coeff", cls.z_loss_coeff),

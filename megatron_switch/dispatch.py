@@ -3,12 +3,12 @@
 Shapes: T local tokens, h hidden, E experts, P expert-parallel ranks, E_l = E / P local experts,
 C capacity. Experts are laid out contiguously: rank p owns experts [p * E_l, (p + 1) * E_l).
 
-- `CapacityDispatcher` (capacity mode, each rank its own routing group): tokens are written into
-  an [E * C, h] buffer at slot `expert * C + position`; one static-shape all-to-all gives each rank
-  [E_l, P * C, h]; one more brings the outputs back.
-- `GroupedDispatcher` (dropless, or a routing group shared by several ranks): kept tokens are
-  sorted by expert, split sizes are exchanged, and an uneven all-to-all moves exactly the kept
-  tokens; experts see variable counts.
+- `CapacityDispatcher` (padding to capacity, each rank its own routing group): tokens are written
+  into an [E * C, h] buffer at slot `expert * C + position`; one static-shape all-to-all gives each
+  rank [E_l, P * C, h], empty slots included; one more brings the outputs back. No host sync.
+- `GroupedDispatcher` (dropless, capacity without padding, or a routing group shared by several
+  ranks): kept tokens are sorted by expert, split sizes are exchanged, and an uneven all-to-all
+  moves exactly the kept tokens; experts see variable counts and compute no empty slot.
 Both return the expert outputs as rows [R, h] with each token's row in `DispatchMeta.token_rows`;
 `gather_scale` then forms y_t = gate_t * kept_t * rows[token_rows_t] in one pass. Only indices and
 [*, h] rows move: nothing of size T x E x C exists. With no expert-parallel group (P = 1) the same

@@ -5,7 +5,9 @@ Weights are stacked per expert in the nn.Linear layout ([out, in]), so expert i 
   weight1 [E_l, f', h] (f' = 2f for gated activations, [gate; up] halves as in Megatron),
   weight2 [E_l, h, f], bias1 [E_l, f'], bias2 [E_l, h].
 Two entry points: `forward_padded` for fixed capacity ([E_l, N, h], one bmm per projection) and
-`forward_grouped` for variable token counts per expert (dropless).
+`forward_grouped` for variable token counts per expert ([N, h] sorted by expert: the kept tokens
+only, one grouped GEMM per projection, `torch._grouped_mm` where it runs natively, else a GEMM per
+expert).
 
 Backends (`--switch-expert-backend`): `torch` (this module; bf16/fp32 everywhere, FP8 through
 `torch._scaled_mm` on GPUs of compute capability 8.9+, see fp8.py) and `te` (Transformer Engine's
@@ -80,16 +82,99 @@ class _BankProjection(torch.autograd.Function):
         dw = None
         if ctx.needs_input_grad[1]:
             main_grad = getattr(w_Eoi, "main_grad", None) if ctx.fuse_wgrad else None
-            if main_grad is None:
-                dw = torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi))
-            else:
-                if main_grad.dtype == dy_ENo.dtype:
-                    main_grad.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)
-                else:
-                    main_grad.add_(torch.bmm(dy_ENo.transpose(1, 2), x_ENi))
+            if main_grad is not None and main_grad.dtype == dy_ENo.dtype:
+                main_grad.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)  # no bank-sized temporary
                 dw = wgrad_placeholder(w_Eoi)
+            else:
+                dw = _accumulated_wgrad(w_Eoi, torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi)),
+                                        ctx.fuse_wgrad)
         db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+def _accumulated_wgrad(weight: torch.Tensor, dw: torch.Tensor, fuse_wgrad: bool):
+    """dW as backward returns it: itself, or (gradient-accumulation fusion with a `main_grad`
+    buffer, Megatron's DDP) added into main_grad, with the placeholder Megatron expects."""
+    main_grad = getattr(weight, "main_grad", None) if fuse_wgrad else None
+    if main_grad is None:
+        return dw
+    main_grad.add_(dw)
+    return wgrad_placeholder(weight)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs_on(device_type: str) -> bool:
+    """Whether `torch._grouped_mm` has a kernel here. Used on the CPU (torch 2.13 has one); CUDA
+    keeps a GEMM per expert until the grouped kernel has run on a GPU here."""
+    if device_type != "cpu" or not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        y = torch._grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 4), offs=torch.tensor([1, 3], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(torch.equal(y, torch.full((3, 4), 4.0)))
+
+
+def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
+    """torch._grouped_mm's kernel wants 16-byte aligned operands and strides."""
+    return _grouped_mm_runs_on(operands[0].device.type) and all(
+        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
+        for t in operands)
+
+
+def grouped_rows_mm(rows_NK: torch.Tensor, mats_EKM: torch.Tensor, counts: List[int],
+                    offsets: torch.Tensor) -> torch.Tensor:
+    """[N, K] rows in E consecutive groups of `counts` rows, [E, K, M] -> [N, M]: y_g = rows_g @ mats[g].
+    `offsets` = cumsum(counts) as int32 on the rows' device."""
+    if _grouped_mm_fits(rows_NK, mats_EKM):
+        return torch._grouped_mm(rows_NK, mats_EKM, offs=offsets)
+    if rows_NK.shape[0] == 0:
+        return rows_NK.new_empty(0, mats_EKM.shape[-1])
+    return torch.cat([r @ m for r, m in zip(torch.split(rows_NK, counts), mats_EKM)])
+
+
+def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
+                     offsets: torch.Tensor) -> torch.Tensor:
+    """[N, M], [N, K] in E groups of `counts` rows -> [E, M, K]: out[g] = a_g^T @ b_g (zeros for an
+    empty group): the weight gradient of a grouped projection."""
+    if _grouped_mm_fits(a_NM, b_NK):
+        return torch._grouped_mm(a_NM.t(), b_NK, offs=offsets)
+    return torch.stack([a.t() @ b for a, b in zip(torch.split(a_NM, counts), torch.split(b_NK, counts))])
+
+
+class _GroupedProjection(torch.autograd.Function):
+    """y_g = x_g @ w[g]^T (+ b[g]) for the consecutive row groups g of x, one group per expert.
+
+    Shapes: x [N, in] (rows sorted by expert, `counts[g]` rows for expert g), w [E, out, in],
+    b [E, out] or None -> y [N, out]. The FLOPs are those of the N rows, whatever the capacity.
+    Weight gradients as in `_BankProjection` (into `main_grad` with gradient-accumulation fusion).
+    """
+
+    @staticmethod
+    def forward(ctx, x_Ni, w_Eoi, b_Eo, counts, fuse_wgrad):
+        counts_E = torch.tensor(counts, dtype=torch.int32, device=x_Ni.device)
+        offsets = counts_E.cumsum(0, dtype=torch.int32)
+        y_No = grouped_rows_mm(x_Ni, w_Eoi.transpose(1, 2), counts, offsets)
+        expert_N = None  # each row's expert, for the bias
+        if b_Eo is not None:
+            expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_Ni.device), counts_E,
+                                               output_size=x_Ni.shape[0])
+            y_No += b_Eo.index_select(0, expert_N)
+        ctx.save_for_backward(x_Ni, w_Eoi, offsets, expert_N)
+        ctx.counts, ctx.fuse_wgrad, ctx.num_experts = counts, fuse_wgrad, w_Eoi.shape[0]
+        return y_No
+
+    @staticmethod
+    def backward(ctx, dy_No):
+        x_Ni, w_Eoi, offsets, expert_N = ctx.saved_tensors
+        dy_No = dy_No.contiguous()
+        dx = grouped_rows_mm(dy_No, w_Eoi, ctx.counts, offsets) if ctx.needs_input_grad[0] else None
+        dw = db = None
+        if ctx.needs_input_grad[1]:
+            dw = _accumulated_wgrad(w_Eoi, grouped_outer_mm(dy_No, x_Ni, ctx.counts, offsets), ctx.fuse_wgrad)
+        if expert_N is not None and ctx.needs_input_grad[2]:
+            db = dy_No.new_zeros(ctx.num_experts, dy_No.shape[1]).index_add_(0, expert_N, dy_No)
+        return dx, dw, db, None, None
 
 
 def expert_ffn_size(config: TransformerConfig, switch: SwitchConfig) -> int:
@@ -226,10 +311,9 @@ class TorchExperts(ExpertBank):
             for local in range(self.num_local_experts):
                 self._draw(weight[local], layer_number, tensor_id, local)
 
-    def _expert(self, x_nh: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e of the bank on its tokens [n, h] -> [n, h]."""
-        linear = functools.partial(fp8_linear, fp8_format=self.switch.fp8_format) if self.switch.fp8_format \
-            else F.linear
+    def _fp8_expert(self, x_nh: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e of the bank on its tokens [n, h] -> [n, h], its GEMMs in FP8."""
+        linear = functools.partial(fp8_linear, fp8_format=self.switch.fp8_format)
         h = linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
         return linear(self._ffn_tail(h), self.weight2[e], None if self.bias2 is None else self.bias2[e])
 
@@ -248,5 +332,9 @@ class TorchExperts(ExpertBank):
         """[N, h] sorted by local expert, with counts per expert -> [N, h]."""
         # Empty groups run too: every expert stays in the autograd graph on every rank, so each
         # rank's backward issues the same collectives even when its experts received no token.
-        outputs = [self._expert(x_nh, e) for e, x_nh in enumerate(torch.split(x_Nh, tokens_per_expert))]
-        return torch.cat(outputs) if outputs else x_Nh
+        if self.switch.fp8_format:
+            outputs = [self._fp8_expert(x_nh, e) for e, x_nh in enumerate(torch.split(x_Nh, tokens_per_expert))]
+            return torch.cat(outputs) if outputs else x_Nh
+        fuse = self.config.gradient_accumulation_fusion
+        h = _GroupedProjection.apply(x_Nh, self.weight1, self.bias1, tokens_per_expert, fuse)
+        return _GroupedProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, tokens_per_expert, fuse)

@@ -161,8 +161,11 @@ class SwitchMLP(MegatronModule):
         x_Th = x.reshape(-1, x.shape[-1])
 
         routing = self.router(x_Th, self.token_group)
-        static = routing.capacity is not None and group_size(self.token_group) == 1
-        dispatcher = self.capacity_dispatcher if static else self.grouped_dispatcher
+        # Static shapes ([E_l, EP * C, h], a batched GEMM over every slot) when padding to capacity
+        # and each rank is its own routing group; else exactly the kept tokens move and are computed.
+        padded = (routing.capacity is not None and group_size(self.token_group) == 1
+                  and self.switch.pads_to_capacity(x_Th.device.type))
+        dispatcher = self.capacity_dispatcher if padded else self.grouped_dispatcher
         expert_in, meta = dispatcher.dispatch(x_Th, routing)
         expert_out = (self.experts.forward_padded(expert_in) if meta.tokens_per_local_expert is None
                       else self.experts.forward_grouped(expert_in, meta.tokens_per_local_expert))

@@ -21,6 +21,8 @@ from megatron_switch import (LayoutError, SwitchConfig, SwitchConfigError, add_s
     (dict(num_experts=8, expert_dropout=1.0), "--switch-expert-dropout must be in [0, 1)"),
     (dict(num_experts=8, init_scale=0.0), "--switch-init-scale must be > 0"),
     (dict(num_experts=8, expert_interval=0), "--moe-layer-freq"),
+    (dict(num_experts=8, capacity_factor=None, pad_to_capacity=True),
+     "--moe-pad-expert-input-to-capacity pads to the capacity, and dropless training has none"),
 ])
 def test_bad_switch_config_says_what_to_change(kwargs, fragment):
     with pytest.raises(SwitchConfigError, match=None) as err:
@@ -87,6 +89,9 @@ def test_flags_parse_into_config_with_paper_defaults():
     assert [c.is_switch_layer(n) for n in range(1, 5)] == [False, True, False, True]
     dropless = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", "--switch-dropless"]))
     assert dropless.capacity(100, True) is None
+    assert (c.pad_to_capacity, c.pads_to_capacity("cuda"), c.pads_to_capacity("cpu")) == (None, True, False)
+    padded = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", "--moe-pad-expert-input-to-capacity"]))
+    assert padded.pads_to_capacity("cpu")
     with pytest.raises(SwitchConfigError, match="--moe-switch needs --num-experts"):
         SwitchConfig.from_args(parser.parse_args(["--moe-switch"]))
 

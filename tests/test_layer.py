@@ -34,11 +34,12 @@ def run_with_aux(layer, x, upstream):
 
 @pytest.mark.parametrize("activation", ["relu", "gelu", "geglu", "swiglu"])
 @pytest.mark.parametrize("policy", ["position", "probs"])
-@pytest.mark.parametrize("capacity_factor", [1.0, None])
+@pytest.mark.parametrize("capacity_factor,pad", [(1.0, False), (1.0, True), (None, False)],
+                         ids=["kept-tokens", "padded", "dropless"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fast_path_equals_slow_loop(activation, policy, capacity_factor, bias):
+def test_fast_path_equals_slow_loop(activation, policy, capacity_factor, pad, bias):
     torch.manual_seed(0)
-    switch = SwitchConfig(num_experts=4, capacity_factor=capacity_factor, min_capacity=1,
+    switch = SwitchConfig(num_experts=4, capacity_factor=capacity_factor, min_capacity=1, pad_to_capacity=pad,
                           drop_policy=policy, activation=activation, expert_bias=bias,
                           aux_loss_coeff=1e-2, z_loss_coeff=1e-3, jitter_eps=0.0)
     layer = make_layer(switch)
@@ -276,9 +277,10 @@ def test_expert_dropout_acts_inside_experts_in_training_only():
     assert torch.equal(layer.router(x.view(-1, 16)).expert, torch.argmax(x.view(-1, 16) @ layer.router.weight.t(), -1))
 
 
-def test_gradient_accumulation_fusion_accumulates_into_main_grad():
+@pytest.mark.parametrize("pad", [True, False], ids=["padded", "kept-tokens"])
+def test_gradient_accumulation_fusion_accumulates_into_main_grad(pad):
     torch.manual_seed(5)
-    switch = SwitchConfig(num_experts=4, capacity_factor=1.0, jitter_eps=0.0)
+    switch = SwitchConfig(num_experts=4, capacity_factor=1.0, jitter_eps=0.0, pad_to_capacity=pad)
     plain = make_layer(switch)
     fused = SwitchMLP(tiny_config(gradient_accumulation_fusion=True), switch=switch, ep_group=None, tp_group=None)
     bank = (fused.experts.weight1, fused.experts.weight2)
@@ -293,3 +295,57 @@ def test_gradient_accumulation_fusion_accumulates_into_main_grad():
         torch.testing.assert_close(w.main_grad, ref.grad, rtol=1e-5, atol=1e-6)
         assert w.grad_added_to_main_grad
     torch.testing.assert_close(fused.router.weight.grad, plain.router.weight.grad)
+
+
+@pytest.mark.parametrize("pad,expected", [(True, "slots"), (False, "kept"), (None, "kept")])
+def test_experts_compute_kept_tokens_unless_padding_to_capacity(pad, expected):
+    """Without padding the expert GEMMs see exactly the kept tokens (the CPU default), with it every
+    one of the E x C slots."""
+    torch.manual_seed(6)
+    switch = SwitchConfig(num_experts=4, capacity_factor=1.0, min_capacity=1, jitter_eps=0.0,
+                          pad_to_capacity=pad)
+    layer = make_layer(switch)
+    rows = []
+    for name in ("forward_padded", "forward_grouped"):
+        original = getattr(layer.experts, name)
+
+        def counted(x, *rest, original=original):
+            rows.append(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0])
+            return original(x, *rest)
+        setattr(layer.experts, name, counted)
+    x = torch.randn(8, 3, 16)
+    x[:, :, :] += 3 * layer.router.weight[0].detach()  # most tokens pick expert 0: many dropped
+    layer(x)
+    T = 24
+    kept = round(T * (1 - float(layer.last_stats.dropped_fraction)))
+    assert kept < T
+    assert rows == [4 * switch.capacity(T, True) if expected == "slots" else kept]
+
+
+def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
+    """Where torch._grouped_mm has no kernel the grouped projection runs one GEMM per expert:
+    both give the same outputs and gradients, empty experts included."""
+    from megatron_switch import experts as expert_module
+
+    torch.manual_seed(7)
+    switch = SwitchConfig(num_experts=4, activation="swiglu")
+    bank = expert_module.TorchExperts(tiny_config(), switch, 4, 0)
+    with torch.no_grad():
+        bank.bias1.normal_()
+        bank.bias2.normal_()
+    counts = [5, 0, 7, 3]
+    x = torch.randn(15, 16, requires_grad=True)
+    upstream = torch.randn(15, 16)
+    if not expert_module._grouped_mm_fits(x, bank.weight1):
+        pytest.skip("this torch has no CPU kernel for torch._grouped_mm")
+    results = []
+    for native in (True, False):
+        if not native:
+            monkeypatch.setattr(expert_module, "_grouped_mm_runs_on", lambda device_type: False)
+        bank.zero_grad(set_to_none=True)
+        x.grad = None
+        (bank.forward_grouped(x, counts) * upstream).sum().backward()
+        results.append([x.grad] + [p.grad for p in bank.parameters()])
+    for native, fallback in zip(*results):
+        torch.testing.assert_close(native, fallback, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(results[0][1][1]) == 0  # expert 1 had no token: no weight gradient

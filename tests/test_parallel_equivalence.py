@@ -18,7 +18,8 @@ S, B, H, E = 8, 2, 16, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
 
 VARIANTS = [
-    dict(capacity_factor=1.0, min_capacity=1),
+    dict(capacity_factor=1.0, min_capacity=1),  # the kept tokens only (grouped GEMM)
+    dict(capacity_factor=1.0, min_capacity=1, pad_to_capacity=True),  # every slot, static shapes
     dict(capacity_factor=None),
     dict(capacity_factor=1.0, min_capacity=1, drop_policy="probs", activation="swiglu"),
 ]

@@ -108,6 +108,29 @@ def fp8_vs_bf16():
 
 
 @check
+def kept_tokens_vs_padded():
+    """The kept-tokens expert path (grouped, one GEMM per expert on CUDA) against the padded one
+    (every capacity slot, batched GEMM): same outputs and gradients up to bf16 GEMM round-off."""
+    torch.manual_seed(0)
+    hidden, ffn, experts = 1024, 4096, 8
+    padded = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, pad_to_capacity=True)
+    kept = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, pad_to_capacity=False)
+    kept.load_state_dict(padded.state_dict())
+    x = torch.randn(1024, 8, hidden, device="cuda", dtype=torch.bfloat16)
+    results = []
+    for layer in (padded, kept):
+        xr = x.clone().requires_grad_()
+        y, _ = layer(xr)
+        y.float().square().mean().backward()
+        results.append((y.detach(), xr.grad, layer.experts.weight1.grad, layer.experts.weight2.grad,
+                        layer.router.weight.grad))
+    errors = [_rel(k, p) for p, k in zip(*results)]
+    if max(errors) > 0.02:
+        raise AssertionError(f"kept-tokens vs padded relative errors (y, dx, w1, w2, router) {errors} > 0.02")
+    return {"max_rel_error": round(max(errors), 5), "dropped": round(float(kept.last_stats.dropped_fraction), 4)}
+
+
+@check
 def router_fp32():
     from megatron.core.transformer.module import Float16Module
 
@@ -281,7 +304,8 @@ def throughput():
     w1 = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w2 = torch.randn(hidden, ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     measure("dense_ffn", lambda x: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2))
-    for name, switch in (("switch_bf16", {}), ("switch_fp8", {"fp8_format": "hybrid"})):
+    for name, switch in (("switch_bf16", {}), ("switch_bf16_kept_tokens", {"pad_to_capacity": False}),
+                         ("switch_fp8", {"fp8_format": "hybrid"})):
         try:
             layer = _switch_layer(hidden, ffn, experts, capacity_factor=cf, expert_bias=False, **switch)
             measure(name, layer)
@@ -319,6 +343,7 @@ def main():
     train_fp8(args.out)
     _init_single_rank()
     fp8_vs_bf16()
+    kept_tokens_vs_padded()
     router_fp32()
     throughput()
     with open(os.path.join(args.out, "profiles.txt"), "w") as f:
