@@ -85,8 +85,11 @@ def _logits_worker(rank, world_size, jobs, out_dir):
             parallel_state.destroy_model_parallel()
         initialize_parallel(tp, pp, ep, 4, backend="gloo")
         apply_cpu_shims()
+        # Padded to capacity, each expert's GEMMs have the same shapes whatever tokens it got (CPU GEMMs
+        # round products of 1-3 rows differently from larger ones), so equal weights give equal logits.
         args = parse_args([*SMALL, *_vocab_flags(tp), "--tensor-model-parallel-size", str(tp),
-                           "--pipeline-model-parallel-size", str(pp), "--expert-model-parallel-size", str(ep)])
+                           "--pipeline-model-parallel-size", str(pp), "--expert-model-parallel-size", str(ep),
+                           "--moe-pad-expert-input-to-capacity"])
         model = build_model(args, vocab)
         # The converter's placement rules are the model's own sharding.
         coord = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
