@@ -91,7 +91,7 @@ class TorchNorm:
     Engine nor apex is installed), also under sequence parallelism, which megatron's wrapper refuses:
     each TP rank normalises its own sequence shard, so its weight gradient is a partial sum; the
     parameters are marked `sequence_parallel`, as megatron's fused norms mark theirs, and the
-    gradient reduction (megatron's DDP or the CPU path's) sums them over the TP group."""
+    gradient reduction (megatron-core's DDP, or --ddp-impl local) sums them over the TP group."""
 
     def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
         if not config.sequence_parallel:

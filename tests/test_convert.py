@@ -242,7 +242,8 @@ def test_missing_rank_and_mismatched_shape_fail_clearly(run, tmp_path):
     key = "decoder.layers.1.mlp.experts.linear_fc2.weight"
     state["model"][key] = state["model"][key][:1].clone()
     torch.save(state, file)
-    with pytest.raises(ConvertError, match=f"mp_rank_00_000_001.*{key} has shape \\(1, 64, 256\\).*needs \\(2, 64, 256\\)"):
+    wrong_shape = f"mp_rank_00_000_001.*{key} has shape \\(1, 64, 256\\).*needs \\(2, 64, 256\\)"
+    with pytest.raises(ConvertError, match=wrong_shape):
         convert(str(legacy), str(tmp_path / "target"), progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
 
@@ -274,7 +275,8 @@ def test_command_line(run, tmp_path):
     root, _ = run
     command = [sys.executable, "-m", "megatron_switch.cli", "convert"]
     done = subprocess.run([*command, "--load", str(root / "base"), "--save", str(tmp_path / "st"), "--format",
-                           "safetensors", "--no-optim", "--no-progress-bar"], capture_output=True, text=True, check=False)
+                           "safetensors", "--no-optim", "--no-progress-bar"],
+                          capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "--no-optim: dropping" in done.stdout and "each checked against the source" in done.stdout
     assert sorted(os.listdir(tmp_path / "st")) == ["manifest.json", "model.safetensors", "model.safetensors.index.json"]

@@ -223,10 +223,14 @@ def bf16_runs(tmp_path_factory):
 
 
 def _assert_same(expected, got, rel=0.0):
+    """Every metric equal (rel 0) or within `rel`; then also up to two of a step's 4 x 64 tokens may
+    have crossed the capacity edge (a routing decision is discrete: a last-bit difference in a
+    bf16 weight can move a token from one expert to another)."""
     assert [r["iteration"] for r in got] == [r["iteration"] for r in expected]
     for a, b in zip(expected, got):
         for key in KEYS:
-            assert b[key] == pytest.approx(a[key], rel=rel, abs=0.0), (key, a, b)
+            slack = 2 / (4 * 64) if rel and key == "dropped_fraction" else 0.0
+            assert b[key] == pytest.approx(a[key], rel=rel, abs=slack), (key, a, b)
 
 
 BF16_REL = 1e-3  # plain vs sharded in bf16: float32 norms summed in another order, then bf16 rounding

@@ -1,6 +1,7 @@
-"""Gradient reduction across data-parallel replicas, for CPU (gloo) and plain-PyTorch runs.
+"""Gradient reduction across data-parallel replicas by hand: `--ddp-impl local`, a cross-check of
+megatron-core's DistributedDataParallel (the default, on GPUs and CPUs), and for plain-PyTorch use.
 
-Megatron's DDP needs CUDA; this is the equivalent reduction for the CPU path:
+The same arithmetic as megatron-core's DDP with `finalize_model_grads`:
 - dense parameters: summed over the data-parallel group;
 - expert parameters (`param.allreduce == False`): summed over the expert-data-parallel group;
 - both scaled by 1 / data-parallel size (as Megatron's DDP does), so a step on DP replicas equals
