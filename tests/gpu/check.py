@@ -80,22 +80,28 @@ def _rel(a, b):
     return float((a.float() - b.float()).norm() / b.float().norm())
 
 
-@check
-def fp8_vs_bf16():
+def _same_input_twice(reference: dict, other: dict):
+    """Two Switch layers with the same weights (SwitchConfig extras `reference` and `other`) on the
+    same bf16 input; for each: output, input, expert-weight and router gradients of mean(y^2), load."""
     torch.manual_seed(0)
     hidden, ffn, experts = 1024, 4096, 8
-    ref = _switch_layer(hidden, ffn, experts, jitter_eps=0.0)
-    fp8 = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, fp8_format="hybrid")
-    fp8.load_state_dict(ref.state_dict())
+    layers = [_switch_layer(hidden, ffn, experts, jitter_eps=0.0, **extra) for extra in (reference, other)]
+    layers[1].load_state_dict(layers[0].state_dict())
     x = torch.randn(1024, 8, hidden, device="cuda", dtype=torch.bfloat16)
-    grads = []
-    for layer in (ref, fp8):
+    results = []
+    for layer in layers:
         xr = x.clone().requires_grad_()
         y, _ = layer(xr)
         y.float().square().mean().backward()
-        grads.append(dict(y=y.detach(), dx=xr.grad, w1=layer.experts.weight1.grad, w2=layer.experts.weight2.grad,
-                          router=layer.router.weight.grad, load=layer.last_stats.tokens_per_expert))
-    r, f = grads
+        results.append(dict(y=y.detach(), dx=xr.grad, w1=layer.experts.weight1.grad, w2=layer.experts.weight2.grad,
+                            router=layer.router.weight.grad, load=layer.last_stats.tokens_per_expert,
+                            dropped=float(layer.last_stats.dropped_fraction)))
+    return results
+
+
+@check
+def fp8_vs_bf16():
+    r, f = _same_input_twice({}, {"fp8_format": "hybrid"})
     errors = {"output": _rel(f["y"], r["y"]), "input_grad": _rel(f["dx"], r["dx"]),
               "weight_grad": max(_rel(f["w1"], r["w1"]), _rel(f["w2"], r["w2"])),
               "router_grad": _rel(f["router"], r["router"])}
@@ -111,23 +117,13 @@ def fp8_vs_bf16():
 def kept_tokens_vs_padded():
     """The kept-tokens expert path (grouped, one GEMM per expert on CUDA) against the padded one
     (every capacity slot, batched GEMM): same outputs and gradients up to bf16 GEMM round-off."""
-    torch.manual_seed(0)
-    hidden, ffn, experts = 1024, 4096, 8
-    padded = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, pad_to_capacity=True)
-    kept = _switch_layer(hidden, ffn, experts, jitter_eps=0.0, pad_to_capacity=False)
-    kept.load_state_dict(padded.state_dict())
-    x = torch.randn(1024, 8, hidden, device="cuda", dtype=torch.bfloat16)
-    results = []
-    for layer in (padded, kept):
-        xr = x.clone().requires_grad_()
-        y, _ = layer(xr)
-        y.float().square().mean().backward()
-        results.append((y.detach(), xr.grad, layer.experts.weight1.grad, layer.experts.weight2.grad,
-                        layer.router.weight.grad))
-    errors = [_rel(k, p) for p, k in zip(*results)]
-    if max(errors) > 0.02:
-        raise AssertionError(f"kept-tokens vs padded relative errors (y, dx, w1, w2, router) {errors} > 0.02")
-    return {"max_rel_error": round(max(errors), 5), "dropped": round(float(kept.last_stats.dropped_fraction), 4)}
+    padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
+                                     {"pad_to_capacity": False, "capacity_factor": 1.0})
+    errors = {name: _rel(kept[name], padded[name]) for name in ("y", "dx", "w1", "w2", "router")}
+    if max(errors.values()) > 0.02 or not torch.equal(kept["load"], padded["load"]):
+        raise AssertionError(f"kept-tokens vs padded: relative errors {errors} (bound 0.02), loads "
+                             f"{kept['load'].tolist()} vs {padded['load'].tolist()}")
+    return {"errors": {k: round(v, 5) for k, v in errors.items()}, "dropped": round(kept["dropped"], 4)}
 
 
 @check
