@@ -116,9 +116,11 @@ def _grouped_mm_runs_on(device_type: str) -> bool:
 
 
 def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
-    """torch._grouped_mm's kernel wants 16-byte aligned operands and strides."""
+    """torch._grouped_mm's kernel wants non-empty operands, 16-byte aligned, with strides that are
+    non-zero multiples of 16 bytes (but one of 1 element)."""
     return _grouped_mm_runs_on(operands[0].device.type) and all(
-        t.data_ptr() % 16 == 0 and all(st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
+        t.numel() > 0 and t.data_ptr() % 16 == 0
+        and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
         for t in operands)
 
 

@@ -349,3 +349,17 @@ def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
     for native, fallback in zip(*results):
         torch.testing.assert_close(native, fallback, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(results[0][1][1]) == 0  # expert 1 had no token: no weight gradient
+
+
+def test_grouped_experts_without_tokens_stay_in_the_graph():
+    """A rank whose experts receive no token (expert parallelism) still runs backward through its
+    bank, with zero gradients, so it issues the same reductions as its peers."""
+    from megatron_switch.experts import TorchExperts
+
+    bank = TorchExperts(tiny_config(), SwitchConfig(num_experts=4), 4, 0)
+    x = torch.empty(0, 16, requires_grad=True)
+    y = bank.forward_grouped(x, [0, 0, 0, 0])
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    for p in bank.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0
