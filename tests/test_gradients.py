@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -27,10 +28,10 @@ def test_dense_and_expert_gradients_average_even_without_local_gradient():
     spawn(reduce_worker, 2)
 
 
-def starved_worker(rank, world_size):
-    """EP=2, dropless: every token chooses expert 0, so rank 1's experts receive nothing."""
+def starved_worker(rank, world_size, capacity_factor):
+    """EP=2: every token chooses expert 0, so rank 1's experts receive nothing."""
     initialize_parallel(ep=2, num_experts=4, backend="gloo")
-    switch = SwitchConfig(num_experts=4, capacity_factor=None, jitter_eps=0.0)
+    switch = SwitchConfig(num_experts=4, capacity_factor=capacity_factor, jitter_eps=0.0)
     layer = SwitchMLP(tiny_config(), switch=switch)
     reference = SwitchMLP(tiny_config(), switch=switch, ep_group=None, tp_group=None)
     for module in (layer, reference):
@@ -48,5 +49,6 @@ def starved_worker(rank, world_size):
     dist.barrier()
 
 
-def test_expert_parallel_rank_with_no_tokens():
-    spawn(starved_worker, 2)
+@pytest.mark.parametrize("capacity_factor", [None, 1.0], ids=["dropless", "capacity"])
+def test_expert_parallel_rank_with_no_tokens(capacity_factor):
+    spawn(starved_worker, 2, capacity_factor)
