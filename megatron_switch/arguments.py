@@ -43,7 +43,8 @@ def _flags():
                                        help=f"Minimum slots per expert (default {_D.min_capacity}).")),
         ("--moe-pad-expert-input-to-capacity", dict(
             action="store_true", help="Experts compute every capacity slot, filled or not (static shapes; "
-                                      "the default on GPUs). Elsewhere only the kept tokens are computed.")),
+                                      "the default on GPUs; not under tensor parallelism). Elsewhere only "
+                                      "the kept tokens are computed.")),
         ("--moe-token-drop-policy", dict(type=str, default=None, choices=DROP_POLICIES,
                                          help="position: first come first served; probs: highest gates.")),
         ("--moe-aux-loss-coeff", dict(type=float, default=None,

@@ -35,7 +35,9 @@ class SwitchConfig:
     pad_to_capacity: Megatron's --moe-pad-expert-input-to-capacity. True: the experts compute all
         E x C slots, filled or not (static [E_l, EP * C, h] shapes, one batched GEMM per projection,
         no host synchronisation). False: only the kept tokens (grouped GEMM; at most T rows, fewer
-        when tokens are dropped). None: padded on GPUs, kept tokens only elsewhere.
+        when tokens are dropped). None: padded on GPUs, kept tokens only elsewhere. Padding needs
+        each rank to be its own routing group: under tensor parallelism (the micro-batch's tokens
+        spread over the TP ranks) the kept tokens move whatever this says.
     drop_policy: "position" (first come, first served in flattened [s, b] order) or "probs"
         (keep the highest-gate tokens).
     aux_loss_coeff: alpha of the load-balancing loss alpha * E * sum_i f_i P_i.

@@ -115,32 +115,37 @@ def _grouped_mm_runs_on(device_type: str) -> bool:
     return bool(torch.equal(y, torch.full((3, 4), 4.0)))
 
 
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
-    """torch._grouped_mm's kernel wants non-empty operands, 16-byte aligned, with strides that are
-    non-zero multiples of 16 bytes (but one of 1 element)."""
+    """torch._grouped_mm's kernel wants non-empty float32/bf16/fp16 operands of one dtype, 16-byte
+    aligned, with strides that are non-zero multiples of 16 bytes (but one of 1 element)."""
     return _grouped_mm_runs_on(operands[0].device.type) and all(
-        t.numel() > 0 and t.data_ptr() % 16 == 0
+        t.numel() > 0 and t.dtype == operands[0].dtype and t.dtype in _GROUPED_MM_DTYPES
+        and t.data_ptr() % 16 == 0
         and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
         for t in operands)
 
 
-def grouped_rows_mm(rows_NK: torch.Tensor, mats_EKM: torch.Tensor, counts: List[int],
-                    offsets: torch.Tensor) -> torch.Tensor:
-    """[N, K] rows in E consecutive groups of `counts` rows, [E, K, M] -> [N, M]: y_g = rows_g @ mats[g].
-    `offsets` = cumsum(counts) as int32 on the rows' device."""
+def _offsets(counts: List[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(counts, dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
+
+
+def grouped_rows_mm(rows_NK: torch.Tensor, mats_EKM: torch.Tensor, counts: List[int]) -> torch.Tensor:
+    """[N, K] rows in E consecutive groups of `counts` rows, [E, K, M] -> [N, M]: y_g = rows_g @ mats[g]."""
     if _grouped_mm_fits(rows_NK, mats_EKM):
-        return torch._grouped_mm(rows_NK, mats_EKM, offs=offsets)
+        return torch._grouped_mm(rows_NK, mats_EKM, offs=_offsets(counts, rows_NK.device))
     if rows_NK.shape[0] == 0:
         return rows_NK.new_empty(0, mats_EKM.shape[-1])
     return torch.cat([r @ m for r, m in zip(torch.split(rows_NK, counts), mats_EKM)])
 
 
-def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
-                     offsets: torch.Tensor) -> torch.Tensor:
+def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int]) -> torch.Tensor:
     """[N, M], [N, K] in E groups of `counts` rows -> [E, M, K]: out[g] = a_g^T @ b_g (zeros for an
     empty group): the weight gradient of a grouped projection."""
     if _grouped_mm_fits(a_NM, b_NK):
-        return torch._grouped_mm(a_NM.t(), b_NK, offs=offsets)
+        return torch._grouped_mm(a_NM.t(), b_NK, offs=_offsets(counts, a_NM.device))
     return torch.stack([a.t() @ b for a, b in zip(torch.split(a_NM, counts), torch.split(b_NK, counts))])
 
 
@@ -149,33 +154,31 @@ class _GroupedProjection(torch.autograd.Function):
 
     Shapes: x [N, in] (rows sorted by expert, `counts[g]` rows for expert g), w [E, out, in],
     b [E, out] or None -> y [N, out]. The FLOPs are those of the N rows, whatever the capacity.
-    Weight gradients as in `_BankProjection` (into `main_grad` with gradient-accumulation fusion).
+    The bias is added to the product (in bf16 after its rounding; the batched path fuses it), and its
+    gradient is each group's sum, in order (deterministic, as F.linear's). Weight gradients as in
+    `_BankProjection` (into `main_grad` with gradient-accumulation fusion).
     """
 
     @staticmethod
     def forward(ctx, x_Ni, w_Eoi, b_Eo, counts, fuse_wgrad):
-        counts_E = torch.tensor(counts, dtype=torch.int32, device=x_Ni.device)
-        offsets = counts_E.cumsum(0, dtype=torch.int32)
-        y_No = grouped_rows_mm(x_Ni, w_Eoi.transpose(1, 2), counts, offsets)
-        expert_N = None  # each row's expert, for the bias
+        y_No = grouped_rows_mm(x_Ni, w_Eoi.transpose(1, 2), counts)
         if b_Eo is not None:
-            expert_N = torch.repeat_interleave(torch.arange(len(counts), device=x_Ni.device), counts_E,
-                                               output_size=x_Ni.shape[0])
-            y_No += b_Eo.index_select(0, expert_N)
-        ctx.save_for_backward(x_Ni, w_Eoi, offsets, expert_N)
-        ctx.counts, ctx.fuse_wgrad, ctx.num_experts = counts, fuse_wgrad, w_Eoi.shape[0]
+            for y_no, b_o in zip(torch.split(y_No, counts), b_Eo):
+                y_no += b_o
+        ctx.save_for_backward(x_Ni, w_Eoi)
+        ctx.counts, ctx.fuse_wgrad, ctx.has_bias = counts, fuse_wgrad, b_Eo is not None
         return y_No
 
     @staticmethod
     def backward(ctx, dy_No):
-        x_Ni, w_Eoi, offsets, expert_N = ctx.saved_tensors
+        x_Ni, w_Eoi = ctx.saved_tensors
         dy_No = dy_No.contiguous()
-        dx = grouped_rows_mm(dy_No, w_Eoi, ctx.counts, offsets) if ctx.needs_input_grad[0] else None
+        dx = grouped_rows_mm(dy_No, w_Eoi, ctx.counts) if ctx.needs_input_grad[0] else None
         dw = db = None
         if ctx.needs_input_grad[1]:
-            dw = _accumulated_wgrad(w_Eoi, grouped_outer_mm(dy_No, x_Ni, ctx.counts, offsets), ctx.fuse_wgrad)
-        if expert_N is not None and ctx.needs_input_grad[2]:
-            db = dy_No.new_zeros(ctx.num_experts, dy_No.shape[1]).index_add_(0, expert_N, dy_No)
+            dw = _accumulated_wgrad(w_Eoi, grouped_outer_mm(dy_No, x_Ni, ctx.counts), ctx.fuse_wgrad)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = torch.stack([dy_no.sum(0) for dy_no in torch.split(dy_No, ctx.counts)])
         return dx, dw, db, None, None
 
 

@@ -338,7 +338,14 @@ def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
     upstream = torch.randn(15, 16)
     if not expert_module._grouped_mm_fits(x, bank.weight1):
         pytest.skip("this torch has no CPU kernel for torch._grouped_mm")
-    results = []
+    results, grouped_calls = [], []
+    grouped_mm = torch._grouped_mm
+
+    def counted_grouped_mm(*args, **kwargs):
+        grouped_calls.append(args[0].shape)
+        return grouped_mm(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_grouped_mm", counted_grouped_mm)
     for native in (True, False):
         if not native:
             monkeypatch.setattr(expert_module, "_grouped_mm_runs_on", lambda device_type: False)
@@ -346,6 +353,8 @@ def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
         x.grad = None
         (bank.forward_grouped(x, counts) * upstream).sum().backward()
         results.append([x.grad] + [p.grad for p in bank.parameters()])
+        # the native pass runs all 6 GEMMs (2 projections: forward, input and weight gradients) grouped
+        assert len(grouped_calls) == 6, grouped_calls
     for native, fallback in zip(*results):
         torch.testing.assert_close(native, fallback, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(results[0][1][1]) == 0  # expert 1 had no token: no weight gradient

@@ -180,6 +180,18 @@ def test_prepare_args_aligns_megatron_lm_moe_args_once():
     assert mlm_args.prepare_args(args, frozenset()) is switch  # resolved once; later calls reuse it
 
 
+def test_padding_to_capacity_gives_megatron_lm_the_capacity_factor_it_requires():
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    args, typed = parse(["--num-layers", "2", "--num-experts", "4", "--moe-switch",
+                         "--moe-pad-expert-input-to-capacity"])
+    switch = mlm_args.prepare_args(args, typed)
+    assert switch.pad_to_capacity and args.moe_expert_capacity_factor == switch.capacity_factor == 1.25
+    TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4,  # no ValueError
+                      moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+                      moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity)
+
+
 def test_transformer_impl_selects_the_dense_parts():
     assert mlm_args.use_transformer_engine(parse(["--transformer-impl", "local"])[0]) is False
     assert mlm_args.use_transformer_engine(parse([])[0]) is None  # TE where usable

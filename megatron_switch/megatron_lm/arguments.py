@@ -104,7 +104,8 @@ def prepare_args(args: argparse.Namespace, typed: Optional[FrozenSet[str]] = Non
     Sets args.switch (the SwitchConfig), args.moe_router_topk = 1 (with moe_router_pre_softmax,
     the Switch router's softmax over all experts), args.moe_layer_freq to the
     explicit 0/1 pattern of the Switch layers, args.moe_aux_loss_coeff / moe_z_loss_coeff to the
-    coefficients in force, and args.switch_track_names (logged with patches/ applied).
+    coefficients in force, args.moe_expert_capacity_factor to the one in force under
+    --moe-pad-expert-input-to-capacity, and args.switch_track_names (logged with patches/ applied).
     """
     if isinstance(getattr(args, "switch", None), SwitchConfig):
         return args.switch
@@ -115,6 +116,8 @@ def prepare_args(args: argparse.Namespace, typed: Optional[FrozenSet[str]] = Non
     args.moe_layer_freq = [int(switch.is_switch_layer(n)) for n in range(1, args.num_layers + 1)]
     args.moe_aux_loss_coeff = switch.aux_loss_coeff
     args.moe_z_loss_coeff = switch.z_loss_coeff or None
+    if switch.pad_to_capacity:  # megatron-core's config requires a capacity factor beside the flag
+        args.moe_expert_capacity_factor = switch.capacity_factor
     args.switch_track_names = list(SWITCH_TRACK_NAMES)
     return switch
 
