@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--ddp-impl", choices=("megatron", "local"), default="megatron",
                    help="Gradient reduction: megatron-core's DistributedDataParallel (the default, on GPU "
-                        "and CPU) or a plain bucketed all-reduce of .grad (the same arithmetic, as a cross-check).")
+                        "and CPU) or a plain bucketed all-reduce of float32-accumulated gradients (the same "
+                        "arithmetic, as a cross-check).")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="With --ddp-impl megatron: start each bucket's reduction during backward.")
     g.add_argument("--use-distributed-optimizer", action="store_true",

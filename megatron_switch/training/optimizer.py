@@ -6,8 +6,9 @@
   expert gradients over expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence
   parallel) and embedding (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` starts each
   bucket's reduction during backward. On CPU `compat.apply_cpu_shims` puts its buffers on the CPU.
-- `--ddp-impl local`: `gradients.reduce_gradients`, the same arithmetic on float32 copies of `.grad`
-  (micro-batches accumulate in `.grad`, so in bf16 under --bf16): a cross-check of megatron's.
+- `--ddp-impl local`: `gradients.reduce_gradients`, the same arithmetic by hand: a cross-check of
+  megatron's. Micro-batches accumulate in float32 here too: a bf16 parameter's `.grad` is added into
+  a float32 `main_grad` as soon as autograd has produced it (a post-accumulate hook), then dropped.
 
 Either way the masters are the float32 parameters themselves, or float32 copies of the bf16 ones
 (--bf16; the router is float32 already), and one global gradient norm covers every parallel dimension.
@@ -83,6 +84,13 @@ def _master(param: torch.nn.Parameter, start: int, end: int) -> torch.Tensor:
     return piece if param.dtype == torch.float32 else piece.float()
 
 
+def _accumulate_in_float32(param: torch.nn.Parameter) -> None:
+    """Post-accumulate hook of a bf16 parameter under the local reduction: this micro-batch's
+    gradient goes into the float32 `main_grad`, and `.grad` starts from nothing for the next one."""
+    param.main_grad.add_(param.grad)
+    param.grad = None
+
+
 def _param_groups_of_pieces(masters, pieces, weight_decay: float):
     """Weight decay on matrices only (not on biases and norm weights), judged by the parameter."""
     decay = [m for m, (p, _, _) in zip(masters, pieces) if p.dim() > 1]
@@ -119,6 +127,11 @@ class Optimization:
             # as Megatron-LM configures it.
             module.config.no_sync_func = self.model.no_sync
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
+        if not megatron_ddp:
+            for p in self.params:
+                if p.dtype != torch.float32:
+                    p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                    p.register_post_accumulate_grad_hook(_accumulate_in_float32)
         index = {id(p): i for i, p in enumerate(self.params)}
         self.owners = ParameterOwners(self.params) if sharded and not megatron_ddp else None
         if self._sliced:
@@ -151,6 +164,8 @@ class Optimization:
             self.model.zero_grad_buffer()
         for p in self.params + self.masters:
             p.grad = None
+            if not self.megatron_ddp and p.dtype != torch.float32:
+                p.main_grad.zero_()
 
     def _reduced_gradients(self) -> List[torch.Tensor]:
         """The float32 gradient of each of `params`, reduced over data parallel (and scaled by 1 / DP);
@@ -160,8 +175,9 @@ class Optimization:
 
             finalize_model_grads([self.model])
             return [p.main_grad for p in self.params]  # float32, reduced and scaled by megatron's DDP
-        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) if p.grad is None else p.grad.float()
-                 for p in self.params]  # a float32 .grad is used in place
+        grads = [p.main_grad if p.dtype != torch.float32  # (float32 accumulation of a bf16 parameter's)
+                 else torch.zeros_like(p) if p.grad is None else p.grad  # a float32 .grad is used in place
+                 for p in self.params]
         reduce_gradients(self.params, grads, sequence_parallel=self.args.sequence_parallel)
         return grads
 
