@@ -187,8 +187,9 @@ def train_bf16(out_dir):
 
 @check
 def train_bf16_local_ddp(out_dir):
-    """The CPU path's gradient reduction on the GPU: the same losses as megatron-core's DDP (which
-    accumulates micro-batch gradients in float32 rather than bf16: agreement to 2%)."""
+    """The hand-written gradient reduction (--ddp-impl local) on the GPU: the same losses as
+    megatron-core's DDP (both accumulate micro-batches in float32; GPU kernels are not bitwise
+    reproducible: agreement to 2%)."""
     result = _train("bf16-local", ["--ddp-impl", "local"], out_dir)
     reference = RESULTS.get("train_bf16", {}).get("lm_losses")
     if reference:
