@@ -57,3 +57,20 @@ def dense_ffn(x, w1, w2, b1=None, b2=None, activation="relu"):
     else:
         h = {"relu": F.relu, "gelu": F.gelu}[activation](h)
     return F.linear(h, w2, b2)
+
+
+def count_expert_rows(experts):
+    """Record how many token rows the expert bank computes in each call (a list, appended to)."""
+    counts = []
+    padded, grouped = experts.forward_padded, experts.forward_grouped
+
+    def forward_padded(x_ENh):
+        counts.append(x_ENh.shape[0] * x_ENh.shape[1])
+        return padded(x_ENh)
+
+    def forward_grouped(x_Nh, tokens_per_expert):
+        counts.append(x_Nh.shape[0])
+        return grouped(x_Nh, tokens_per_expert)
+
+    experts.forward_padded, experts.forward_grouped = forward_padded, forward_grouped
+    return counts

@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_switch import SwitchConfig, SwitchMLP, switch_stats
 from megatron_switch.router import load_balancing_loss, queue_positions, router_z_loss
-from tests.helpers import dense_ffn, tiny_config
+from tests.helpers import count_expert_rows, dense_ffn, tiny_config
 from tests.reference import slow_switch
 
 
@@ -305,14 +305,7 @@ def test_experts_compute_kept_tokens_unless_padding_to_capacity(pad, expected):
     switch = SwitchConfig(num_experts=4, capacity_factor=1.0, min_capacity=1, jitter_eps=0.0,
                           pad_to_capacity=pad)
     layer = make_layer(switch)
-    rows = []
-    for name in ("forward_padded", "forward_grouped"):
-        original = getattr(layer.experts, name)
-
-        def counted(x, *rest, original=original):
-            rows.append(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0])
-            return original(x, *rest)
-        setattr(layer.experts, name, counted)
+    rows = count_expert_rows(layer.experts)
     x = torch.randn(8, 3, 16)
     x[:, :, :] += 3 * layer.router.weight[0].detach()  # most tokens pick expert 0: many dropped
     layer(x)

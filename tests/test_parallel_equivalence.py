@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_switch import SwitchConfig, SwitchMLP, initialize_parallel
-from tests.helpers import spawn, tiny_config
+from tests.helpers import count_expert_rows, spawn, tiny_config
 
 S, B, H, E = 8, 2, 16, 8
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -39,23 +39,6 @@ def reference_run(config, switch, replica):
     (y * upstream).sum().backward()
     grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
     return layer, y.detach(), x.grad, grads, layer.last_stats
-
-
-def count_expert_rows(experts):
-    """Record how many token rows the expert bank computes in each call."""
-    counts = []
-    padded, grouped = experts.forward_padded, experts.forward_grouped
-
-    def forward_padded(x_ENh):
-        counts.append(x_ENh.shape[0] * x_ENh.shape[1])
-        return padded(x_ENh)
-
-    def forward_grouped(x_Nh, tokens_per_expert):
-        counts.append(x_Nh.shape[0])
-        return grouped(x_Nh, tokens_per_expert)
-
-    experts.forward_padded, experts.forward_grouped = forward_padded, forward_grouped
-    return counts
 
 
 def check_layout(tp: int, sp: bool, switch: SwitchConfig) -> None:

@@ -127,11 +127,11 @@ class Optimization:
             # as Megatron-LM configures it.
             module.config.no_sync_func = self.model.no_sync
         self.params: List[torch.nn.Parameter] = [p for p in module.parameters() if p.requires_grad]
-        if not megatron_ddp:
-            for p in self.params:
-                if p.dtype != torch.float32:
-                    p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                    p.register_post_accumulate_grad_hook(_accumulate_in_float32)
+        # Under the local reduction, the bf16 parameters accumulate micro-batches in a float32 main_grad.
+        self._float32_accumulated = [] if megatron_ddp else [p for p in self.params if p.dtype != torch.float32]
+        for p in self._float32_accumulated:
+            p.main_grad = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            p.register_post_accumulate_grad_hook(_accumulate_in_float32)
         index = {id(p): i for i, p in enumerate(self.params)}
         self.owners = ParameterOwners(self.params) if sharded and not megatron_ddp else None
         if self._sliced:
@@ -164,8 +164,8 @@ class Optimization:
             self.model.zero_grad_buffer()
         for p in self.params + self.masters:
             p.grad = None
-            if not self.megatron_ddp and p.dtype != torch.float32:
-                p.main_grad.zero_()
+        for p in self._float32_accumulated:
+            p.main_grad.zero_()
 
     def _reduced_gradients(self) -> List[torch.Tensor]:
         """The float32 gradient of each of `params`, reduced over data parallel (and scaled by 1 / DP);
