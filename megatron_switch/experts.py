@@ -103,29 +103,34 @@ def _accumulated_wgrad(weight: torch.Tensor, dw: torch.Tensor, fuse_wgrad: bool)
 
 
 @functools.lru_cache(maxsize=None)
-def _grouped_mm_runs_on(device_type: str) -> bool:
-    """Whether `torch._grouped_mm` has a kernel here. Used on the CPU (torch 2.13 has one); CUDA
-    keeps a GEMM per expert until the grouped kernel has run on a GPU here."""
-    if device_type != "cpu" or not hasattr(torch, "_grouped_mm"):
+def _grouped_mm_runs_on(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` has a kernel for `dtype` operands on this device, and it multiplies
+    correctly: torch 2.13's CPU kernel takes float32/bf16/fp16; CUDA's takes bf16 on Hopper (sm90+)."""
+    if device_type not in ("cpu", "cuda") or not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        y = torch._grouped_mm(torch.ones(3, 4), torch.ones(2, 4, 4), offs=torch.tensor([1, 3], dtype=torch.int32))
+        rows = torch.ones(3, 16, dtype=dtype, device=device_type)
+        offsets = torch.tensor([1, 3], dtype=torch.int32, device=device_type)
+        y = torch._grouped_mm(rows, torch.ones(2, 16, 16, dtype=dtype, device=device_type), offs=offsets)
+        outer = torch._grouped_mm(rows.t(), rows, offs=offsets)  # the weight-gradient form
     except (RuntimeError, NotImplementedError):
         return False
-    return bool(torch.equal(y, torch.full((3, 4), 4.0)))
+    expected_outer = torch.stack([torch.full((16, 16), 1.0), torch.full((16, 16), 2.0)])
+    return bool(torch.equal(y.float().cpu(), torch.full((3, 16), 16.0))
+                and torch.equal(outer.float().cpu(), expected_outer))
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
-    """torch._grouped_mm's kernel wants non-empty float32/bf16/fp16 operands of one dtype, 16-byte
+    """torch._grouped_mm's kernel wants non-empty operands of one dtype it takes on that device, 16-byte
     aligned, with strides that are non-zero multiples of 16 bytes (but one of 1 element)."""
-    return _grouped_mm_runs_on(operands[0].device.type) and all(
-        t.numel() > 0 and t.dtype == operands[0].dtype and t.dtype in _GROUPED_MM_DTYPES
-        and t.data_ptr() % 16 == 0
+    first = operands[0]
+    return first.dtype in _GROUPED_MM_DTYPES and all(
+        t.numel() > 0 and t.dtype == first.dtype and t.data_ptr() % 16 == 0
         and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
-        for t in operands)
+        for t in operands) and _grouped_mm_runs_on(first.device.type, first.dtype)
 
 
 def _offsets(counts: List[int], device: torch.device) -> torch.Tensor:
@@ -145,7 +150,10 @@ def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int]) 
     """[N, M], [N, K] in E groups of `counts` rows -> [E, M, K]: out[g] = a_g^T @ b_g (zeros for an
     empty group): the weight gradient of a grouped projection."""
     if _grouped_mm_fits(a_NM, b_NK):
-        return torch._grouped_mm(a_NM.t(), b_NK, offs=_offsets(counts, a_NM.device))
+        out = torch._grouped_mm(a_NM.t(), b_NK, offs=_offsets(counts, a_NM.device))
+        for g in (g for g, count in enumerate(counts) if count == 0):
+            out[g].zero_()  # (whatever the kernel leaves in an empty group's slot)
+        return out
     return torch.stack([a.t() @ b for a, b in zip(torch.split(a_NM, counts), torch.split(b_NK, counts))])
 
 

@@ -2,9 +2,12 @@
 
 1. fp8_vs_bf16: a Switch layer with FP8 expert GEMMs (torch backend, hybrid, tensorwise) against the
    same layer in bf16: identical routing, outputs and gradients within the stated tolerances.
-   kept_tokens_vs_padded: the kept-tokens expert path (one GEMM per expert on CUDA; the CPU
-   default) against the padded one (every capacity slot, the GPU default) at capacity factor 1.0
-   with drops: outputs and all gradients within 2% (bf16).
+   grouped_mm_cuda: torch._grouped_mm on the GPU (bf16, Hopper) against a GEMM per expert for one
+   grouped projection, uneven and empty groups included: outputs and gradients within 1%, the empty
+   expert's weight gradient exactly zero; the time of each.
+   kept_tokens_vs_padded: the kept-tokens expert path (grouped GEMMs; the CPU default) against the
+   padded one (every capacity slot, the GPU default) at capacity factor 1.0 with drops: outputs and
+   all gradients within 2% (bf16).
 2. router_fp32: under --bf16 (Float16Module) and FP8, the router weight, its gradient, the gates
    and the logsumexp stay float32 (checked with a forward hook).
 3. train_bf16 / train_bf16_local_ddp / train_fp8: `megatron-switch train` for a few dozen steps on
@@ -15,7 +18,8 @@
    mode (reduce-scatter, pieces, all-gather over NCCL; one rank: its shard is every parameter, so
    the losses must equal train_bf16's).
 4. throughput: forward+backward of one layer at the same shapes: a dense FFN of equal FLOPs per
-   token, our Switch layer in bf16 (padded and kept tokens) and FP8, megatron-core's MoELayer
+   token, our Switch layer in bf16 (padded; kept tokens with grouped GEMMs and with a GEMM per expert)
+   and FP8, megatron-core's MoELayer
    (top-1, alltoall dispatcher, SequentialMLP experts); tokens/s and % of the 790 TFLOP/s bf16 peak.
 
 Each check runs even when an earlier one failed; its error is recorded. Not a pytest module: run
@@ -31,8 +35,11 @@ import subprocess
 import sys
 import time
 import traceback
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from megatron_switch import experts as expert_module
 
 PEAK_BF16_TFLOPS = 790.0
 TOLERANCE = {"output": 0.10, "input_grad": 0.25, "weight_grad": 0.25}  # relative error, norm-wise
@@ -131,6 +138,52 @@ def kept_tokens_vs_padded():
         raise AssertionError(f"kept-tokens vs padded: relative errors {errors} (bound 0.02), dropped "
                              f"{kept['dropped']} (the case must drop tokens)")
     return {"errors": {k: round(v, 5) for k, v in errors.items()}, "dropped": round(kept["dropped"], 4)}
+
+
+@contextmanager
+def _gemm_per_expert():
+    """The grouped projections' fallback (a GEMM per expert) instead of torch._grouped_mm."""
+    runs_on = expert_module._grouped_mm_runs_on
+    expert_module._grouped_mm_runs_on = lambda device_type, dtype: False
+    try:
+        yield
+    finally:
+        expert_module._grouped_mm_runs_on = runs_on
+
+
+@check
+def grouped_mm_cuda():
+    """torch._grouped_mm on the GPU (the kept-tokens projections' kernel there) against a GEMM per
+    expert: outputs and all gradients of a grouped projection at the throughput shape, uneven and
+    empty groups included; and the time of each."""
+    hidden, ffn, counts = 2048, 8192, [2900, 0, 1, 2047, 3333, 17, 4000, 4086]
+    torch.manual_seed(0)
+    native = expert_module._grouped_mm_fits(torch.empty(16, 16, device="cuda", dtype=torch.bfloat16),
+                                      torch.empty(2, 16, 16, device="cuda", dtype=torch.bfloat16))
+    x = torch.randn(sum(counts), hidden, device="cuda", dtype=torch.bfloat16)
+    w = (torch.randn(len(counts), ffn, hidden, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    b = torch.randn(len(counts), ffn, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    upstream = torch.randn(sum(counts), ffn, device="cuda", dtype=torch.bfloat16)
+
+    def step(xr):
+        y = expert_module._GroupedProjection.apply(xr, w, b, counts, False)
+        (y * upstream).sum().backward()
+        return y
+
+    outcomes, times = [], {}
+    for name in ("grouped", "per_expert"):
+        with _gemm_per_expert() if name == "per_expert" else nullcontext():
+            w.grad = b.grad = None
+            xr = x.clone().requires_grad_()
+            y = step(xr)
+            outcomes.append(dict(y=y.detach(), dx=xr.grad, dw=w.grad, db=b.grad))
+            times[name + "_ms"] = round(_time(lambda: step(x.clone().requires_grad_())) * 1e3, 3)
+    errors = {k: _rel(outcomes[0][k], outcomes[1][k]) for k in ("y", "dx", "dw", "db")}
+    empty_grad = float(outcomes[0]["dw"][1].abs().max())
+    if max(errors.values()) > 0.01 or empty_grad != 0:
+        raise AssertionError(f"grouped vs per expert: relative errors {errors} (bound 0.01), "
+                             f"largest weight gradient of the empty expert {empty_grad} (must be 0)")
+    return {"native_kernel": native, "errors": {k: round(v, 5) for k, v in errors.items()}, **times}
 
 
 @check
@@ -287,7 +340,7 @@ def _profile(name, step, steps=3):
 
 @check
 def throughput():
-    seq, batch, hidden, ffn, experts, cf = 2048, 8, 2048, 8192, 8, 1.25
+    seq, batch, hidden, ffn, num_experts, cf = 2048, 8, 2048, 8192, 8, 1.25
     tokens = seq * batch
     flops = 3 * 2 * 2 * tokens * hidden * ffn  # fwd + bwd of two GEMMs per token (active parameters)
     x = torch.randn(seq, batch, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -308,23 +361,26 @@ def throughput():
     w1 = torch.randn(ffn, hidden, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w2 = torch.randn(hidden, ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     measure("dense_ffn", lambda x: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2))
-    for name, switch in (("switch_bf16", {}), ("switch_bf16_kept_tokens", {"pad_to_capacity": False}),
-                         ("switch_fp8", {"fp8_format": "hybrid"})):
+    kept = {"pad_to_capacity": False}
+    for name, switch, per_expert in (("switch_bf16", {}, False), ("switch_bf16_kept_tokens", kept, False),
+                                     ("switch_bf16_kept_tokens_gemm_per_expert", kept, True),
+                                     ("switch_fp8", {"fp8_format": "hybrid"}, False)):
         try:
-            layer = _switch_layer(hidden, ffn, experts, capacity_factor=cf, expert_bias=False, **switch)
-            measure(name, layer)
+            with _gemm_per_expert() if per_expert else nullcontext():
+                layer = _switch_layer(hidden, ffn, num_experts, capacity_factor=cf, expert_bias=False, **switch)
+                measure(name, layer)
             del layer
         except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {err}"}
     try:
-        measure("megatron_moe_layer", _megatron_moe(hidden, ffn, experts, cf))
+        measure("megatron_moe_layer", _megatron_moe(hidden, ffn, num_experts, cf))
     except Exception as err:
         rows["megatron_moe_layer"] = {"error": f"{type(err).__name__}: {err}", "trace": traceback.format_exc()[-1500:]}
     dense = rows["dense_ffn"]["ms"]
     for row in rows.values():
         if "ms" in row:
             row["vs_dense"] = round(row["ms"] / dense, 3)
-    return {"shape": dict(seq=seq, batch=batch, hidden=hidden, ffn=ffn, experts=experts, capacity_factor=cf),
+    return {"shape": dict(seq=seq, batch=batch, hidden=hidden, ffn=ffn, experts=num_experts, capacity_factor=cf),
             "rows": rows}
 
 
@@ -347,6 +403,7 @@ def main():
     train_fp8(args.out)
     _init_single_rank()
     fp8_vs_bf16()
+    grouped_mm_cuda()
     kept_tokens_vs_padded()
     router_fp32()
     throughput()

@@ -4,7 +4,10 @@
 #     routers under FP8, short --bf16 and FP8 training runs, layer throughput vs megatron-core's MoELayer;
 #   - meanwhile, the CPU test suite (CUDA hidden) against the newest megatron-core that machine's
 #     Python accepts, so API drift shows up early.
-# The megatron-core wheels come from .whl/mcore16 and .whl/mcore19 (pip download, see tests/gpu/README.md).
+# The megatron-core wheels come from .whl/mcore16 and .whl/mcore19, downloaded beforehand for the GPU
+# machine's Python (3.12), e.g. for 0.16.1:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .whl/mcore16 megatron-core==0.16.1
 # Usage, from the repository root on the GPU machine: bash tests/gpu/run.sh [OUT_DIR]
 set -u
 OUT_DIR=${1:-${OUT:-/tmp/gpu-out}}
