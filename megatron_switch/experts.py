@@ -102,11 +102,17 @@ def _accumulated_wgrad(weight: torch.Tensor, dw: torch.Tensor, fuse_wgrad: bool)
     return wgrad_placeholder(weight)
 
 
+# Where the grouped projections use torch._grouped_mm (a GEMM per expert elsewhere). CUDA's kernel
+# (bf16, Hopper) joins once tests/gpu/check.py (grouped_mm_cuda, which turns it on) has compared it
+# with a GEMM per expert on a GPU.
+GROUPED_MM_DEVICES = {"cpu"}
+
+
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_runs_on(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` has a kernel for `dtype` operands on this device, and it multiplies
     correctly: torch 2.13's CPU kernel takes float32/bf16/fp16; CUDA's takes bf16 on Hopper (sm90+)."""
-    if device_type not in ("cpu", "cuda") or not hasattr(torch, "_grouped_mm"):
+    if not hasattr(torch, "_grouped_mm"):
         return False
     try:
         rows = torch.ones(3, 16, dtype=dtype, device=device_type)
@@ -130,7 +136,8 @@ def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
     return first.dtype in _GROUPED_MM_DTYPES and all(
         t.numel() > 0 and t.dtype == first.dtype and t.data_ptr() % 16 == 0
         and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
-        for t in operands) and _grouped_mm_runs_on(first.device.type, first.dtype)
+        for t in operands) and first.device.type in GROUPED_MM_DEVICES \
+        and _grouped_mm_runs_on(first.device.type, first.dtype)
 
 
 def _offsets(counts: List[int], device: torch.device) -> torch.Tensor:

@@ -5,7 +5,8 @@
    grouped_mm_cuda: torch._grouped_mm on the GPU (bf16, Hopper) against a GEMM per expert for one
    grouped projection, uneven and empty groups included: outputs and gradients within 1%, the empty
    expert's weight gradient exactly zero; the time of each.
-   kept_tokens_vs_padded: the kept-tokens expert path (grouped GEMMs; the CPU default) against the
+   kept_tokens_vs_padded: the kept-tokens expert path (grouped GEMMs, torch._grouped_mm turned on for
+   CUDA; the CPU default) against the
    padded one (every capacity slot, the GPU default) at capacity factor 1.0 with drops: outputs and
    all gradients within 2% (bf16).
 2. router_fp32: under --bf16 (Float16Module) and FP8, the router weight, its gradient, the gates
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 
@@ -47,7 +48,12 @@ TOLERANCE = {"output": 0.10, "input_grad": 0.25, "weight_grad": 0.25}  # relativ
 RESULTS: dict = {}
 
 
+OUT_DIR = "/tmp/gpu-out"
+
+
 def check(fn):
+    """Run one check, record its result or error, and rewrite gpu_checks.json at once, so a run cut
+    short still leaves every finished check's result."""
     def run(*args, **kwargs):
         start = time.time()
         try:
@@ -58,7 +64,15 @@ def check(fn):
         RESULTS[fn.__name__]["seconds"] = round(time.time() - start, 1)
         print(f"[{fn.__name__}] {json.dumps({k: v for k, v in RESULTS[fn.__name__].items() if k != 'trace'})}",
               flush=True)
+        _write_results()
     return run
+
+
+def _write_results():
+    path = os.path.join(OUT_DIR, "gpu_checks.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump(RESULTS, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
 
 
 def _init_single_rank():
@@ -131,8 +145,9 @@ def fp8_vs_bf16():
 def kept_tokens_vs_padded():
     """The kept-tokens expert path (grouped, one GEMM per expert on CUDA) against the padded one
     (every capacity slot, batched GEMM): same outputs and gradients up to bf16 GEMM round-off."""
-    padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
-                                     {"pad_to_capacity": False, "capacity_factor": 1.0})
+    with _grouped_kernel_on("cuda"):
+        padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
+                                         {"pad_to_capacity": False, "capacity_factor": 1.0})
     errors = {name: _rel(kept[name], padded[name]) for name in ("y", "dx", "w1", "w2", "b1", "b2", "router")}
     if max(errors.values()) > 0.02 or not kept["dropped"] > 0:
         raise AssertionError(f"kept-tokens vs padded: relative errors {errors} (bound 0.02), dropped "
@@ -141,14 +156,14 @@ def kept_tokens_vs_padded():
 
 
 @contextmanager
-def _gemm_per_expert():
-    """The grouped projections' fallback (a GEMM per expert) instead of torch._grouped_mm."""
-    runs_on = expert_module._grouped_mm_runs_on
-    expert_module._grouped_mm_runs_on = lambda device_type, dtype: False
+def _grouped_kernel_on(*devices):
+    """The grouped projections use torch._grouped_mm on these devices (none: a GEMM per expert)."""
+    default = expert_module.GROUPED_MM_DEVICES
+    expert_module.GROUPED_MM_DEVICES = set(devices)
     try:
         yield
     finally:
-        expert_module._grouped_mm_runs_on = runs_on
+        expert_module.GROUPED_MM_DEVICES = default
 
 
 @check
@@ -158,8 +173,9 @@ def grouped_mm_cuda():
     empty groups included; and the time of each."""
     hidden, ffn, counts = 2048, 8192, [2900, 0, 1, 2047, 3333, 17, 4000, 4086]
     torch.manual_seed(0)
-    native = expert_module._grouped_mm_fits(torch.empty(16, 16, device="cuda", dtype=torch.bfloat16),
-                                      torch.empty(2, 16, 16, device="cuda", dtype=torch.bfloat16))
+    with _grouped_kernel_on("cuda"):
+        native = expert_module._grouped_mm_fits(torch.empty(16, 16, device="cuda", dtype=torch.bfloat16),
+                                                torch.empty(2, 16, 16, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(sum(counts), hidden, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(len(counts), ffn, hidden, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     b = torch.randn(len(counts), ffn, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -172,7 +188,7 @@ def grouped_mm_cuda():
 
     outcomes, times = [], {}
     for name in ("grouped", "per_expert"):
-        with _gemm_per_expert() if name == "per_expert" else nullcontext():
+        with _grouped_kernel_on() if name == "per_expert" else _grouped_kernel_on("cuda"):
             w.grad = b.grad = None
             xr = x.clone().requires_grad_()
             y = step(xr)
@@ -210,7 +226,7 @@ def router_fp32():
     return {"dtypes": {k: str(v) for k, v in dtypes.items()}}
 
 
-def _train(name, extra, out_dir):
+def _train(name, extra):
     save = f"/tmp/gpu-check-{name}"
     subprocess.run(["rm", "-rf", save], check=True)
     cmd = [sys.executable, "-m", "megatron_switch.cli", "train", "--bf16", "--moe-switch", "--num-experts", "8",
@@ -219,7 +235,7 @@ def _train(name, extra, out_dir):
            "--lr", "1e-3", "--lr-warmup-iters", "5", "--log-interval", "10", "--save", save, *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    with open(os.path.join(out_dir, f"train_{name}.log"), "w") as log:
+    with open(os.path.join(OUT_DIR, f"train_{name}.log"), "w") as log:
         log.write(" ".join(cmd) + "\n" + proc.stdout + proc.stderr)
     if proc.returncode:
         raise RuntimeError(f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
@@ -234,16 +250,16 @@ def _train(name, extra, out_dir):
 
 
 @check
-def train_bf16(out_dir):
-    return _train("bf16", [], out_dir)
+def train_bf16():
+    return _train("bf16", [])
 
 
 @check
-def train_bf16_local_ddp(out_dir):
+def train_bf16_local_ddp():
     """The hand-written gradient reduction (--ddp-impl local) on the GPU: the same losses as
     megatron-core's DDP (both accumulate micro-batches in float32; GPU kernels are not bitwise
     reproducible: agreement to 2%)."""
-    result = _train("bf16-local", ["--ddp-impl", "local"], out_dir)
+    result = _train("bf16-local", ["--ddp-impl", "local"])
     reference = RESULTS.get("train_bf16", {}).get("lm_losses")
     if reference:
         worst = max(abs(a - b) / b for a, b in zip(result["lm_losses"], reference))
@@ -255,11 +271,11 @@ def train_bf16_local_ddp(out_dir):
 
 
 @check
-def train_bf16_zero1(out_dir):
+def train_bf16_zero1():
     """The sharded optimizer after megatron-core's DDP in its distributed-optimizer mode (gradients
     reduce-scattered into its buffers, parameters all-gathered from them, over NCCL): at one rank
     the same step as the plain optimizer, so the same losses."""
-    result = _train("bf16-zero1", ["--use-distributed-optimizer"], out_dir)
+    result = _train("bf16-zero1", ["--use-distributed-optimizer"])
     reference = RESULTS.get("train_bf16", {}).get("lm_losses")
     if reference:
         worst = max(abs(a - b) / b for a, b in zip(result["lm_losses"], reference))
@@ -271,8 +287,8 @@ def train_bf16_zero1(out_dir):
 
 
 @check
-def train_fp8(out_dir):
-    return _train("fp8", ["--fp8-format", "hybrid"], out_dir)
+def train_fp8():
+    return _train("fp8", ["--fp8-format", "hybrid"])
 
 
 @check
@@ -362,11 +378,11 @@ def throughput():
     w2 = torch.randn(hidden, ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     measure("dense_ffn", lambda x: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2))
     kept = {"pad_to_capacity": False}
-    for name, switch, per_expert in (("switch_bf16", {}, False), ("switch_bf16_kept_tokens", kept, False),
-                                     ("switch_bf16_kept_tokens_gemm_per_expert", kept, True),
-                                     ("switch_fp8", {"fp8_format": "hybrid"}, False)):
+    for name, switch, grouped_on in (("switch_bf16", {}, ()), ("switch_bf16_kept_tokens", kept, ("cuda",)),
+                                     ("switch_bf16_kept_tokens_gemm_per_expert", kept, ()),
+                                     ("switch_fp8", {"fp8_format": "hybrid"}, ())):
         try:
-            with _gemm_per_expert() if per_expert else nullcontext():
+            with _grouped_kernel_on(*grouped_on):
                 layer = _switch_layer(hidden, ffn, num_experts, capacity_factor=cf, expert_bias=False, **switch)
                 measure(name, layer)
             del layer
@@ -384,11 +400,32 @@ def throughput():
             "rows": rows}
 
 
+def _print_summary():
+    print("\n=== summary ===")
+    for name, result in RESULTS.items():
+        status = "ok " if result.get("ok") else "FAIL"
+        detail = result.get("error") or {k: v for k, v in result.items() if k not in ("ok", "trace", "rows")}
+        print(f"{status} {name}: {detail}")
+    for name, row in RESULTS.get("throughput", {}).get("rows", {}).items():
+        print(f"     {name:40s} {({k: v for k, v in row.items() if k != 'trace'})}")
+
+
 def main():
+    global OUT_DIR
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="/tmp/gpu-out")
+    parser.add_argument("--out", default=OUT_DIR)
+    parser.add_argument("--part", choices=("layer", "train", "all", "summary"), default="all",
+                        help="layer: the in-process layer checks and throughput (run them on an idle "
+                        "machine: timings); train: the training runs (subprocesses); summary: print the "
+                        "table of what gpu_checks.json holds. Each part adds to gpu_checks.json.")
     args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
+    OUT_DIR = args.out
+    os.makedirs(OUT_DIR, exist_ok=True)
+    results_file = os.path.join(OUT_DIR, "gpu_checks.json")
+    if os.path.exists(results_file):
+        RESULTS.update(json.load(open(results_file)))
+    if args.part == "summary":
+        return _print_summary()
     if not torch.cuda.is_available():
         sys.exit("tests/gpu/check.py needs a CUDA GPU")
     import megatron.core
@@ -396,29 +433,23 @@ def main():
     RESULTS["environment"] = {"ok": True, "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                               "megatron_core": megatron.core.__version__,
                               "capability": ".".join(map(str, torch.cuda.get_device_capability()))}
-    scaled_mm_scales()
-    train_bf16(args.out)
-    train_bf16_local_ddp(args.out)
-    train_bf16_zero1(args.out)
-    train_fp8(args.out)
-    _init_single_rank()
-    fp8_vs_bf16()
-    grouped_mm_cuda()
-    kept_tokens_vs_padded()
-    router_fp32()
-    throughput()
-    with open(os.path.join(args.out, "profiles.txt"), "w") as f:
-        for name, table in PROFILES.items():
-            f.write(f"=== {name} ===\n{table}\n")
-    with open(os.path.join(args.out, "gpu_checks.json"), "w") as f:
-        json.dump(RESULTS, f, indent=2, default=str)
-    print("\n=== summary ===")
-    for name, result in RESULTS.items():
-        status = "ok " if result.get("ok") else "FAIL"
-        detail = result.get("error") or {k: v for k, v in result.items() if k not in ("ok", "trace", "rows")}
-        print(f"{status} {name}: {detail}")
-    for name, row in RESULTS.get("throughput", {}).get("rows", {}).items():
-        print(f"     {name:20s} {row}")
+    if args.part in ("layer", "all"):
+        scaled_mm_scales()
+        _init_single_rank()
+        fp8_vs_bf16()
+        grouped_mm_cuda()
+        kept_tokens_vs_padded()
+        router_fp32()
+        throughput()
+        with open(os.path.join(OUT_DIR, "profiles.txt"), "w") as f:
+            for name, table in PROFILES.items():
+                f.write(f"=== {name} ===\n{table}\n")
+    if args.part in ("train", "all"):
+        train_bf16()
+        train_bf16_local_ddp()
+        train_bf16_zero1()
+        train_fp8()
+    _print_summary()
 
 
 if __name__ == "__main__":
