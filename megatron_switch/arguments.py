@@ -35,7 +35,7 @@ def _flags():
         ("--expert-model-parallel-size", dict(type=int, default=1, help="Expert-parallel size.")),
         ("--moe-expert-capacity-factor", dict(type=float, default=None,
                                               help=f"Train capacity factor (default {_D.capacity_factor}; "
-                                                   "0 = dropless).")),
+                                                   "0 or negative = dropless).")),
         ("--switch-eval-capacity-factor", dict(type=float, default=None,
                                                help=f"Eval capacity factor (default {_D.eval_capacity_factor}).")),
         ("--switch-dropless", dict(action="store_true", help="No capacity limit (no dropped tokens).")),

@@ -29,8 +29,9 @@ class SwitchConfig:
 
     num_experts: experts per Switch layer (E).
     expert_interval: every k-th transformer layer is a Switch layer (k=2 in Switch-Base, 1 in Switch-C).
-    capacity_factor: train capacity factor; None or 0 means dropless.
-    eval_capacity_factor: capacity factor outside training; None or 0 means dropless.
+    capacity_factor: train capacity factor; None, 0 or negative means dropless (megatron-core reads a
+        negative factor as None).
+    eval_capacity_factor: capacity factor outside training; None, 0 or negative means dropless.
     min_capacity: lower bound on the per-expert capacity C.
     pad_to_capacity: Megatron's --moe-pad-expert-input-to-capacity. True: the experts compute all
         E x C slots, filled or not (static [E_l, EP * C, h] shapes, one batched GEMM per projection,
@@ -88,8 +89,8 @@ class SwitchConfig:
         for name, flag in (("capacity_factor", "--moe-expert-capacity-factor"),
                            ("eval_capacity_factor", "--switch-eval-capacity-factor")):
             value = getattr(self, name)
-            need(value is None or (math.isfinite(value) and value >= 0),
-                 f"{flag} must be >= 0 (0 means dropless), got {value}")
+            need(value is None or math.isfinite(value),
+                 f"{flag} must be a number (0 or negative means dropless), got {value}")
         need(self.min_capacity >= 0, f"--switch-min-capacity must be >= 0, got {self.min_capacity}")
         need(not self.pad_to_capacity or self.capacity_factor_for(True) is not None,
              "--moe-pad-expert-input-to-capacity pads to the capacity, and dropless training has none: "
@@ -123,7 +124,7 @@ class SwitchConfig:
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The capacity factor in force; None means dropless."""
         cf = self.capacity_factor if training else self.eval_capacity_factor
-        return cf if cf else None
+        return cf if cf is not None and cf > 0 else None
 
     def pads_to_capacity(self, device_type: str) -> bool:
         """Whether experts on a device of this type ("cuda", "cpu") compute every capacity slot."""

@@ -13,8 +13,8 @@ from megatron_switch import (LayoutError, SwitchConfig, SwitchConfigError, add_s
 
 @pytest.mark.parametrize("kwargs,fragment", [
     (dict(num_experts=0), "--num-experts must be a positive integer"),
-    (dict(num_experts=8, capacity_factor=-1.0), "--moe-expert-capacity-factor must be >= 0"),
-    (dict(num_experts=8, eval_capacity_factor=-0.5), "--switch-eval-capacity-factor must be >= 0"),
+    (dict(num_experts=8, capacity_factor=float("nan")), "--moe-expert-capacity-factor must be a number"),
+    (dict(num_experts=8, eval_capacity_factor=float("inf")), "--switch-eval-capacity-factor must be a number"),
     (dict(num_experts=8, activation="tanh"), "unknown expert activation 'tanh': use one of relu, gelu"),
     (dict(num_experts=8, drop_policy="random"), "--moe-token-drop-policy must be one of"),
     (dict(num_experts=8, jitter_eps=1.5), "--moe-input-jitter-eps must be in [0, 1)"),
@@ -37,6 +37,9 @@ def test_capacity_formula_and_dropless():
     assert c.capacity(8, training=True) == 4  # min_capacity
     assert SwitchConfig(num_experts=8, capacity_factor=None).capacity(1024, True) is None
     assert SwitchConfig(num_experts=8, capacity_factor=0.0).capacity(1024, True) is None
+    # megatron-core reads a negative factor as None (Megatron-LM scripts pass -1 for dropless)
+    assert SwitchConfig(num_experts=8, capacity_factor=-1.0).capacity(1024, True) is None
+    assert SwitchConfig(num_experts=8, eval_capacity_factor=-1.0).capacity(1024, False) is None
 
 
 @pytest.mark.parametrize("layout,fragment", [

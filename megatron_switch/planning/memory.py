@@ -81,7 +81,7 @@ def _layer_activations(spec: ModelSpec, tokens: int, a: int, tp: int, sp: bool, 
         attention += a * 2 * nd * spec.seq_length * (tokens // spec.decoder_tokens) * inner
     if switch:
         f, f1 = spec.expert_ffn, (2 if spec.expert_gated else 1) * spec.expert_ffn
-        cf = spec.capacity_factor or 1.0
+        cf = spec.capacity_factor if spec.capacity_factor > 0 else 1.0  # dropless: planned as 1
         # Each TP rank routes 1/TP of the tokens (or its sequence-parallel shard).
         mlp = tokens * (4 * h + a * cf * (2 * h + f1 + f) + h) * inner
     else:

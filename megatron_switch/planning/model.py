@@ -51,8 +51,8 @@ class ModelSpec:
     expert_ffn_hidden_size: expert width (default ffn_hidden_size).
     add_bias: decoder-only: Megatron's add_bias_linear. expert_bias: biases in the experts.
     seq_length / decoder_seq_length: tokens per sample (encoder-decoder: encoder / decoder side).
-    capacity_factor: training capacity factor (expert buffers hold cf x tokens); 0 means dropless
-        (planned as 1).
+    capacity_factor: training capacity factor (expert buffers hold cf x tokens); 0 or negative means
+        dropless (planned as 1).
     """
 
     architecture: str
@@ -97,7 +97,8 @@ class ModelSpec:
              f"activation must be relu, gelu, geglu or swiglu, got {self.activation!r}")
         need(self.normalization in ("LayerNorm", "RMSNorm"),
              f"normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
-        need(self.capacity_factor >= 0, f"capacity_factor must be >= 0, got {self.capacity_factor}")
+        need(math.isfinite(self.capacity_factor),
+             f"capacity_factor must be a number (0 or negative: dropless), got {self.capacity_factor}")
 
     # -- derived shape -------------------------------------------------------------------------
     @property
