@@ -24,7 +24,8 @@ def _local_rank_entry(rank: int, args) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
     import torch
 
-    if "OMP_NUM_THREADS" not in os.environ:  # (as torchrun does: each local rank a share of the cores)
+    # A user's OMP_NUM_THREADS wins; else each local rank gets its share of the cores.
+    if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world_size))
     from megatron_switch.training.trainer import train
 

@@ -6,8 +6,8 @@ Weights are stacked per expert in the nn.Linear layout ([out, in]), so expert i 
   weight2 [E_l, h, f], bias1 [E_l, f'], bias2 [E_l, h].
 Two entry points: `forward_padded` for fixed capacity ([E_l, N, h], one bmm per projection) and
 `forward_grouped` for variable token counts per expert ([N, h] sorted by expert: the kept tokens
-only, one grouped GEMM per projection, `torch._grouped_mm` where it runs natively, else a GEMM per
-expert).
+only, one grouped GEMM per projection: `torch._grouped_mm` on the devices of `GROUPED_MM_DEVICES`
+where it runs and multiplies correctly, else a GEMM per expert).
 
 Backends (`--switch-expert-backend`): `torch` (this module; bf16/fp32 everywhere, FP8 through
 `torch._scaled_mm` on GPUs of compute capability 8.9+, see fp8.py) and `te` (Transformer Engine's
@@ -20,6 +20,7 @@ move between them.
 from __future__ import annotations
 
 import functools
+import math
 from typing import List, Optional
 
 import torch
@@ -111,19 +112,31 @@ GROUPED_MM_DEVICES = {"cpu"}
 @functools.lru_cache(maxsize=None)
 def _grouped_mm_runs_on(device_type: str, dtype: torch.dtype) -> bool:
     """Whether `torch._grouped_mm` has a kernel for `dtype` operands on this device, and it multiplies
-    correctly: torch 2.13's CPU kernel takes float32/bf16/fp16; CUDA's takes bf16 on Hopper (sm90+)."""
+    correctly in the three forms the projections use: rows x row-major and x column-major [E, K, M]
+    (backward and forward), and the weight-gradient form [K, N] x [N, M] grouped along N.
+    torch 2.13's CPU kernel takes float32/bf16/fp16; CUDA's takes bf16 on Hopper (sm90+)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+
+    def exact(*shape):  # small integers: every product and sum is exact, so any wrong index shows
+        return (torch.arange(math.prod(shape), device=device_type) % 7 - 3).reshape(shape).to(dtype)
+
+    def same(result, expected):
+        return torch.equal(result.float().cpu(), expected.to(dtype).float().cpu())
+
+    rows, other, mats = exact(3, 16), exact(3, 8), exact(2, 16, 16)
+    counts = [1, 2]
+    offsets = torch.tensor([1, 3], dtype=torch.int32, device=device_type)
     try:
-        rows = torch.ones(3, 16, dtype=dtype, device=device_type)
-        offsets = torch.tensor([1, 3], dtype=torch.int32, device=device_type)
-        y = torch._grouped_mm(rows, torch.ones(2, 16, 16, dtype=dtype, device=device_type), offs=offsets)
-        outer = torch._grouped_mm(rows.t(), rows, offs=offsets)  # the weight-gradient form
-    except (RuntimeError, NotImplementedError):
+        ok = True
+        for mats_EKM in (mats, mats.transpose(1, 2)):
+            expected = torch.cat([r.float() @ m.float() for r, m in zip(torch.split(rows, counts), mats_EKM)])
+            ok &= same(torch._grouped_mm(rows, mats_EKM, offs=offsets), expected)
+        expected = torch.stack([a.float().t() @ b.float()
+                                for a, b in zip(torch.split(rows, counts), torch.split(other, counts))])
+        return bool(ok and same(torch._grouped_mm(rows.t(), other, offs=offsets), expected))
+    except (RuntimeError, NotImplementedError):  # no kernel here, or (CUDA) it failed to run
         return False
-    expected_outer = torch.stack([torch.full((16, 16), 1.0), torch.full((16, 16), 2.0)])
-    return bool(torch.equal(y.float().cpu(), torch.full((3, 16), 16.0))
-                and torch.equal(outer.float().cpu(), expected_outer))
 
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

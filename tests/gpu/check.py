@@ -143,7 +143,7 @@ def fp8_vs_bf16():
 
 @check
 def kept_tokens_vs_padded():
-    """The kept-tokens expert path (grouped, one GEMM per expert on CUDA) against the padded one
+    """The kept-tokens expert path (grouped GEMMs, torch._grouped_mm on) against the padded one
     (every capacity slot, batched GEMM): same outputs and gradients up to bf16 GEMM round-off."""
     with _grouped_kernel_on("cuda"):
         padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
@@ -186,14 +186,29 @@ def grouped_mm_cuda():
         (y * upstream).sum().backward()
         return y
 
-    outcomes, times = [], {}
-    for name in ("grouped", "per_expert"):
-        with _grouped_kernel_on() if name == "per_expert" else _grouped_kernel_on("cuda"):
-            w.grad = b.grad = None
-            xr = x.clone().requires_grad_()
-            y = step(xr)
-            outcomes.append(dict(y=y.detach(), dx=xr.grad, dw=w.grad, db=b.grad))
-            times[name + "_ms"] = round(_time(lambda: step(x.clone().requires_grad_())) * 1e3, 3)
+    outcomes, times, calls = [], {}, []
+    grouped_mm = torch._grouped_mm
+
+    def counted_grouped_mm(*args, **kwargs):
+        calls.append(args[0].shape)
+        return grouped_mm(*args, **kwargs)
+
+    torch._grouped_mm = counted_grouped_mm
+    try:
+        for name in ("grouped", "per_expert"):
+            with _grouped_kernel_on() if name == "per_expert" else _grouped_kernel_on("cuda"):
+                w.grad = b.grad = None
+                xr = x.clone().requires_grad_()
+                y = step(xr)
+                outcomes.append(dict(y=y.detach(), dx=xr.grad, dw=w.grad.clone(), db=b.grad.clone()))
+                kernel_calls = len(calls)
+                w.grad = b.grad = None
+                times[name + "_ms"] = round(_time(lambda: step(x.clone().requires_grad_())) * 1e3, 3)
+                if name == "grouped" and kernel_calls != 3:  # forward, input and weight gradients
+                    raise AssertionError(f"torch._grouped_mm ran {kernel_calls} times, not 3: the kernel "
+                                         f"was not used on this GPU (probe: {native})")
+    finally:
+        torch._grouped_mm = grouped_mm
     errors = {k: _rel(outcomes[0][k], outcomes[1][k]) for k in ("y", "dx", "dw", "db")}
     empty_grad = float(outcomes[0]["dw"][1].abs().max())
     if max(errors.values()) > 0.01 or empty_grad != 0:
@@ -445,11 +460,12 @@ def main():
             for name, table in PROFILES.items():
                 f.write(f"=== {name} ===\n{table}\n")
     if args.part in ("train", "all"):
-        train_bf16()
-        train_bf16_local_ddp()
+        train_bf16()  # (the reference of the next two)
         train_bf16_zero1()
         train_fp8()
-    _print_summary()
+        train_bf16_local_ddp()
+    if args.part == "all":
+        _print_summary()
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check of the project on one Hopper GPU, in one go (about 7 minutes on an H200; run it with
-# timeout_s >= 480), each part under its own time limit so one slow part cannot take the others' results:
+# Every GPU check of the project on one Hopper GPU, in one go (at most 9.5 minutes on an H200, each part
+# under its own time limit so one slow part cannot take the others' results; run it with timeout_s 600):
 #   1. tests/gpu/check.py --part layer, on an otherwise idle machine (it takes timings), with
 #      megatron-core 0.16.1 (the version CI tests): FP8 vs bf16, torch._grouped_mm vs a GEMM per
 #      expert, kept tokens vs padded, float32 routers under FP8, layer throughput vs megatron-core's
@@ -23,25 +23,23 @@ for v in 16 19; do
   python3 -m pip install -q --no-index --no-deps --no-compile --target "/tmp/mcore$v" .whl/mcore$v/*.whl || exit 1
 done
 newest=$(ls /tmp/mcore19 | grep -o 'megatron_core-[0-9.]*[0-9]' | head -1)
-# The megatron-switch command, for the tests that call it (the package itself comes from PYTHONPATH:
-# the machine has no package index, so pip cannot build an editable install there).
-mkdir -p /tmp/bin
-printf '#!/bin/sh\nexec python3 -m megatron_switch.cli "$@"\n' > /tmp/bin/megatron-switch
-chmod +x /tmp/bin/megatron-switch
-export PATH="/tmp/bin:$PATH"
+rm -f "$OUT_DIR/gpu_checks.json"  # (check.py adds to it: start from nothing)
 
-PYTHONPATH="/tmp/mcore16:$PWD" timeout 240 python3 tests/gpu/check.py --out "$OUT_DIR" --part layer 2>&1 \
+PYTHONPATH="/tmp/mcore16:$PWD" timeout 180 python3 tests/gpu/check.py --out "$OUT_DIR" --part layer 2>&1 \
   | tee "$OUT_DIR/gpu_checks.log"
+echo "layer part: exit ${PIPESTATUS[0]} (124: cut by its time limit)" | tee -a "$OUT_DIR/gpu_checks.log"
 
 if [ -z "${GPU_ONLY:-}" ]; then
-  # -s INT: pytest stops and still prints which tests failed
-  ( CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 PYTHONPATH="/tmp/mcore19:$PWD" timeout -s INT 330 \
+  # -s INT: pytest stops and still prints which tests failed (-k: killed 30 s later if it does not)
+  ( CUDA_VISIBLE_DEVICES="" OMP_NUM_THREADS=1 PYTHONPATH="/tmp/mcore19:$PWD" timeout -s INT -k 30 330 \
       python3 -m pytest -q -rfE -p no:cacheprovider -n 8 tests > "$OUT_DIR/cpu_suite_newest_mcore.log" 2>&1
     echo "exit $?" >> "$OUT_DIR/cpu_suite_newest_mcore.log" ) &
 fi
-PYTHONPATH="/tmp/mcore16:$PWD" timeout 300 python3 tests/gpu/check.py --out "$OUT_DIR" --part train 2>&1 \
+PYTHONPATH="/tmp/mcore16:$PWD" timeout 360 python3 tests/gpu/check.py --out "$OUT_DIR" --part train 2>&1 \
   | tee -a "$OUT_DIR/gpu_checks.log"
+echo "train part: exit ${PIPESTATUS[0]} (124: cut by its time limit)" | tee -a "$OUT_DIR/gpu_checks.log"
 wait
+PYTHONPATH="/tmp/mcore16:$PWD" python3 tests/gpu/check.py --out "$OUT_DIR" --part summary
 if [ -z "${GPU_ONLY:-}" ]; then
   echo "=== CPU suite against $newest (CUDA hidden) ==="
   grep -v -i "benchmark\|warner" "$OUT_DIR/cpu_suite_newest_mcore.log" | tail -n 30
