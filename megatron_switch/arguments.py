@@ -37,7 +37,8 @@ def _flags():
                                               help=f"Train capacity factor (default {_D.capacity_factor}; "
                                                    "0 or negative = dropless).")),
         ("--switch-eval-capacity-factor", dict(type=float, default=None,
-                                               help=f"Eval capacity factor (default {_D.eval_capacity_factor}).")),
+                                               help=f"Eval capacity factor (default {_D.eval_capacity_factor}; "
+                                                    "dropless when training is dropless).")),
         ("--switch-dropless", dict(action="store_true", help="No capacity limit (no dropped tokens).")),
         ("--switch-min-capacity", dict(type=int, default=None,
                                        help=f"Minimum slots per expert (default {_D.min_capacity}).")),

@@ -166,11 +166,15 @@ class SwitchConfig:
         capacity_factor = get("moe_expert_capacity_factor", cls.capacity_factor)
         if getattr(args, "switch_dropless", False):
             capacity_factor = None
+        # Dropless training evaluates dropless too (megatron-core has one factor for both), unless
+        # --switch-eval-capacity-factor says otherwise.
+        dropless = capacity_factor is None or capacity_factor <= 0
+        eval_capacity_factor = get("switch_eval_capacity_factor", None if dropless else cls.eval_capacity_factor)
         return cls(
             num_experts=args.num_experts,
             expert_interval=interval,
             capacity_factor=capacity_factor,
-            eval_capacity_factor=get("switch_eval_capacity_factor", cls.eval_capacity_factor),
+            eval_capacity_factor=eval_capacity_factor,
             min_capacity=get("switch_min_capacity", cls.min_capacity),
             pad_to_capacity=True if getattr(args, "moe_pad_expert_input_to_capacity", False) else None,
             drop_policy=get("moe_token_drop_policy", cls.drop_policy),

@@ -90,8 +90,13 @@ def test_flags_parse_into_config_with_paper_defaults():
     assert (c.capacity_factor, c.eval_capacity_factor, c.aux_loss_coeff, c.jitter_eps, c.init_scale) == \
         (1.25, 2.0, 1e-2, 1e-2, 0.1)
     assert [c.is_switch_layer(n) for n in range(1, 5)] == [False, True, False, True]
-    dropless = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", "--switch-dropless"]))
-    assert dropless.capacity(100, True) is None
+    for flags in (["--switch-dropless"], ["--moe-expert-capacity-factor", "-1"], ["--moe-expert-capacity-factor", "0"]):
+        dropless = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", *flags]))
+        # dropless training evaluates dropless too, unless the eval factor is given
+        assert dropless.capacity(100, True) is None and dropless.capacity(100, False) is None, flags
+    eval_given = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", "--switch-dropless",
+                                                           "--switch-eval-capacity-factor", "1.5"]))
+    assert eval_given.capacity(80, False) == 15
     assert (c.pad_to_capacity, c.pads_to_capacity("cuda"), c.pads_to_capacity("cpu")) == (None, True, False)
     padded = SwitchConfig.from_args(parser.parse_args(["--num-experts", "8", "--moe-pad-expert-input-to-capacity"]))
     assert padded.pads_to_capacity("cpu")
