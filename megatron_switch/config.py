@@ -123,8 +123,7 @@ class SwitchConfig:
 
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The capacity factor in force; None means dropless."""
-        cf = self.capacity_factor if training else self.eval_capacity_factor
-        return cf if cf is not None and cf > 0 else None
+        return _in_force(self.capacity_factor if training else self.eval_capacity_factor)
 
     def pads_to_capacity(self, device_type: str) -> bool:
         """Whether experts on a device of this type ("cuda", "cpu") compute every capacity slot."""
@@ -168,8 +167,8 @@ class SwitchConfig:
             capacity_factor = None
         # Dropless training evaluates dropless too (megatron-core has one factor for both), unless
         # --switch-eval-capacity-factor says otherwise.
-        dropless = capacity_factor is None or capacity_factor <= 0
-        eval_capacity_factor = get("switch_eval_capacity_factor", None if dropless else cls.eval_capacity_factor)
+        eval_default = None if _in_force(capacity_factor) is None else cls.eval_capacity_factor
+        eval_capacity_factor = get("switch_eval_capacity_factor", eval_default)
         return cls(
             num_experts=args.num_experts,
             expert_interval=interval,
@@ -191,6 +190,11 @@ class SwitchConfig:
             fp8_recipe=get("fp8_recipe", None) if get("fp8_format", None) else None,
             init_seed=cls.init_seed if getattr(args, "seed", None) is None else args.seed,
         )
+
+
+def _in_force(capacity_factor: Optional[float]) -> Optional[float]:
+    """A capacity factor as it acts: None (dropless) for None, 0 or negative."""
+    return capacity_factor if capacity_factor is not None and capacity_factor > 0 else None
 
 
 def _single(value, flag: str) -> float:

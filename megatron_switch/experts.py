@@ -139,14 +139,12 @@ def _grouped_mm_runs_on(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
 def _grouped_mm_fits(*operands: torch.Tensor) -> bool:
-    """torch._grouped_mm's kernel wants non-empty operands of one dtype it takes on that device, 16-byte
-    aligned, with strides that are non-zero multiples of 16 bytes (but one of 1 element)."""
+    """torch._grouped_mm's kernel wants non-empty operands of one dtype it takes on that device (the
+    probe's answer), 16-byte aligned, with strides that are non-zero multiples of 16 bytes (but one of
+    1 element)."""
     first = operands[0]
-    return first.dtype in _GROUPED_MM_DTYPES and all(
+    return all(
         t.numel() > 0 and t.dtype == first.dtype and t.data_ptr() % 16 == 0
         and all(st > 0 and st * t.element_size() % 16 == 0 for st in t.stride() if st != 1)
         for t in operands) and first.device.type in GROUPED_MM_DEVICES \

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.multiprocessing as mp
@@ -74,3 +75,19 @@ def count_expert_rows(experts):
 
     experts.forward_padded, experts.forward_grouped = forward_padded, forward_grouped
     return counts
+
+
+@contextmanager
+def counting_grouped_mm():
+    """Inside: every torch._grouped_mm call is recorded (its first operand's shape, in the yielded list)."""
+    grouped_mm, calls = torch._grouped_mm, []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return grouped_mm(*args, **kwargs)
+
+    torch._grouped_mm = counted
+    try:
+        yield calls
+    finally:
+        torch._grouped_mm = grouped_mm

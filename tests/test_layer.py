@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from megatron_switch import SwitchConfig, SwitchMLP, switch_stats
 from megatron_switch.router import load_balancing_loss, queue_positions, router_z_loss
-from tests.helpers import count_expert_rows, dense_ffn, tiny_config
+from tests.helpers import count_expert_rows, counting_grouped_mm, dense_ffn, tiny_config
 from tests.reference import slow_switch
 
 
@@ -331,23 +331,17 @@ def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
     upstream = torch.randn(15, 16)
     if not expert_module._grouped_mm_fits(x, bank.weight1):
         pytest.skip("this torch has no CPU kernel for torch._grouped_mm")
-    results, grouped_calls = [], []
-    grouped_mm = torch._grouped_mm
-
-    def counted_grouped_mm(*args, **kwargs):
-        grouped_calls.append(args[0].shape)
-        return grouped_mm(*args, **kwargs)
-
-    monkeypatch.setattr(torch, "_grouped_mm", counted_grouped_mm)
-    for native in (True, False):
-        if not native:
-            monkeypatch.setattr(expert_module, "GROUPED_MM_DEVICES", set())
-        bank.zero_grad(set_to_none=True)
-        x.grad = None
-        (bank.forward_grouped(x, counts) * upstream).sum().backward()
-        results.append([x.grad] + [p.grad for p in bank.parameters()])
-        # the native pass runs all 6 GEMMs (2 projections: forward, input and weight gradients) grouped
-        assert len(grouped_calls) == 6, grouped_calls
+    results = []
+    with counting_grouped_mm() as grouped_calls:
+        for native in (True, False):
+            if not native:
+                monkeypatch.setattr(expert_module, "GROUPED_MM_DEVICES", set())
+            bank.zero_grad(set_to_none=True)
+            x.grad = None
+            (bank.forward_grouped(x, counts) * upstream).sum().backward()
+            results.append([x.grad] + [p.grad for p in bank.parameters()])
+            # the native pass runs all 6 GEMMs (2 projections: forward, input and weight gradients) grouped
+            assert len(grouped_calls) == 6, grouped_calls
     for native, fallback in zip(*results):
         torch.testing.assert_close(native, fallback, rtol=1e-6, atol=1e-6)
     assert torch.count_nonzero(results[0][1][1]) == 0  # expert 1 had no token: no weight gradient

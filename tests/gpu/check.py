@@ -41,6 +41,7 @@ from contextlib import contextmanager
 import torch
 
 from megatron_switch import experts as expert_module
+from tests.helpers import counting_grouped_mm
 
 PEAK_BF16_TFLOPS = 790.0
 TOLERANCE = {"output": 0.10, "input_grad": 0.25, "weight_grad": 0.25}  # relative error, norm-wise
@@ -141,6 +142,17 @@ def fp8_vs_bf16():
             "same_routing": same_routing}
 
 
+@contextmanager
+def _grouped_kernel_on(*devices):
+    """The grouped projections use torch._grouped_mm on these devices (none: a GEMM per expert)."""
+    default = expert_module.GROUPED_MM_DEVICES
+    expert_module.GROUPED_MM_DEVICES = set(devices)
+    try:
+        yield
+    finally:
+        expert_module.GROUPED_MM_DEVICES = default
+
+
 @check
 def kept_tokens_vs_padded():
     """The kept-tokens expert path (grouped GEMMs, torch._grouped_mm on) against the padded one
@@ -153,17 +165,6 @@ def kept_tokens_vs_padded():
         raise AssertionError(f"kept-tokens vs padded: relative errors {errors} (bound 0.02), dropped "
                              f"{kept['dropped']} (the case must drop tokens)")
     return {"errors": {k: round(v, 5) for k, v in errors.items()}, "dropped": round(kept["dropped"], 4)}
-
-
-@contextmanager
-def _grouped_kernel_on(*devices):
-    """The grouped projections use torch._grouped_mm on these devices (none: a GEMM per expert)."""
-    default = expert_module.GROUPED_MM_DEVICES
-    expert_module.GROUPED_MM_DEVICES = set(devices)
-    try:
-        yield
-    finally:
-        expert_module.GROUPED_MM_DEVICES = default
 
 
 @check
@@ -186,15 +187,8 @@ def grouped_mm_cuda():
         (y * upstream).sum().backward()
         return y
 
-    outcomes, times, calls = [], {}, []
-    grouped_mm = torch._grouped_mm
-
-    def counted_grouped_mm(*args, **kwargs):
-        calls.append(args[0].shape)
-        return grouped_mm(*args, **kwargs)
-
-    torch._grouped_mm = counted_grouped_mm
-    try:
+    outcomes, times = [], {}
+    with counting_grouped_mm() as calls:
         for name in ("grouped", "per_expert"):
             with _grouped_kernel_on() if name == "per_expert" else _grouped_kernel_on("cuda"):
                 w.grad = b.grad = None
@@ -207,8 +201,6 @@ def grouped_mm_cuda():
                 if name == "grouped" and kernel_calls != 3:  # forward, input and weight gradients
                     raise AssertionError(f"torch._grouped_mm ran {kernel_calls} times, not 3: the kernel "
                                          f"was not used on this GPU (probe: {native})")
-    finally:
-        torch._grouped_mm = grouped_mm
     errors = {k: _rel(outcomes[0][k], outcomes[1][k]) for k in ("y", "dx", "dw", "db")}
     empty_grad = float(outcomes[0]["dw"][1].abs().max())
     if max(errors.values()) > 0.01 or empty_grad != 0:
