@@ -23,7 +23,11 @@ setup(
         # Transformer Engine's PyTorch extension compiles against CUDA: install it in a GPU image.
         "te": ["transformer-engine[pytorch]>=2.0"],
         "dali": ["nvidia-dali-cuda120>=1.40"],
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5.24", "safetensors", "matplotlib", "tensorboard"],
+        "plots": ["matplotlib>=3.5"],  # the trainer's loss and expert-load PNGs (skipped, with a line, without)
+        "tensorboard": ["tensorboard>=2.10"],  # --tensorboard-dir
+        # The test and demo stack; constraints.txt pins the versions it was last run with.
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5.24", "safetensors", "matplotlib>=3.5",
+                "tensorboard>=2.10"],
     },
     entry_points={"console_scripts": ["megatron-switch=megatron_switch.cli:main"]},
 )

@@ -256,3 +256,42 @@ def test_switch_c_example_is_current():
     assert first.startswith("$ megatron-switch plan ")
     assert _run(plan_main, shlex.split(first.removeprefix("$ megatron-switch plan "))) == rest, (
         "regenerate examples/switch_c_2048.plan.txt with the command on its first line")
+
+
+# -- fitting a CPU job to the cluster sinfo describes ------------------------------------------------
+
+SINFO = """n1 2 idle debug*
+n2 2 mix debug*
+n3 1 down* debug*
+big1 8 idle big
+big2 8 drain big
+"""
+
+
+def test_sinfo_partitions_count_only_usable_nodes():
+    from megatron_switch.planning.slurm import Partition, parse_sinfo
+
+    assert parse_sinfo(SINFO, None) == Partition("debug", 2, 2)  # the default partition; n3 is down
+    assert parse_sinfo(SINFO, "big") == Partition("big", 1, 8)
+    assert parse_sinfo(SINFO, "gpu") is None
+    assert parse_sinfo("", None) is None
+
+
+def test_cpu_job_fits_the_partition_or_names_the_fix():
+    from megatron_switch.planning.slurm import ClusterMismatch, Partition, fit_cpu_job
+
+    small, big = Partition("debug", 2, 2), Partition("big", 1, 8)
+    assert (fit_cpu_job(big, 1, None, None).tasks_per_node, fit_cpu_job(big, 1, None, None).cpus_per_task) == (2, 4)
+    one_cpu = fit_cpu_job(Partition("tiny", 4, 1), 2, None, None)
+    assert (one_cpu.tasks_per_node, one_cpu.cpus_per_task, one_cpu.overcommit) == (1, 1, False)
+    with pytest.raises(ClusterMismatch, match=r"1 CPU\(s\) each; this job asks 2 .* --gpus-per-node 1 .*--overcommit"):
+        fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None)
+    assert fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None, overcommit=True).overcommit
+    with pytest.raises(ClusterMismatch, match="has 2 usable node.*--nodes 2 or fewer"):
+        fit_cpu_job(small, 3, None, None)
+    with pytest.raises(ClusterMismatch, match="--cpus-per-task"):
+        fit_cpu_job(small, 1, 2, 2)
+    with pytest.raises(ClusterMismatch, match="no node that can run jobs"):
+        fit_cpu_job(Partition("debug", 0, 0), 1, None, None)
+    unchecked = fit_cpu_job(None, 1, None, None)
+    assert (unchecked.tasks_per_node, unchecked.cpus_per_task) == (2, 1) and "not checked" in unchecked.note

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from megatron_switch.planning.cli import sbatch_main
+from megatron_switch.planning.slurm import query_partition
 
 TRAIN_ITERS = 60
 POLL_SECONDS = 0.5
@@ -83,11 +84,16 @@ def _tracker(save: str) -> int:
 
 def test_tiny_job_trains_is_preempted_requeues_and_finishes(slurm, tmp_path):
     save, log = str(tmp_path / "ckpt"), str(tmp_path / "job.log")
+    # Two processes (EP=2) on one node of whatever cluster this is: sharing CPUs if its nodes have one.
+    partition = query_partition(None)
+    assert partition is not None and partition.nodes >= 1, "sinfo lists no usable node in the default partition"
+    fit = ["--overcommit"] if partition.cpus_per_node < 2 else []
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        sbatch_main(["--preset", "tiny", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--save", save,
+        sbatch_main(["--preset", "tiny", "--cpu", "--nodes", "1", "--gpus-per-node", "2", *fit, "--save", save,
                      "--train-iters", str(TRAIN_ITERS), "--save-interval", "10", "--log-interval", "5",
                      "--output", log, "--time", "00:30:00", "--python", sys.executable])
+    assert f"fitted to SLURM partition {partition.name!r}" in out.getvalue()
     script = tmp_path / "job.sbatch"
     script.write_text(out.getvalue())
     env = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"))
@@ -126,3 +132,22 @@ def test_tiny_job_trains_is_preempted_requeues_and_finishes(slurm, tmp_path):
     assert _tracker(save) == TRAIN_ITERS
     assert os.path.isfile(os.path.join(save, f"iter_{TRAIN_ITERS:07d}", "metadata.json"))
     assert record is not None and record["JobState"] == "COMPLETED" and record["Restarts"] == "1", record
+
+
+def test_cpu_script_fits_the_cluster_or_is_refused(slurm, tmp_path, capsys):
+    """On the cluster at hand: the default CPU job shares out each node's CPUs among its processes;
+    more processes per node than CPUs is refused with the flags that fix it, unless --overcommit."""
+    partition = query_partition(None)
+    base = ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", str(tmp_path / "ckpt"), "--python", sys.executable]
+    sbatch_main(base)
+    script = capsys.readouterr().out
+    tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script).group(1))
+    cpus = int(re.search(r"#SBATCH --cpus-per-task=(\d+)", script).group(1))
+    assert tasks == min(2, partition.cpus_per_node) and cpus == partition.cpus_per_node // tasks
+    too_many = [*base, "--gpus-per-node", str(2 * partition.cpus_per_node)]
+    with pytest.raises(SystemExit) as exit_info:
+        sbatch_main(too_many)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"{partition.cpus_per_node} CPU(s) each" in err and "--overcommit" in err
+    sbatch_main([*too_many, "--overcommit"])
+    assert "#SBATCH --overcommit" in capsys.readouterr().out

@@ -32,6 +32,7 @@ from megatron_switch.planning.search import (
     evaluate,
     search_layouts,
 )
+from megatron_switch.planning.slurm import ClusterMismatch, fit_cpu_job, query_partition
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(T|G|M)?(i?B)?\s*$", re.IGNORECASE)
 
@@ -226,7 +227,7 @@ def _plan(args, top: int, distributed_optimizer: bool | None = None):
     return name, spec, training, description, cluster, setup, layouts
 
 
-_USER_ERRORS = (ModelSpecError, PresetError, LayoutError, NoLayoutFits, SbatchError, ValueError)
+_USER_ERRORS = (ModelSpecError, PresetError, LayoutError, NoLayoutFits, SbatchError, ClusterMismatch, ValueError)
 
 
 def plan_main(argv: list[str] | None = None) -> None:
@@ -267,7 +268,10 @@ def sbatch_main(argv: list[str] | None = None) -> None:
     g.add_argument("--account", default=None)
     g.add_argument("--job-name", default=None)
     g.add_argument("--output", default="%x-%j.out", help="Log file (appended to across requeues).")
-    g.add_argument("--cpus-per-task", type=int, default=None)
+    g.add_argument("--cpus-per-task", type=int, default=None,
+                   help="With --cpu: default the node's CPUs shared out among its processes (sinfo).")
+    g.add_argument("--overcommit", action="store_true",
+                   help="With --cpu: allow more processes x CPUs per node than the nodes have (they share CPUs).")
     g.add_argument("--signal-seconds", type=int, default=None,
                    help="Send the save-and-exit signal this long before the time limit (default 300; 60 with --cpu).")
     g.add_argument("--container-image", default=None, help="pyxis/enroot image for srun.")
@@ -294,6 +298,11 @@ def sbatch_main(argv: list[str] | None = None) -> None:
         parser.error("--cpu runs `megatron-switch train` (Megatron-LM's pretrain scripts need CUDA): "
                      "drop --megatron-lm")
     try:
+        cpu_fit = None
+        if args.cpu:  # fit processes and CPUs per node to the partition sinfo describes here
+            cpu_fit = fit_cpu_job(query_partition(args.partition), args.nodes, args.gpus_per_node,
+                                  args.cpus_per_task, args.overcommit)
+            args.gpus_per_node, args.cpus_per_task = cpu_fit.tasks_per_node, cpu_fit.cpus_per_task
         extra_args = shlex.split(args.extra_args)
         distributed_optimizer = None
         if args.megatron_lm is None:
@@ -320,6 +329,7 @@ def sbatch_main(argv: list[str] | None = None) -> None:
             container_image=args.container_image, container_mounts=args.container_mounts,
             container_workdir=args.container_workdir, python=args.python, env=tuple(args.env),
             extra_args=tuple(extra_args), plan_text=format_plan(report),
+            overcommit=bool(cpu_fit and cpu_fit.overcommit), resources_note=cpu_fit.note if cpu_fit else "",
             generated_by="megatron-switch sbatch " + shlex.join(sys.argv[2:] if argv is None else argv))
         script = render_sbatch(job, args.template)
     except _USER_ERRORS as err:

@@ -65,6 +65,8 @@ class SbatchJob:
     extra_args: tuple[str, ...] = ()
     plan_text: str = ""
     generated_by: str = ""
+    overcommit: bool = False  # CPU jobs: more processes x CPUs than a node has (#SBATCH --overcommit)
+    resources_note: str = ""  # how the CPU resources were fitted to the cluster
 
 
 def template_path(explicit: str | None = None) -> Path:
@@ -201,7 +203,11 @@ def render_sbatch(job: SbatchJob, template: str | None = None) -> str:
         raise SbatchError("--signal-seconds must be >= 1")
     resources = []
     if job.cpu:
+        if job.resources_note:
+            resources.append(f"# {job.resources_note}")
         resources.append(f"#SBATCH --cpus-per-task={job.cpus_per_task or 1}")
+        if job.overcommit:
+            resources.append("#SBATCH --overcommit")
     else:
         resources += [f"#SBATCH --gpus-per-node={job.tasks_per_node}", "#SBATCH --exclusive"]
         if job.cpus_per_task:

@@ -1,5 +1,8 @@
 """What a run reports: per-interval lines, a metrics.jsonl, TensorBoard scalars, and at the end a
-loss-curve PNG and an expert-load heatmap PNG (layers x experts, share of routed tokens)."""
+loss-curve PNG and an expert-load heatmap PNG (layers x experts, share of routed tokens).
+
+The plots need matplotlib (the `plots` extra); without it they are skipped with one line that says
+so, and everything else is written as usual."""
 
 from __future__ import annotations
 
@@ -103,7 +106,14 @@ class Reporter:
     def finish(self) -> None:
         if not self.enabled or not self.history:
             return
-        import matplotlib
+        if self.writer:
+            self.writer.close()
+        try:
+            import matplotlib
+        except ImportError:
+            print(f" metrics written to {self.plots_dir}/metrics.jsonl; plots skipped: matplotlib is not "
+                  f"installed (pip install matplotlib, or megatron-switch[plots])", flush=True)
+            return
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
@@ -133,6 +143,4 @@ class Reporter:
             fig.tight_layout()
             fig.savefig(os.path.join(self.plots_dir, "expert_load.png"), dpi=120)
             plt.close(fig)
-        if self.writer:
-            self.writer.close()
         print(f" plots and metrics written to {self.plots_dir}", flush=True)
