@@ -108,7 +108,7 @@ def child(argv):
         from megatron_switch.checkpoint.contents import compute_manifest, write_manifest
         from megatron_switch.checkpoint.legacy import write_legacy
         from megatron_switch.checkpoint.sharding import Layout
-        from megatron_switch.training.checkpointing import TRACKER
+        from megatron_switch.checkpoint.layout import TRACKER
 
         _, save, spec = argv
         spec = json.loads(spec)

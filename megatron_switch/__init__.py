@@ -1,28 +1,45 @@
-"""megatron-switch: the Switch Transformer (top-1 mixture of experts) as a Megatron-Core plugin."""
+"""megatron-switch: the Switch Transformer (top-1 mixture of experts) as a Megatron-Core plugin.
 
-import warnings
+The public names below are imported on first use (PEP 562), so `import megatron_switch` and the
+command-line tools' flag checks do not pay for torch and megatron-core until something needs them.
+Importing the package installs no warning filter and patches nothing; the entry points quiet
+megatron-core's import-time notices themselves (`megatron_switch.quiet.quiet_import_warnings`).
+"""
 
-# megatron-core warns at import that Transformer Engine and apex are absent (they are optional: torch
-# fallbacks are used) and TransformerConfig warns about its own default; only these are silenced.
-QUIET_IMPORT_WARNINGS = ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                         "full scope is deprecated")  # the last: TransformerConfig's own default
-for _message in QUIET_IMPORT_WARNINGS:
-    warnings.filterwarnings("ignore", message=_message)
+from __future__ import annotations
 
-from megatron_switch.arguments import add_switch_args  # noqa: E402  (after the filters)
-from megatron_switch.config import SwitchConfig, SwitchConfigError  # noqa: E402  (after the filters)
-from megatron_switch.initialization import switch_init_method  # noqa: E402  (after the filters)
-from megatron_switch.layer import SwitchMLP, SwitchStats, switch_stats  # noqa: E402  (after the filters)
-from megatron_switch.parallel import LayoutError, initialize_parallel, validate_layout  # noqa: E402  (after the filters)
-from megatron_switch.router import SwitchRouter  # noqa: E402  (after the filters)
-from megatron_switch.spec import get_switch_gpt_layer_spec  # noqa: E402  (after the filters)
-from megatron_switch.t5 import get_switch_t5_layer_specs  # noqa: E402  (after the filters)
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "SwitchConfig", "SwitchConfigError", "SwitchRouter", "SwitchMLP", "SwitchStats", "switch_stats",
-    "get_switch_gpt_layer_spec", "get_switch_t5_layer_specs", "add_switch_args", "switch_init_method",
-    "initialize_parallel",
-    "validate_layout", "LayoutError",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "SwitchConfig": "megatron_switch.config",
+    "SwitchConfigError": "megatron_switch.config",
+    "add_switch_args": "megatron_switch.arguments",
+    "switch_init_method": "megatron_switch.initialization",
+    "SwitchMLP": "megatron_switch.layer",
+    "SwitchStats": "megatron_switch.layer",
+    "switch_stats": "megatron_switch.layer",
+    "LayoutError": "megatron_switch.parallel",
+    "initialize_parallel": "megatron_switch.parallel",
+    "validate_layout": "megatron_switch.parallel",
+    "SwitchRouter": "megatron_switch.router",
+    "get_switch_gpt_layer_spec": "megatron_switch.spec",
+    "get_switch_t5_layer_specs": "megatron_switch.t5",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'megatron_switch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

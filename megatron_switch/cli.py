@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import sys
 from typing import List, Optional
 
-from megatron_switch import QUIET_IMPORT_WARNINGS
-
-# Spawned workers import megatron-core before any code of ours runs: tell them through the environment.
-os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore:{m}" for m in QUIET_IMPORT_WARNINGS))
+from megatron_switch.quiet import quiet_import_warnings
 
 
 def _free_port() -> int:
@@ -21,6 +19,9 @@ def _free_port() -> int:
 
 
 def _local_rank_entry(rank: int, args) -> None:
+    # Each local rank leads its own process group, so that the launcher can end it together with the
+    # helper processes it starts (dist_checkpointing's writer) and nothing is left behind.
+    os.setsid()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
     import torch
 
@@ -32,29 +33,79 @@ def _local_rank_entry(rank: int, args) -> None:
     train(args)
 
 
+REPORTED_ERROR_EXIT = 3  # training.trainer's: a rank that printed its own one-line error
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"
+
+
+def launch_local(args) -> int:
+    """Start `args.world_size` local ranks and watch them: the first that fails (an error, a crash, a
+    kill) ends the whole job at once, its process groups included, and is named; SIGINT, SIGTERM and
+    SIGUSR1 are passed on to every rank. Returns the job's exit status."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    context = multiprocessing.get_context("spawn")
+    ranks = [context.Process(target=_local_rank_entry, args=(rank, args), name=f"rank {rank}")
+             for rank in range(args.world_size)]
+
+    def signal_all(sig: int) -> None:
+        for process in ranks:
+            if process.pid is None:
+                continue
+            try:
+                os.killpg(process.pid, sig)  # the rank and everything it started
+            except (ProcessLookupError, PermissionError):
+                try:
+                    os.kill(process.pid, sig)  # not its own group yet (just started)
+                except ProcessLookupError:
+                    pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, lambda signum, frame: signal_all(signum))
+    for process in ranks:
+        process.start()
+    waiting = {process.sentinel: rank for rank, process in enumerate(ranks)}
+    status = 0
+    try:
+        while waiting:
+            for sentinel in multiprocessing.connection.wait(list(waiting)):
+                rank = waiting.pop(sentinel)
+                ranks[rank].join()
+                code = ranks[rank].exitcode
+                if code != 0 and status == 0:
+                    status = code if code > 0 else 128 - code
+                    if waiting and code != REPORTED_ERROR_EXIT:  # (a reported error has said it all)
+                        print(f"megatron-switch train: rank {rank} (pid {ranks[rank].pid}) {_describe_exit(code)}; "
+                              f"stopping the other {len(waiting)} rank(s)", file=sys.stderr, flush=True)
+                    signal_all(signal.SIGKILL)
+    finally:
+        signal_all(signal.SIGKILL)  # helpers a finished rank left behind
+        for process in ranks:
+            process.join()
+    return status
+
+
 def train_main(argv: Optional[List[str]] = None) -> None:
     """Validate every flag here, then run: in place under torchrun/srun, else in local processes."""
-    from megatron_switch.training.arguments import parse_args
+    quiet_import_warnings()
+    from megatron_switch.training.arguments import launcher_environment, parse_args
 
     args = parse_args(argv)
-    under_launcher = "WORLD_SIZE" in os.environ or "SLURM_PROCID" in os.environ
-    if under_launcher:
+    if launcher_environment() is not None:
         from megatron_switch.training.trainer import train
 
         return train(args)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ["MASTER_PORT"] = str(args.master_port or _free_port())
-    if args.world_size == 1:
-        return _local_rank_entry(0, args)
-    import signal
-
-    import torch.multiprocessing as mp
-
-    if args.exit_signal_handler:
-        # The workers save and exit on these signals; the launcher just waits for them.
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, signal.SIG_IGN)
-    mp.start_processes(_local_rank_entry, args=(args,), nprocs=args.world_size, start_method="spawn")
+    sys.exit(launch_local(args))
 
 
 def preprocess_main(argv: Optional[List[str]] = None) -> None:
@@ -88,6 +139,7 @@ COMMANDS = {
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    quiet_import_warnings()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
         print(f"usage: megatron-switch {{{','.join(COMMANDS)}}} [flags]  (--help after a command)")

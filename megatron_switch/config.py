@@ -107,7 +107,7 @@ class SwitchConfig:
         need(self.activation in ACTIVATIONS,
              f"unknown expert activation {self.activation!r}: use one of {', '.join(ACTIVATIONS)}")
         need(self.expert_ffn_hidden_size is None or self.expert_ffn_hidden_size >= 1,
-             f"--switch-expert-ffn-hidden-size must be >= 1, got {self.expert_ffn_hidden_size}")
+             f"--moe-ffn-hidden-size (expert FFN width) must be >= 1, got {self.expert_ffn_hidden_size}")
         need(self.expert_backend in EXPERT_BACKENDS,
              f"--switch-expert-backend must be one of {EXPERT_BACKENDS}, got {self.expert_backend!r}")
         need(self.fp8_format is None or self.fp8_format in FP8_FORMATS,

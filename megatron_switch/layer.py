@@ -34,13 +34,15 @@ class SwitchStats:
     """One Switch layer's routing statistics from its last forward (detached).
 
     aux_loss, z_loss: with coefficients applied. dropped_fraction: share of the routing group's
-    tokens that found no slot. tokens_per_expert: [E] argmax counts over the routing group.
+    tokens that found no slot. tokens_per_expert: [E] argmax counts over the routing group (finite
+    tokens). nonfinite_tokens: tokens quarantined for a non-finite input (None: there were none).
     """
 
     aux_loss: torch.Tensor
     z_loss: torch.Tensor
     dropped_fraction: torch.Tensor
     tokens_per_expert: torch.Tensor
+    nonfinite_tokens: Optional[torch.Tensor] = None  # quarantined (non-finite input) tokens of the group
 
 
 FROM_PARALLEL_STATE = object()  # default: take the group from megatron.core.parallel_state
@@ -182,7 +184,7 @@ class SwitchMLP(MegatronModule):
         self.last_stats = SwitchStats(
             aux_loss=routing.aux_loss.detach(), z_loss=routing.z_loss.detach(),
             dropped_fraction=routing.num_dropped.detach().float() / routing.num_group_tokens,
-            tokens_per_expert=routing.tokens_per_expert.detach())
+            tokens_per_expert=routing.tokens_per_expert.detach(), nonfinite_tokens=routing.num_nonfinite)
         return y, None
 
 

@@ -15,9 +15,6 @@ import datetime
 import os
 from typing import Optional
 
-import torch
-import torch.distributed as dist
-
 
 class LayoutError(ValueError):
     """A parallel layout that cannot work; the message says which constraint and what would."""
@@ -39,6 +36,12 @@ class ParallelLayout:
     @property
     def expert_dp(self) -> int:
         return self.world_size // (self.etp * self.ep * self.pp)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron's padded vocabulary: the next multiple of divisible_by x TP (each TP rank an equal share)."""
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
 
 
 def _divisors(n: int):
@@ -94,6 +97,9 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Opti
 
     backend: None picks NCCL with CUDA, gloo otherwise.
     """
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():
         world_size = dist.get_world_size()
     else:
@@ -119,6 +125,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Opti
 
 def destroy_parallel() -> None:
     """Tear down Megatron's groups and the default group."""
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

@@ -18,7 +18,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_switch.comm import Group, all_gather_no_grad, group_rank, sum_backward, sum_forward
+from megatron_switch.comm import Group, all_gather_no_grad, group_rank, group_size, sum_backward, sum_forward
 from megatron_switch.config import SwitchConfig
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 
@@ -87,7 +87,7 @@ class _RouterScores(torch.autograd.Function):
         return (x_rh @ w_Eh.t()).sub_(max_r[:, None]).exp_().div_(sum_r[:, None])
 
     @staticmethod
-    def forward(ctx, x_Th, w_Eh):
+    def forward(ctx, x_Th, w_Eh, valid_T=None):
         T, E = x_Th.shape[0], w_Eh.shape[0]
         expert_T = torch.empty(T, dtype=torch.long, device=x_Th.device)
         max_T, sum_T, gate_T = (x_Th.new_empty(T) for _ in range(3))
@@ -100,32 +100,43 @@ class _RouterScores(torch.autograd.Function):
             probs_rE = scores_rE.div_(sum_T[a:b, None])
             torch.argmax(probs_rE, dim=-1, out=expert_T[a:b])
             gate_T[a:b] = probs_rE.gather(1, expert_T[a:b, None]).squeeze(1)
-            prob_sum_E += probs_rE.sum(0)
+            if valid_T is None:
+                prob_sum_E += probs_rE.sum(0)
+            else:  # quarantined rows (zeroed inputs) count nowhere
+                prob_sum_E.addmv_(probs_rE.t(), valid_T[a:b].to(probs_rE.dtype))
         lse_T = max_T + sum_T.log()
-        ctx.save_for_backward(x_Th, w_Eh, max_T, sum_T, expert_T, gate_T)
+        ctx.save_for_backward(x_Th, w_Eh, max_T, sum_T, expert_T, gate_T, valid_T)
         ctx.mark_non_differentiable(expert_T)
         return expert_T, gate_T, prob_sum_E, lse_T
 
     @staticmethod
     def backward(ctx, _, g_gate_T, g_prob_sum_E, g_lse_T):
-        x_Th, w_Eh, max_T, sum_T, expert_T, gate_T = ctx.saved_tensors
+        x_Th, w_Eh, max_T, sum_T, expert_T, gate_T, valid_T = ctx.saved_tensors
         g_gate_T = torch.zeros_like(gate_T) if g_gate_T is None else g_gate_T
         g_prob_sum_E = torch.zeros_like(w_Eh[:, 0]) if g_prob_sum_E is None else g_prob_sum_E
         g_lse_T = torch.zeros_like(max_T) if g_lse_T is None else g_lse_T
+        if valid_T is not None:  # whatever reaches a quarantined row (even NaN) goes no further
+            g_gate_T = torch.where(valid_T, g_gate_T, 0.0)
+            g_lse_T = torch.where(valid_T, g_lse_T, 0.0)
         g_x = torch.empty_like(x_Th) if ctx.needs_input_grad[0] else None
         g_w = torch.zeros_like(w_Eh) if ctx.needs_input_grad[1] else None
         for a, b in _RouterScores._chunks(*expert_T.shape, w_Eh.shape[0]):
             probs_rE = _RouterScores._probs(x_Th[a:b], w_Eh, max_T[a:b], sum_T[a:b])
             g_gate_term = g_gate_T[a:b] * gate_T[a:b]
-            inner_r = g_gate_term + probs_rE @ g_prob_sum_E  # <u, p> per row
-            g_scores_rE = (g_prob_sum_E[None, :] + (g_lse_T[a:b] - inner_r)[:, None]).mul_(probs_rE)
+            if valid_T is None:  # u = g_prob_sum + g_gate * onehot; inner = <u, p> per row
+                inner_r = g_gate_term + probs_rE @ g_prob_sum_E
+                g_scores_rE = (g_prob_sum_E[None, :] + (g_lse_T[a:b] - inner_r)[:, None]).mul_(probs_rE)
+            else:  # u = valid * g_prob_sum + g_gate * onehot
+                v_r = valid_T[a:b].to(probs_rE.dtype)
+                inner_r = g_gate_term + v_r * (probs_rE @ g_prob_sum_E)
+                g_scores_rE = (v_r[:, None] * g_prob_sum_E[None, :] + (g_lse_T[a:b] - inner_r)[:, None]).mul_(probs_rE)
             del probs_rE
             g_scores_rE.scatter_add_(1, expert_T[a:b, None], g_gate_term[:, None])
             if g_x is not None:
                 torch.mm(g_scores_rE, w_Eh, out=g_x[a:b])
             if g_w is not None:
                 g_w.addmm_(g_scores_rE.t(), x_Th[a:b])
-        return g_x, g_w
+        return g_x, g_w, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +149,9 @@ class Routing:
     logsumexp: [T] float32 logsumexp of the router logits (the z-loss input).
     aux_loss, z_loss: scalars with their coefficients applied (differentiable).
     tokens_per_expert: [E] argmax counts over the routing group, before dropping.
-    num_group_tokens: tokens in the routing group. num_dropped: dropped tokens in the group.
+    num_group_tokens: tokens in the routing group. num_dropped: dropped tokens in the group (finite ones).
+    valid: [T] bool, False for a quarantined token (a non-finite input); None when every token is finite.
+    num_nonfinite: quarantined tokens in the routing group.
     """
 
     expert: torch.Tensor
@@ -151,12 +164,14 @@ class Routing:
     tokens_per_expert: torch.Tensor
     num_group_tokens: int
     num_dropped: torch.Tensor
+    valid: Optional[torch.Tensor] = None
+    num_nonfinite: Optional[torch.Tensor] = None
 
     @property
     def kept(self) -> torch.Tensor:
-        if self.capacity is None:
-            return torch.ones_like(self.expert, dtype=torch.bool)
-        return self.position < self.capacity
+        kept = (torch.ones_like(self.expert, dtype=torch.bool) if self.capacity is None
+                else self.position < self.capacity)
+        return kept if self.valid is None else kept & self.valid
 
 
 class SwitchRouter(MegatronModule):
@@ -186,29 +201,51 @@ class SwitchRouter(MegatronModule):
         return self
 
     def forward(self, x_Th: torch.Tensor, token_group: Group = None) -> Routing:
-        """Route T local tokens [T, h]; `token_group` holds the other shares of the routing group."""
+        """Route T local tokens [T, h]; `token_group` holds the other shares of the routing group.
+
+        Quarantine: a token whose input holds a NaN or an infinity (or overflows float32 when summed)
+        is routed nowhere: it takes no capacity slot, its output is 0, it counts in neither the load
+        fractions, the mean probabilities nor the z-loss (their means are over the finite tokens), and
+        no gradient reaches or leaves the router through it. Capacity still counts all T tokens."""
         switch = self.switch
+        E = switch.num_experts
         x_Th = x_Th.float()
+        valid_T = torch.isfinite(x_Th.sum(-1))
+        # A CPU checks for free and skips the mask when all is finite; GPUs (no host synchronisation)
+        # and routing groups of several ranks (all take the same path) always apply it.
+        if x_Th.device.type == "cpu" and group_size(token_group) == 1 and bool(valid_T.all()):
+            valid_T = None
+        else:
+            x_Th = torch.where(valid_T[:, None], x_Th, 0.0)
         if self.training and switch.jitter_eps > 0:
             noise = torch.empty_like(x_Th).uniform_(1 - switch.jitter_eps, 1 + switch.jitter_eps)
             x_Th = x_Th * noise
         weight_Eh = sum_backward(self.weight, token_group)
-        expert_T, gate_T, prob_sum_E, lse_T = _RouterScores.apply(x_Th, weight_Eh)
+        expert_T, gate_T, prob_sum_E, lse_T = _RouterScores.apply(x_Th, weight_Eh, valid_T)
 
         # The routing group's decisions, in flattened [s, b] order (rank shares are contiguous).
-        group_expert = all_gather_no_grad(expert_T, token_group)
+        queued_T = expert_T if valid_T is None else torch.where(valid_T, expert_T, E)  # E: quarantined
+        group_expert = all_gather_no_grad(queued_T, token_group)
         group_gate = all_gather_no_grad(gate_T, token_group)
         num_tokens = group_expert.numel()
         capacity = switch.capacity(num_tokens, self.training)
-        positions = queue_positions(group_expert, group_gate, switch.num_experts, switch.drop_policy)
+        positions = queue_positions(group_expert, group_gate, E + (valid_T is not None), switch.drop_policy)
         offset = group_rank(token_group) * expert_T.numel()
         position_T = positions[offset:offset + expert_T.numel()]
 
-        tokens_per_expert = torch.bincount(group_expert, minlength=switch.num_experts)
+        counts = torch.bincount(group_expert, minlength=E + 1)
+        tokens_per_expert = counts[:E]
+        num_finite = num_tokens if valid_T is None else counts[:E].sum().clamp(min=1)
         prob_sum_E = sum_forward(prob_sum_E, token_group)
-        aux_loss = load_balancing_loss(tokens_per_expert, prob_sum_E, num_tokens, switch.aux_loss_coeff)
-        lse_sq_sum = sum_forward(lse_T.square().sum(), token_group)
-        z_loss = router_z_loss(lse_sq_sum, num_tokens, switch.z_loss_coeff)
-        num_dropped = (positions >= capacity).sum() if capacity is not None else positions.new_zeros(())
+        aux_loss = load_balancing_loss(tokens_per_expert, prob_sum_E, num_finite, switch.aux_loss_coeff)
+        if switch.z_loss_coeff > 0:
+            lse_sq_T = lse_T.square() if valid_T is None else torch.where(valid_T, lse_T, 0.0).square()
+            z_loss = router_z_loss(sum_forward(lse_sq_T.sum(), token_group), num_finite, switch.z_loss_coeff)
+        else:  # (not even computed: a NaN logit times 0 would still be NaN)
+            z_loss = lse_T.new_zeros(())
+        finite_group = group_expert < E
+        num_dropped = ((positions >= capacity) & finite_group).sum() if capacity is not None \
+            else positions.new_zeros(())
+        num_nonfinite = (~finite_group).sum() if valid_T is not None else None
         return Routing(expert_T, gate_T, position_T, capacity, lse_T, aux_loss, z_loss,
-                       tokens_per_expert, num_tokens, num_dropped)
+                       tokens_per_expert, num_tokens, num_dropped, valid_T, num_nonfinite)

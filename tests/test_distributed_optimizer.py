@@ -300,7 +300,7 @@ def test_sharded_checkpoints_convert_to_legacy_files_and_resume_from_them(bf16_r
     legacy = tmp_path / "legacy"
     convert(str(_at_iteration_3(bf16_runs / "sharded", tmp_path)), str(legacy), fmt="torch", progress=False,
             log=lambda *a: None)
-    resumed = run_train([*DP2, "--bf16", SHARDED, "--train-iters", "4", "--load", str(legacy),
+    resumed = run_train([*DP2, "--bf16", SHARDED, "--train-iters", "4", "--lr-decay-iters", "6", "--load", str(legacy),
                          "--plots-dir", str(tmp_path / "resumed")], tmp_path)
     assert "at iteration 3" in resumed.stdout
     _assert_same(metrics(bf16_runs / "sharded" / "plots")[3:4], metrics(tmp_path / "resumed"))

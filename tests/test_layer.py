@@ -359,3 +359,46 @@ def test_grouped_experts_without_tokens_stay_in_the_graph():
     y.sum().backward()
     for p in bank.parameters():
         assert p.grad is not None and torch.count_nonzero(p.grad) == 0
+
+
+@pytest.mark.parametrize("capacity_factor,pad", [(1.0, False), (1.0, True), (None, False)],
+                         ids=["kept-tokens", "padded", "dropless"])
+@pytest.mark.parametrize("z_coeff", [0.0, 1e-3])
+def test_nonfinite_tokens_are_quarantined(capacity_factor, pad, z_coeff):
+    """The rule: a token whose input holds NaN or inf takes no slot, outputs 0, and counts in neither
+    the load fractions, the mean probabilities nor the z-loss; the other tokens route, compute and get
+    gradients exactly as the slow loop over the finite tokens alone (capacity still from all T)."""
+    torch.manual_seed(3)
+    switch = SwitchConfig(num_experts=4, capacity_factor=capacity_factor, min_capacity=1, pad_to_capacity=pad,
+                          aux_loss_coeff=1e-2, z_loss_coeff=z_coeff, jitter_eps=0.0)
+    layer = make_layer(switch)
+    x = torch.randn(6, 4, 16)
+    bad = [0, 5, 17]  # flattened [s, b] rows: the first token (it would take a slot first), and two more
+    flat = x.view(-1, 16)
+    flat[0, 3], flat[5, 0], flat[17, 9] = float("nan"), float("inf"), float("-inf")
+    x.requires_grad_()
+    upstream = torch.randn(6, 4, 16)
+    y = run_with_aux(layer, x, upstream)
+
+    good = [t for t in range(24) if t not in bad]
+    ref_params = [None if p is None else p.detach().clone().requires_grad_() for p in params(layer)]
+    x_ref = x.detach().view(-1, 16)[good].clone().requires_grad_()
+    y_ref, loss_ref, kept, _ = slow_switch(x_ref, *ref_params, capacity=switch.capacity(24, training=True),
+                                           aux_coeff=1e-2, z_coeff=z_coeff)
+    ((y_ref * upstream.view(-1, 16)[good]).sum() + loss_ref).backward()
+
+    y_flat = y.view(-1, 16)
+    assert torch.equal(y_flat[bad], torch.zeros(3, 16))
+    torch.testing.assert_close(y_flat[good], y_ref, rtol=1e-5, atol=1e-6)
+    stats = layer.last_stats
+    assert int(stats.nonfinite_tokens) == 3 and int(stats.tokens_per_expert.sum()) == 21
+    torch.testing.assert_close(stats.aux_loss + stats.z_loss, loss_ref.detach(), rtol=1e-6, atol=1e-8)
+    if capacity_factor is not None:
+        assert (~kept).sum() > 0  # finite tokens were dropped: the quarantined ones took no slot
+        assert math.isclose(float(stats.dropped_fraction), float((~kept).sum()) / 24, abs_tol=1e-7)
+    assert torch.equal(x.grad.view(-1, 16)[bad], torch.zeros(3, 16))
+    torch.testing.assert_close(x.grad.view(-1, 16)[good], x_ref.grad, rtol=1e-5, atol=1e-6)
+    for p, p_ref in zip(params(layer), ref_params):
+        if p is not None:
+            assert torch.isfinite(p.grad).all()
+            torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-5, atol=1e-6)

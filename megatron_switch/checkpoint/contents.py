@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from megatron_switch.training.checkpointing import CheckpointError
+from megatron_switch.checkpoint.layout import CheckpointError
 
 Index = tuple[tuple[int, int], ...]  # [start, stop) per dimension
 MANIFEST = "manifest.json"

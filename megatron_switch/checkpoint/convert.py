@@ -38,12 +38,14 @@ from megatron_switch.checkpoint.sharding import (
     count_layers,
 )
 from megatron_switch.parallel import LayoutError
-from megatron_switch.training.checkpointing import (
+from megatron_switch.checkpoint.integrity import record_integrity, verify_checkpoint
+from megatron_switch.checkpoint.layout import (
     TRACKER,
     CheckpointError,
     checkpoint_dir,
     checkpoint_format,
     latest_checkpoint,
+    write_tracker,
 )
 
 FORMATS = ("torch", "torch_dist", "safetensors")
@@ -67,6 +69,8 @@ def open_checkpoint(path: str) -> CheckpointReader:
     if os.path.isfile(os.path.join(path, TRACKER)):
         iter_dir = latest_checkpoint(path)[1]
     kind = checkpoint_format(iter_dir)
+    if kind is not None:
+        verify_checkpoint(iter_dir)  # recorded checksums first: nothing damaged is read, let alone copied
     if kind == "torch_dist":
         return DistCheckpointReader(iter_dir)
     if kind == "torch":
@@ -118,6 +122,9 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     from megatron_switch.checkpoint.legacy import write_legacy
 
     save = os.path.abspath(save)
+    for flag, value in (("--target-tp", target_tp), ("--target-pp", target_pp), ("--target-ep", target_ep)):
+        if value is not None and value < 1:
+            raise ConvertError(f"{flag} must be >= 1, got {value} (leave it out to keep the source's)")
     if os.path.lexists(save):
         raise ConvertError(f"--save {save} already exists: convert never overwrites a checkpoint; choose "
                            f"a new directory, or remove that one first to replace it")
@@ -172,8 +179,10 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
                         write_legacy(target, reader, names, common, layout, num_layers, bar)
                     else:
                         write_dist_checkpoint(target, reader, names, common, layout, num_layers, bar)
-                    with open(os.path.join(root, TRACKER), "w") as f:
-                        f.write(str(iteration))
+                    record_integrity(target, {"iteration": iteration, "format": fmt, "model_config": config,
+                                              "layout": layout.as_dict(), "written_by": "megatron-switch convert",
+                                              "converted_from": os.path.abspath(load)})
+                    write_tracker(root, iteration)
                     written = root
             result = open_checkpoint(written)
             try:

@@ -2,34 +2,18 @@
 
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_switch.data.preprocess import DataError
-
-
-def parse_data_path(data_path: Sequence[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """Megatron's --data-path: `PREFIX` ... or `WEIGHT PREFIX WEIGHT PREFIX ...`."""
-    items = list(data_path)
-    if len(items) > 1 and len(items) % 2 == 0:
-        try:
-            weights = [float(w) for w in items[0::2]]
-            return items[1::2], weights
-        except ValueError:
-            pass
-    return items, None
+from megatron_switch.data.check import DataError, dataset_tokens, parse_data_path, parse_split
 
 
 def check_prefixes(prefixes: Sequence[str]) -> None:
     for prefix in prefixes:
-        missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"--data-path {prefix}: {', '.join(missing)} not found; create the dataset "
-                            f"with `megatron-switch preprocess --input FILES --output-prefix {prefix}`")
+        dataset_tokens(prefix)
 
 
 SPLIT_NAMES = ("train", "validation", "test")
@@ -38,14 +22,7 @@ SPLIT_NAMES = ("train", "validation", "test")
 def used_split(split: str, num_samples: Sequence[int], prefixes: Sequence[str]) -> str:
     """The --split string with unused splits (0 samples requested) set to 0, after checking that
     every used split holds at least one document of every dataset (Megatron's rounding)."""
-    try:
-        weights = [float(w) for w in split.replace("/", ",").split(",")]
-    except ValueError:
-        raise DataError(f"--split {split!r}: expected comma-separated weights such as 969,30,1") from None
-    weights = (weights + [0.0, 0.0, 0.0])[:3]
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise DataError(f"--split {split!r}: weights must be >= 0 with a positive sum")
-    weights = [w if n > 0 else 0.0 for w, n in zip(weights, num_samples)]
+    weights = [w if n > 0 else 0.0 for w, n in zip(parse_split(split), num_samples)]
     if sum(weights) <= 0:
         raise DataError(f"--split {split!r} gives no documents to training")
     total = sum(weights)

@@ -16,9 +16,9 @@ import numpy
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
+from megatron_switch.data.check import DataError  # noqa: F401  (raised here; importers take it from here too)
 
-class DataError(ValueError):
-    """Bad data input; the message names the file and what to change."""
+
 
 
 def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:

@@ -20,10 +20,23 @@ def rank_micro_batch_start(group: int, micro_batch_size: int, data_parallel_size
     return (group * data_parallel_size + data_parallel_rank) * micro_batch_size
 
 
-def collate(dataset, start: int, micro_batch_size: int) -> dict[str, torch.Tensor]:
+class TokenOutOfRange(ValueError):
+    """A sample holds a token id the tokenizer (and so the embedding) does not have."""
+
+
+def collate(dataset, start: int, micro_batch_size: int, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """Samples [start, start + micro) of a GPT dataset stacked per field: `FIELDS` -> [micro, seq]
-    CPU tensors (int64; loss_mask float32)."""
+    CPU tensors (int64; loss_mask float32). With `vocab_size`, a token id >= vocab_size raises
+    TokenOutOfRange (it would index past the embedding: an error on CPU, a device assert on GPUs)."""
     samples = [dataset[i] for i in range(start, start + micro_batch_size)]
     batch = {k: torch.stack([torch.as_tensor(s[k]) for s in samples]) for k in FIELDS}
     batch["loss_mask"] = batch["loss_mask"].float()
+    if vocab_size is not None:
+        largest = int(torch.maximum(batch["tokens"].max(), batch["labels"].max()))
+        if largest >= vocab_size:
+            raise TokenOutOfRange(
+                f"sample {start + int((batch['tokens'] >= vocab_size).any(1).float().argmax())} of the data holds "
+                f"token id {largest}, but the tokenizer has {vocab_size} ids: the data was tokenized with another "
+                f"tokenizer; train with that one (--tokenizer-type/--tokenizer-model), or preprocess the text again "
+                f"with this one (megatron-switch preprocess)")
     return batch

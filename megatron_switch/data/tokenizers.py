@@ -6,9 +6,13 @@ Both follow megatron.core's MegatronTokenizerBase, which its GPTDataset expects 
 
 from __future__ import annotations
 
+import os
+
 import numpy
 
 from megatron.core.tokenizers import MegatronTokenizerBase
+
+from megatron_switch.data import BYTE_LEVEL_VOCAB_SIZE
 
 TOKENIZER_TYPES = ("ByteLevelTokenizer", "HuggingFaceTokenizer")
 
@@ -39,7 +43,7 @@ class ByteLevelTokenizer(MegatronTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return 258
+        return BYTE_LEVEL_VOCAB_SIZE
 
     @property
     def eod(self) -> int:
@@ -61,7 +65,16 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         except ImportError as err:
             raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`; "
                              "or use --tokenizer-type ByteLevelTokenizer") from err
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        if not os.path.exists(path):
+            raise ValueError(f"--tokenizer-model {path}: no such file or directory (a local Hugging Face tokenizer "
+                             f"folder, as tokenizer.save_pretrained(DIR) writes it)")
+        try:  # local files only; never code from the folder
+            self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad folder)
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
+            raise ValueError(f"--tokenizer-model {path} is not a usable Hugging Face tokenizer ({type(err).__name__}: "
+                             f"{first}); it needs the files tokenizer.save_pretrained(DIR) writes (tokenizer.json or "
+                             f"tokenizer_config.json with its vocabulary files)") from None
         eod = self._tokenizer.eos_token_id
         self._eod = eod if eod is not None else len(self._tokenizer)
 

@@ -43,6 +43,8 @@ def parse_memory(text: str) -> float:
     if not match:
         raise argparse.ArgumentTypeError(f"{text!r}: expected a size such as 80GB or 141GiB")
     unit = {"T": 1 << 40, "G": GIB, "M": 1 << 20, None: GIB}[(match.group(2) or "").upper() or None]
+    if float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a memory size must be more than 0")
     return float(match.group(1)) * unit
 
 
@@ -113,11 +115,15 @@ def _model(args) -> tuple[str, ModelSpec, dict, str]:
 def _setup(args, spec: ModelSpec, training: dict,
            distributed_optimizer: bool | None = None) -> tuple[Cluster, TrainingSetup]:
     """distributed_optimizer: None plans with it on GPUs (Megatron-LM's) unless --no-distributed-optimizer."""
-    gpn = args.gpus_per_node or (2 if args.cpu else 8)
-    memory = args.gpu_memory or parse_memory("4GB" if args.cpu else "80GB")
+    for flag in ("gpus_per_node", "micro_batch_size", "global_batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise LayoutError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    gpn = args.gpus_per_node if args.gpus_per_node is not None else (2 if args.cpu else 8)
+    memory = args.gpu_memory if args.gpu_memory is not None else parse_memory("4GB" if args.cpu else "80GB")
     cluster = Cluster(args.nodes, gpn, memory, args.memory_reserve)
-    micro = args.micro_batch_size or training.get("micro_batch_size", 1)
-    global_batch = args.global_batch_size or training.get("global_batch_size", micro * cluster.world_size)
+    micro = args.micro_batch_size if args.micro_batch_size is not None else training.get("micro_batch_size", 1)
+    global_batch = (args.global_batch_size if args.global_batch_size is not None
+                    else training.get("global_batch_size", micro * cluster.world_size))
     if micro < 1 or global_batch < 1:
         raise LayoutError("--micro-batch-size and --global-batch-size must be >= 1")
     setup = TrainingSetup(micro_batch_size=micro, global_batch_size=global_batch,
@@ -258,6 +264,34 @@ def _train_distributed_optimizer(args, extra_args: list[str]) -> bool:
     return True
 
 
+_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
+                         r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)|(?P<mm>\d+)(?::(?P<ss>\d+))?)$")
+
+
+def slurm_time_seconds(text: str) -> int:
+    """SLURM's --time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds."""
+    match = _SLURM_TIME.match(text.strip())
+    if not match:
+        raise SbatchError(f"--time {text!r} is not a SLURM time: use HH:MM:SS (e.g. 04:00:00), D-HH:MM:SS or minutes")
+    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+    if "days" in g:
+        return ((g["days"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    if "h" in g:
+        return (g["h"] * 60 + g["m"]) * 60 + g["s"]
+    return g["mm"] * 60 + g.get("ss", 0)
+
+
+def _check_extra_train_args(extra_args: list[str]) -> None:
+    """--extra-args for `megatron-switch train`: every flag must be one the trainer knows."""
+    from megatron_switch.training.arguments import build_parser
+
+    _, unknown = build_parser().parse_known_args(extra_args)
+    flags = [a for a in unknown if a.startswith("-")]
+    if unknown:
+        raise SbatchError(f"--extra-args: `megatron-switch train` does not take {' '.join(flags or unknown)} "
+                          f"(see megatron-switch train --help)")
+
+
 def sbatch_main(argv: list[str] | None = None) -> None:
     parser = _plan_parser("megatron-switch sbatch", "Write an sbatch script for the best layout of a Switch "
                                                     "model on a SLURM cluster (to stdout).")
@@ -304,6 +338,16 @@ def sbatch_main(argv: list[str] | None = None) -> None:
                                   args.cpus_per_task, args.overcommit)
             args.gpus_per_node, args.cpus_per_task = cpu_fit.tasks_per_node, cpu_fit.cpus_per_task
         extra_args = shlex.split(args.extra_args)
+        time_limit = slurm_time_seconds(args.time)
+        signal_seconds = args.signal_seconds if args.signal_seconds is not None else (60 if args.cpu else 300)
+        if signal_seconds < 1:
+            raise SbatchError(f"--signal-seconds must be >= 1, got {signal_seconds}")
+        if time_limit <= signal_seconds + 60:
+            raise SbatchError(f"--time {args.time} leaves no room before the save-and-exit signal, sent "
+                              f"{signal_seconds} s before the limit (--signal-seconds; SLURM checks it every 30 s): "
+                              f"give a --time longer than {signal_seconds + 60} s, or a smaller --signal-seconds")
+        if args.megatron_lm is None:
+            _check_extra_train_args(extra_args)
         distributed_optimizer = None
         if args.megatron_lm is None:
             distributed_optimizer = _train_distributed_optimizer(args, extra_args)
@@ -325,7 +369,7 @@ def sbatch_main(argv: list[str] | None = None) -> None:
             data_path=tuple(args.data_path or ()),
             tokenizer_type=pick("tokenizer_type", None), tokenizer_model=args.tokenizer_model, time=args.time,
             partition=args.partition, account=args.account, cpus_per_task=args.cpus_per_task, output=args.output,
-            signal_seconds=args.signal_seconds or (60 if args.cpu else 300),
+            signal_seconds=signal_seconds,
             container_image=args.container_image, container_mounts=args.container_mounts,
             container_workdir=args.container_workdir, python=args.python, env=tuple(args.env),
             extra_args=tuple(extra_args), plan_text=format_plan(report),

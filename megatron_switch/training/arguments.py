@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import math
 import os
+import shutil
+import socket
+import tempfile
 from typing import List, Optional
 
 from megatron_switch.arguments import add_switch_args
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false",
+                   help="Skip a step whose loss or gradient norm is not finite (no update) instead of stopping "
+                        "the run (the default, as in Megatron-LM).")
     g = p.add_argument_group("precision")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true", help=argparse.SUPPRESS)
@@ -76,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
     g.add_argument("--master-port", type=int, default=None)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10,
+                   help="How long a collective (and the start-up rendezvous) waits for a missing rank.")
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="Indexed dataset prefixes (optionally weighted); default: the embedded corpus.")
@@ -93,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
                    help="Saves are torch_dist; --load reads torch_dist and legacy mp_rank_* files.")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="Load this iteration of --load instead of the latest one.")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="On resume, follow this run's --lr/--min-lr/--lr-*-iters/--lr-decay-style/--weight-decay "
+                        "instead of the checkpoint's.")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="On resume, keep the checkpoint's learning-rate schedule whatever the flags say. Without "
+                        "either flag, a schedule that differs from the checkpoint's is an error.")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM or SIGUSR1, save a checkpoint and exit cleanly.")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)
@@ -107,17 +125,192 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launcher_environment() -> str | None:
+    """"torchrun" or "srun" when one of them started this process, None for a plain shell.
+
+    torchrun sets all of RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (and
+    TORCHELASTIC_RUN_ID); srun sets SLURM_PROCID inside a job step (SLURM_STEP_ID). Raises
+    LaunchEnvironmentError for a partial set, such as a WORLD_SIZE left in the shell by another job,
+    which would otherwise wait for ranks that never come."""
+    present = [v for v in LAUNCHER_VARIABLES if v in os.environ]
+    if len(present) == len(LAUNCHER_VARIABLES) or "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and not present:
+        return "srun"
+    if present:
+        shown = " ".join(f"{v}={os.environ[v]}" for v in present)
+        raise LaunchEnvironmentError(
+            f"{shown} is set, but not all of {', '.join(LAUNCHER_VARIABLES)}: no launcher started this process "
+            f"(these look left over from another job). Unset {' '.join(present)} to start local processes "
+            f"with --nproc-per-node, or launch under torchrun or srun, which set all of them")
+    return None
+
+
+class LaunchEnvironmentError(ValueError):
+    """The environment holds part of a launcher's variables; the message says which and what to do."""
+
+
 def launch_world_size(args) -> int:
-    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
-        if var in os.environ:
-            return int(os.environ[var])
+    launcher = launcher_environment()
+    if launcher == "torchrun":
+        return int(os.environ["WORLD_SIZE"])
+    if launcher == "srun":
+        return int(os.environ.get("SLURM_NTASKS", "1"))
     return args.nproc_per_node or 1
 
 
+def _check_numbers(args, fail) -> None:
+    """Ranges of the numeric flags (no 0 read as 'default', no negative rates)."""
+    positive = ["num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
+                "train_iters", "log_interval", "eval_iters", "make_vocab_size_divisible_by",
+                "tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"]
+    optional_positive = ["ffn_hidden_size", "max_position_embeddings", "global_batch_size", "lr_decay_iters",
+                         "nproc_per_node", "save_interval", "eval_interval", "recompute_num_layers"]
+    for name in positive + [n for n in optional_positive if getattr(args, n) is not None]:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr_warmup_iters", "ckpt_step"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+
+    def finite(name: str, low: float, high: float = math.inf, low_open: bool = False, high_open: bool = True):
+        value = getattr(args, name)
+        if value is None:
+            return
+        ok = math.isfinite(value) and (value > low if low_open else value >= low) and \
+            (value < high if high_open else value <= high)
+        if not ok:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            fail(f"--{name.replace('_', '-')} must be in {bounds}, got {value}")
+
+    finite("lr", 0.0)
+    finite("min_lr", 0.0, args.lr, high_open=False)
+    finite("weight_decay", 0.0)
+    finite("clip_grad", 0.0)
+    finite("hidden_dropout", 0.0, 1.0)
+    finite("attention_dropout", 0.0, 1.0)
+    finite("adam_beta1", 0.0, 1.0)
+    finite("adam_beta2", 0.0, 1.0)
+    finite("adam_eps", 0.0, low_open=True)
+    finite("init_method_std", 0.0, low_open=True)
+    finite("exit_duration_in_mins", 0.0, low_open=True)
+    finite("distributed_timeout_minutes", 0.0, low_open=True)
+    if args.master_port is not None and not 1 <= args.master_port <= 65535:
+        fail(f"--master-port must be a port number (1-65535), got {args.master_port}")
+
+
+def _check_save(args, fail) -> None:
+    """--save: a directory we can write, with room for a checkpoint, holding no other run's checkpoints."""
+    from megatron_switch.checkpoint.layout import holds_checkpoints, saved_iterations
+
+    save = args.save
+    if os.path.exists(save) and not os.path.isdir(save):
+        fail(f"--save {save} exists and is not a directory: pass a directory path")
+    try:
+        os.makedirs(save, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save, prefix=".write-test-") as probe:
+            probe.write(b"megatron-switch")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        fail(f"--save {save} is not writable ({err.strerror or err}): pass a directory this user can write")
+    if holds_checkpoints(save) and not (args.load and os.path.samefile(args.load, save)):
+        saved = saved_iterations(save)
+        what = f"iterations {saved[0]}..{saved[-1]}" if saved else "a checkpoint tracker"
+        fail(f"--save {save} already holds checkpoints ({what}) and would be overwritten: to continue that run "
+             f"pass --load {save} too; otherwise choose an empty --save directory")
+    needed = checkpoint_bytes(args)
+    free = shutil.disk_usage(save).free
+    if free < needed:
+        fail(f"--save {save} has {_size(free)} free, one checkpoint of this model needs about {_size(needed)} "
+             f"(weights, Adam's moments{', float32 masters' if args.bf16 else ''}): free space or pass another --save")
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes:.0f} B"
+
+
+def checkpoint_bytes(args) -> int:
+    """About the size of one checkpoint of this run: every parameter once (all layers, all experts), with
+    Adam's two float32 moments, and float32 masters under --bf16; plus 10% for metadata."""
+    from megatron_switch.data import BYTE_LEVEL_VOCAB_SIZE
+    from megatron_switch.parallel import padded_vocab_size
+
+    h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
+    vocab = padded_vocab_size(BYTE_LEVEL_VOCAB_SIZE, args.make_vocab_size_divisible_by, 1)
+    embeddings = vocab * h * (1 if not args.untie_embeddings_and_output_weights else 2) + args.max_position_embeddings * h
+    dense_ffn, attention = 2 * h * f, 4 * h * h
+    switch_layers = 0
+    if args.switch is not None:
+        switch_layers = layers // args.switch.expert_interval
+        expert_f = args.switch.expert_ffn_hidden_size or f
+        expert_ffn = (3 if args.switch.gated else 2) * h * expert_f * args.switch.num_experts + h * args.switch.num_experts
+    params = embeddings + layers * attention + (layers - switch_layers) * dense_ffn
+    if switch_layers:
+        params += switch_layers * expert_ffn
+    per_param = (2 if args.bf16 else 4) + 8 + (4 if args.bf16 else 0)
+    return int(params * per_param * 1.1)
+
+
+def _check_load(args, fail) -> None:
+    """--load: what it points at, and (when the checkpoint records them) its model and schedule."""
+    from megatron_switch.checkpoint.integrity import model_differences, writer_of
+    from megatron_switch.checkpoint.layout import CheckpointError, latest_checkpoint
+    from megatron_switch.data import BYTE_LEVEL_VOCAB_SIZE
+    from megatron_switch.parallel import padded_vocab_size
+    from megatron_switch.training.resume import schedule_conflict
+
+    try:
+        _, path = latest_checkpoint(args.load, args.ckpt_step)
+        writer = writer_of(path)
+    except CheckpointError as err:
+        fail(str(err))
+    if writer is None:
+        return
+    current = {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
+               "num_attention_heads": args.num_attention_heads, "ffn_hidden_size": args.ffn_hidden_size}
+    vocab = BYTE_LEVEL_VOCAB_SIZE if args.tokenizer_type == "ByteLevelTokenizer" else None
+    if vocab is not None:
+        current["padded_vocab_size"] = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
+                                                         args.tensor_model_parallel_size)
+    if args.switch is not None:
+        current.update(num_experts=args.switch.num_experts, expert_interval=args.switch.expert_interval)
+    differences = model_differences(writer.get("model_config", {}), current, args.tensor_model_parallel_size, vocab)
+    if differences:
+        fail(f"--load {path} holds another model than these flags build: {'; '.join(differences)}")
+    if "schedule" in writer:
+        conflict = schedule_conflict(writer["schedule"], args)
+        if conflict:
+            fail(f"resuming from {path}: {conflict}")
+
+
+def _check_port_free(port: int, fail) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            fail(f"--master-port {port} is in use on this machine: pass another port, or drop the flag (a free "
+                 f"one is chosen)")
+
+
 def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Fill defaults, check every combination; parser.error (exit 2) with the fix otherwise."""
+    """Fill defaults, check every combination; parser.error (exit 2) with the fix otherwise.
+
+    Flag, layout, data and path checks come first and need neither torch nor megatron-core (an
+    answer in well under 2 s); the checks that do (expert backend, FP8, DALI, a Hugging Face
+    tokenizer) come last."""
     fail = parser.error
-    world = launch_world_size(args)
+    try:
+        world = launch_world_size(args)
+    except LaunchEnvironmentError as err:
+        fail(str(err))
+    _check_numbers(args, fail)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
@@ -133,17 +326,18 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.fp8_format and not args.moe_switch:
         fail("--fp8-format: this trainer runs the Switch experts' GEMMs in FP8 (the dense layers stay "
              "bf16); add --moe-switch --num-experts N, or drop --fp8-format")
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict each other: "
+             "pass one")
     try:
         args.switch = SwitchConfig.from_args(args) if args.moe_switch else None
         validate_layout(world, tp, pp, ep, args.num_experts if args.moe_switch else None)
-        if args.switch is not None:
-            from megatron_switch.experts import check_fp8_shapes, resolve_expert_backend
-
-            resolve_expert_backend(args.switch)  # a backend or FP8 this machine cannot run fails here
-            check_fp8_shapes(args.hidden_size, args.switch.expert_ffn_hidden_size or args.ffn_hidden_size,
-                             args.switch)
     except (SwitchConfigError, LayoutError) as err:
         fail(str(err))
+    if args.switch is not None and args.switch.expert_interval > args.num_layers:
+        fail(f"--moe-layer-freq {args.switch.expert_interval} puts Switch layers at {args.switch.expert_interval}, "
+             f"{2 * args.switch.expert_interval}, ..., but --num-layers is {args.num_layers}: no layer would be a "
+             f"Switch layer; use --moe-layer-freq {args.num_layers} or less (or drop --moe-switch for a dense model)")
     dp = world // (tp * pp)
     args.world_size, args.data_parallel_size = world, dp
     if args.global_batch_size is None:
@@ -181,23 +375,47 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
         fail("--save-interval needs --save DIR")
     if args.exit_signal_handler and not args.save:
         fail("--exit-signal-handler needs --save DIR (it saves a checkpoint before exiting)")
-    for name in ("train_iters", "micro_batch_size", "log_interval", "seq_length"):
-        if getattr(args, name) < 1:
-            fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.ckpt_step is not None and not args.load:
+        fail("--ckpt-step needs --load DIR")
+    if (args.override_opt_param_scheduler or args.use_checkpoint_opt_param_scheduler) and not args.load:
+        fail("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler apply when resuming: "
+             "add --load DIR, or drop them")
+
+    from megatron_switch.data.check import DataError, check_enough_tokens, parse_data_path, parse_split
+
+    try:
+        split = parse_split(args.split)
+        if args.data_path:
+            check_enough_tokens(parse_data_path(args.data_path)[0], args.seq_length)
+    except DataError as err:
+        fail(str(err))
+    if args.eval_interval and split[1] == 0:
+        fail(f"--eval-interval {args.eval_interval} asks for evaluation, but --split {args.split} gives the "
+             f"validation set no data: give it a share (e.g. --split 969,30,1), or drop --eval-interval")
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        if not args.tokenizer_model:
+            fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH (a local directory)")
+        if not os.path.exists(args.tokenizer_model):
+            fail(f"--tokenizer-model {args.tokenizer_model}: no such file or directory (a local Hugging Face "
+                 f"tokenizer folder, as tokenizer.save_pretrained(DIR) writes it)")
     if args.load is not None:
-        from megatron_switch.training.checkpointing import CheckpointError, latest_checkpoint
+        _check_load(args, fail)
+    if args.save:
+        _check_save(args, fail)
+    if args.master_port is not None and launcher_environment() is None:
+        _check_port_free(args.master_port, fail)
+    if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
+        fail("--tensorboard-dir needs the tensorboard package: pip install tensorboard")
+
+    # Last: checks that import torch, megatron-core or other large packages.
+    if args.switch is not None:
+        from megatron_switch.experts import check_fp8_shapes, resolve_expert_backend
 
         try:
-            latest_checkpoint(args.load)
-        except CheckpointError as err:
-            fail(str(err))
-    if args.data_path:
-        from megatron_switch.data.datasets import check_prefixes, parse_data_path
-        from megatron_switch.data.preprocess import DataError
-
-        try:
-            check_prefixes(parse_data_path(args.data_path)[0])
-        except DataError as err:
+            resolve_expert_backend(args.switch)  # a backend or FP8 this machine cannot run fails here
+            check_fp8_shapes(args.hidden_size, args.switch.expert_ffn_hidden_size or args.ffn_hidden_size,
+                             args.switch)
+        except SwitchConfigError as err:
             fail(str(err))
     if args.dataloader_type == "dali":
         from megatron_switch.data.dali import DaliUnavailableError, require_dali
@@ -206,10 +424,13 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
             require_dali()
         except DaliUnavailableError as err:
             fail(str(err))
-    if args.tokenizer_type == "HuggingFaceTokenizer" and not args.tokenizer_model:
-        fail("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH (a local directory)")
-    if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
-        fail("--tensorboard-dir needs the tensorboard package: pip install tensorboard")
+    if args.tokenizer_type == "HuggingFaceTokenizer":
+        from megatron_switch.data.tokenizers import build_tokenizer
+
+        try:
+            build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        except ValueError as err:
+            fail(str(err))
     return args
 
 

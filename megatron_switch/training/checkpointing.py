@@ -36,52 +36,32 @@ import numpy
 import torch
 import torch.distributed as dist
 
+from megatron_switch.checkpoint.integrity import (
+    check_entries,
+    checksum_entries,
+    corruption_message,
+    last_good_iteration,
+    model_differences,
+    plan_entries,
+    read_integrity,
+    write_integrity,
+)
+from megatron_switch.checkpoint.layout import (
+    TRACKER,
+    CheckpointError,
+    checkpoint_dir,
+    checkpoint_format,
+    latest_checkpoint,
+    read_tracker,
+    write_tracker,
+)
+from megatron_switch.training.faults import fault_point
 from megatron_switch.training.ownership import piece_of
-
-TRACKER = "latest_checkpointed_iteration.txt"
-
 
 def model_metadata() -> dict:
     """Sharded-state-dict metadata, fresh per call: megatron-core adds the current data-parallel
     group to it in place. Switch and dense layers alternate, so layers are keyed one by one."""
     return {"non_homogeneous_layers": True}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message says which file and why."""
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def latest_checkpoint(root: str) -> tuple[int, str]:
-    """(iteration, directory) named by the tracker file under `root`, checked to exist."""
-    if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root}: no such directory")
-    tracker = os.path.join(root, TRACKER)
-    if not os.path.isfile(tracker):
-        raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint was saved there)")
-    with open(tracker) as f:
-        text = f.read().strip()
-    try:
-        iteration = int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}") from None
-    path = checkpoint_dir(root, iteration)
-    if checkpoint_format(path) is None:
-        raise CheckpointError(f"{tracker} names iteration {iteration}, but {path} is missing or "
-                              f"incomplete (no metadata.json, no mp_rank_* files)")
-    return iteration, path
-
-
-def checkpoint_format(path: str):
-    """"torch_dist", "torch" (legacy mp_rank_* files) or None for what the directory holds."""
-    if os.path.isfile(os.path.join(path, "metadata.json")):
-        return "torch_dist"
-    if os.path.isdir(path) and any(n.startswith("mp_rank_") for n in os.listdir(path)):
-        return "torch"
-    return None
 
 
 def _main_data_parallel_replica(sharded):
@@ -234,16 +214,23 @@ def _rng_object(rank: int, world: int):
 
 
 def model_description(model) -> tuple[dict, dict]:
-    """(model_config, layout) of a built model: what a converter needs to lay it out again."""
+    """(model_config, layout) of a built model: what a converter needs to lay it out again, and what
+    a run that loads the checkpoint must agree with (the padded vocabulary included)."""
     from megatron.core import parallel_state
 
     from megatron_switch.layer import SwitchMLP
 
     config = model.config
-    switch = next((m.switch for m in model.modules() if isinstance(m, SwitchMLP)), None)
+    # The whole model's Switch settings (a pipeline stage may hold no Switch layer): recorded on the
+    # model by the builder, else found on a layer of this stage.
+    switch = next((m.switch_config for m in model.modules() if getattr(m, "switch_config", None) is not None),
+                  None) or next((m.switch for m in model.modules() if isinstance(m, SwitchMLP)), None)
     described = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
                  "num_attention_heads": config.num_attention_heads, "ffn_hidden_size": config.ffn_hidden_size,
                  "gated_linear_unit": config.gated_linear_unit}
+    vocab = next((m.vocab_size for m in model.modules() if isinstance(getattr(m, "vocab_size", None), int)), None)
+    if vocab is not None:
+        described["padded_vocab_size"] = vocab
     if switch is not None:
         described.update(num_experts=switch.num_experts, expert_interval=switch.expert_interval)
     layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
@@ -272,50 +259,140 @@ def _state(model, optimizer, params_in_optimizer_order, scheduler, common: dict,
     return state
 
 
+def _gather_checksums(path: str) -> list:
+    """Collective: checksums of every byte range of iteration directory `path` (just written by
+    this job), each rank hashing its share; the full list on every rank, in plan order."""
+    entries = plan_entries(path)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = checksum_entries(path, entries[rank::world])
+    shares = [None] * world
+    dist.all_gather_object(shares, mine)
+    done = [None] * len(entries)
+    for r, share in enumerate(shares):
+        done[r::world] = share
+    return done
+
+
+def remove_incomplete_saves(root: str) -> list[str]:
+    """Rank 0 at start: delete `iter_*.tmp` directories an interrupted earlier run left in `root`."""
+    removed = []
+    if os.path.isdir(root):
+        for name in sorted(os.listdir(root)):
+            if name.startswith("iter_") and name.endswith(".tmp") and os.path.isdir(os.path.join(root, name)):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(name)
+    return removed
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, params_in_optimizer_order, scheduler,
-                    common: dict) -> str:
-    """Collective: every rank calls it. Returns the final directory."""
+                    common: dict, writer: dict | None = None) -> str:
+    """Collective: every rank calls it. Returns the final directory.
+
+    Writes `iter_N.tmp/` (the sharded state, then integrity.json: checksums of every byte and the
+    writer's identity, `writer` added to it), renames it to `iter_N/`, then points the tracker at it.
+    A failure on any rank removes the `.tmp` directory and raises CheckpointError: the tracker still
+    names the previous checkpoint."""
     from megatron.core import dist_checkpointing
 
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
-    if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
+    try:
+        if dist.get_rank() == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        init_optimizer_state(optimizer)
+        state = _state(model, optimizer, params_in_optimizer_order, scheduler, common)
+        dist_checkpointing.save(state, tmp)
+        fault_point("save", dist.get_rank(), iteration)
+        dist.barrier()
+        entries = _gather_checksums(tmp)
+        if dist.get_rank() == 0:
+            identity = {"iteration": iteration, "format": "torch_dist", "model_config": state["model_config"],
+                        "layout": {**state["layout"], "world_size": dist.get_world_size()},
+                        "written_by": "megatron-switch train", **(writer or {})}
+            write_integrity(tmp, entries, identity)
+        dist.barrier()
+    except Exception as err:  # noqa: BLE001  (a full disk surfaces as OSError or as torch's RuntimeError)
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
-    init_optimizer_state(optimizer)
-    dist_checkpointing.save(_state(model, optimizer, params_in_optimizer_order, scheduler, common), tmp)
-    dist.barrier()
+        raise CheckpointError(_save_failure(root, iteration, tmp, err)) from None
     if dist.get_rank() == 0:
         old = final + ".old"
         if os.path.exists(final):
             os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        write_tracker(root, iteration)
     dist.barrier()
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
-    """Collective. Restores model, optimizer (when the checkpoint has its state), scheduler (and RNG
-    when the world size matches); returns the checkpoint's common entries (iteration, consumed
-    samples, ...). Reads torch_dist at any layout and legacy per-rank files at their own."""
-    _, path = latest_checkpoint(root)
+def _save_failure(root: str, iteration: int, tmp: str, err: Exception) -> str:
+    reason = (getattr(err, "strerror", None) or str(err).strip().splitlines()[-1] if str(err).strip()
+              else type(err).__name__)[:300]
+    try:
+        free = shutil.disk_usage(root).free
+        disk = f"; the file system holding it has {free / 2**20:.1f} MiB free" if free < 256 << 20 else ""
+    except OSError:
+        disk = ""
+    try:
+        previous = f"iteration {read_tracker(root)}" if os.path.isfile(os.path.join(root, TRACKER)) else "none"
+    except (OSError, CheckpointError):
+        previous = "unknown (the tracker cannot be read)"
+    return (f"saving iteration {iteration} to {root} failed ({type(err).__name__}: {reason}){disk}; removed the "
+            f"partial {os.path.basename(tmp)}; the latest checkpoint is still {previous}. Free space or fix {root}, "
+            f"then resume with --load {root}")
+
+
+def verify_collectively(path: str) -> None:
+    """Collective: check `path`'s recorded checksums, each rank its share; on damage, find the newest
+    earlier iteration that verifies and raise CheckpointError naming both."""
+    def problems_of(directory: str) -> list:
+        record = read_integrity(directory)
+        entries = [] if record is None else record["entries"]
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mine = check_entries(directory, entries[rank::world])
+        shares = [None] * world
+        dist.all_gather_object(shares, mine)
+        return [line for share in shares for line in share]
+
+    problems = problems_of(path)
+    if problems:
+        raise on_every_rank(CheckpointError(corruption_message(path, problems, last_good_iteration(path, problems_of))))
+
+
+def on_every_rank(err: Exception) -> Exception:
+    """Mark an error every rank raises alike (a collective decision): only rank 0 reports it."""
+    err.on_every_rank = True
+    return err
+
+
+def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler, step: int | None = None,
+                    schedule_check=None) -> dict:
+    """Collective. Verifies the checkpoint's checksums, then restores model, optimizer (when the
+    checkpoint has its state), scheduler (and RNG when the world size matches); returns the
+    checkpoint's common entries (iteration, consumed samples, ...). Reads torch_dist at any layout and
+    legacy per-rank files at their own. `step`: that iteration instead of the tracker's (--ckpt-step).
+    `schedule_check(saved scheduler state)` returns an error message when the run's learning-rate
+    schedule conflicts with the checkpoint's (`training.resume`), raised before anything is restored."""
+    _, path = latest_checkpoint(root, step)
+    verify_collectively(path)
+    fault_point("load", dist.get_rank())
     init_optimizer_state(optimizer)
     if checkpoint_format(path) == "torch":
-        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler)
+        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler, schedule_check)
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     try:
         common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
+        raise CheckpointError(f"checkpoint {path}: its common state cannot be read ({type(err).__name__}); it may "
+                              f"be truncated: load an earlier iteration (--ckpt-step N) or start without --load"
+                              ) from None
+    check_same_model(path, common.get("model_config") or {}, model)
+    try:
         template = _state(model, optimizer, params_in_optimizer_order, scheduler, {},
                           with_optimizer="optimizer" in common,
                           with_rng=common.get("world_size") == dist.get_world_size())
@@ -325,6 +402,7 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason}); "
                               f"it may be truncated or from another model: load an earlier iteration "
                               f"or start without --load") from None
+    _check_schedule(schedule_check, loaded["scheduler"], path)
     model.load_state_dict(loaded["model"])
     if "optimizer" in loaded and getattr(optimizer, "param_pieces", None) is not None:
         _load_pieces(optimizer, loaded["optimizer"], loaded["optimizer_step"])
@@ -347,6 +425,30 @@ def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, sche
     if "rng" in loaded:
         _restore_rng(loaded["rng"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+
+
+def _check_schedule(schedule_check, saved: dict | None, path: str) -> None:
+    problem = schedule_check(saved) if schedule_check is not None and saved is not None else None
+    if problem:
+        raise on_every_rank(CheckpointError(f"resuming from {path}: {problem}"))
+
+
+def check_same_model(path: str, saved: dict, model) -> None:
+    """CheckpointError naming each flag whose value differs between the checkpoint and this run's model
+    (shape, experts, padded vocabulary): megatron would otherwise pad or cut some tensors silently."""
+    current, layout = model_description(model)
+    saved = dict(saved)
+    if "padded_vocab_size" not in saved and "padded_vocab_size" in current:  # written before it was recorded
+        from megatron.core import dist_checkpointing
+
+        shapes = {k: v.global_shape for k, v in dist_checkpointing.load_tensors_metadata(path).items()
+                  if k in ("embedding.word_embeddings.weight", "output_layer.weight")}
+        if shapes:
+            saved["padded_vocab_size"] = next(iter(shapes.values()))[0]
+    differences = model_differences(saved, current, layout["tp"])
+    if differences:
+        raise on_every_rank(CheckpointError(f"checkpoint {path} holds another model than this run builds: {'; '.join(differences)}. "
+                              f"Pass the checkpoint's values, or load a checkpoint of this model"))
 
 
 def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) -> None:
@@ -401,15 +503,7 @@ def _load_legacy_model(path: str, model):
     coord = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
              parallel_state.get_expert_model_parallel_rank())
     file = rank_file(path, layout, coord)
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
-    except FileNotFoundError:
-        raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
-                              f"{layout}; convert it to this layout with `megatron-switch convert "
-                              f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
-    except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
-        raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
-                              f"truncated: load an earlier iteration or start without --load") from None
+    state = _read_legacy_file(path, file, layout)
     saved = layout_of_args(state["args"])
     if saved != layout:
         raise CheckpointError(f"legacy checkpoint {path} was written for {saved}, this run is {layout}: convert "
@@ -419,11 +513,21 @@ def _load_legacy_model(path: str, model):
     def localize(key: str) -> str:
         return local_name(key, layout, model.config.num_layers)
 
+    first_stage = None  # the first stage's file, for the tied output copy a later stage holds
     with torch.no_grad():
         for sharded in nested_values(model.sharded_state_dict(metadata=model_metadata())):
             if not isinstance(sharded, ShardedTensor):
                 continue
             value = state["model"].get(localize(sharded.key))
+            if value is None and sharded.key == TIED_EMBEDDING and coord[1] > 0:
+                # The last stage's copy of tied embeddings: Megatron-LM's own files hold it as
+                # output_layer.weight; files written by `convert` keep it once, in the first stage.
+                value = state["model"].get("output_layer.weight")
+                if value is None:
+                    first_stage = first_stage or _read_legacy_file(path, rank_file(path, layout, (coord[0], 0,
+                                                                                                  coord[2])), layout)
+                    value = first_stage["model"].get(TIED_EMBEDDING)
+                    state["tied_from_first_stage"] = first_stage
             if value is None or tuple(value.shape) != tuple(sharded.data.shape):
                 found = "missing" if value is None else f"shape {tuple(value.shape)}"
                 raise CheckpointError(f"{file}: {localize(sharded.key)} is {found}, the model needs "
@@ -432,13 +536,30 @@ def _load_legacy_model(path: str, model):
     return state, file, localize
 
 
-def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
+
+
+def _read_legacy_file(path: str, file: str, layout) -> dict:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
+                              f"{layout}; convert it to this layout with `megatron-switch convert "
+                              f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
+    except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
+        raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
+                              f"truncated: load an earlier iteration or start without --load") from None
+
+
+def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler, schedule_check=None) -> dict:
     """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
     state and float32 masters by parameter name, scheduler, progress."""
     state, file, localize = _load_legacy_model(path, model)
+    _check_schedule(schedule_check, state.get("opt_param_scheduler"), path)
     if "optimizer" in state:
+        tied_source = state.get("tied_from_first_stage", {}).get("optimizer")
         _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order,
-                               model.sharded_state_dict(metadata=model_metadata()), localize)
+                               model.sharded_state_dict(metadata=model_metadata()), localize, tied_source)
     else:
         _without_optimizer_state(path, optimizer, params_in_optimizer_order)
     if state.get("opt_param_scheduler") is not None:
@@ -447,11 +568,9 @@ def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, schedul
             "consumed_train_samples": getattr(state["args"], "consumed_train_samples", 0)}
 
 
-def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, model_sharded, localize) -> None:
-    from megatron.core.dist_checkpointing.optimizer import (
-        get_param_id_to_sharded_param_map as id_map_of,
-    )
-
+def _optimizer_by_name(saved: dict) -> tuple[dict, dict]:
+    """(Adam state dict, {parameter name: (its Adam state, its float32 master or None)}) of a legacy
+    file's `optimizer` entry."""
     from megatron_switch.checkpoint.legacy import optimizer_parts
 
     adam, saved_masters = optimizer_parts(saved)
@@ -460,6 +579,20 @@ def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, mo
         for j, (index, name) in enumerate(zip(group["params"], group["param_names"])):
             master = saved_masters[g][j] if saved_masters is not None else None
             by_name[name] = (adam["state"].get(index), master)
+    return adam, by_name
+
+
+def _load_legacy_optimizer(file, saved, optimizer, params_in_optimizer_order, model_sharded, localize,
+                           tied_source=None) -> None:
+    """Adam's state and masters by parameter name; `tied_source`: the first stage's optimizer entry,
+    for the tied embedding copy of a later stage (it shares the embedding's state)."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map as id_map_of,
+    )
+
+    adam, by_name = _optimizer_by_name(saved)
+    if tied_source is not None and TIED_EMBEDDING not in by_name:
+        by_name[TIED_EMBEDDING] = _optimizer_by_name(tied_source)[1].get(TIED_EMBEDDING, (None, None))
     id_map = id_map_of(model_sharded, params_in_optimizer_order)
     current = optimizer.state_dict()
     with torch.no_grad():

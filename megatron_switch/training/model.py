@@ -19,12 +19,8 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_switch.initialization import seeded_generator, switch_init_method, truncated_normal_
 from megatron_switch.layer import SwitchMLP
+from megatron_switch.parallel import padded_vocab_size
 from megatron_switch.spec import get_switch_gpt_layer_spec
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
-    return int(math.ceil(vocab_size / multiple) * multiple)
 
 
 def transformer_config(args) -> TransformerConfig:
@@ -114,5 +110,6 @@ def build_model(args, vocab_size: int) -> torch.nn.Module:
         post_process=parallel_state.is_pipeline_last_stage(),
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
         position_embedding_type="learned_absolute")
+    model.switch_config = args.switch  # the whole model's (checkpoints record it from any stage)
     init_dense_parameters(model, args)
     return model

@@ -148,11 +148,16 @@ class Optimization:
         self.params_in_optimizer_order = [p for p, _, _ in in_order]
         self.optimizer.param_pieces = [(start, end) for _, start, end in in_order] if sharded else None
         self._piece_index = [index[id(p)] for p, _, _ in pieces]
+        # On resume, `resume.check_schedule` has refused settings that differ from the checkpoint's
+        # unless a side was chosen (Megatron-LM's --override-opt_param-scheduler: this run's values;
+        # otherwise the checkpoint's, which then equal them or were asked for).
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr,
             min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-            wd_incr_steps=args.train_iters, wd_incr_style="constant")
+            wd_incr_steps=args.train_iters, wd_incr_style="constant",
+            use_checkpoint_opt_param_scheduler=not getattr(args, "override_opt_param_scheduler", False),
+            override_opt_param_scheduler=getattr(args, "override_opt_param_scheduler", False))
 
     @property
     def _sliced(self) -> bool:
@@ -181,17 +186,22 @@ class Optimization:
         reduce_gradients(self.params, grads, sequence_parallel=self.args.sequence_parallel)
         return grads
 
-    def step(self) -> float:
-        """Reduce, clip to --clip-grad, AdamW on this rank's masters, copy them back, and (sharded)
-        gather or broadcast the updated parameters; returns the gradient norm."""
+    def gradient_norm(self) -> float:
+        """Reduce the gradients and return the global gradient norm (every rank the same value);
+        nothing is updated until `update`."""
         grads = self._reduced_gradients()
-        piece_grads = [piece_of(grads[i], (start, end)) for i, (_, start, end) in zip(self._piece_index, self.pieces)]
+        self._piece_grads = [piece_of(grads[i], (start, end))
+                             for i, (_, start, end) in zip(self._piece_index, self.pieces)]
         if self._sliced:
-            grad_norm = global_grad_norm([p for p, _, _ in self.pieces], piece_grads, sharded=True)
-        else:
-            grad_norm = global_grad_norm(self.params, grads)
-        for master, grad in zip(self.masters, piece_grads):
+            return global_grad_norm([p for p, _, _ in self.pieces], self._piece_grads, sharded=True)
+        return global_grad_norm(self.params, grads)
+
+    def update(self, grad_norm: float) -> None:
+        """Clip to --clip-grad, AdamW on this rank's masters, copy them back, and (sharded) gather or
+        broadcast the updated parameters."""
+        for master, grad in zip(self.masters, self._piece_grads):
             master.grad = grad
+        self._piece_grads = None
         clip = self.args.clip_grad
         if clip > 0 and grad_norm > clip:
             for master in self.masters:
@@ -205,4 +215,9 @@ class Optimization:
             self.model.start_param_sync(force_sync=True)  # all-gather the shards: every replica updated
         elif self.owners is not None:
             self.owners.broadcast()
+
+    def step(self) -> float:
+        """`gradient_norm` then `update`; returns the gradient norm."""
+        grad_norm = self.gradient_norm()
+        self.update(grad_norm)
         return grad_norm

@@ -7,9 +7,11 @@ by the equivalent all-reduce on CPU; one global gradient norm) is `training.opti
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import random
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Dict, List
@@ -20,13 +22,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_switch.comm import comm_device
+from megatron_switch.checkpoint.layout import CheckpointError
 from megatron_switch.compat import apply_cpu_shims, seed_parallel_rng
-from megatron_switch.data.sampler import collate, rank_micro_batch_start
+from megatron_switch.data.check import DataError
+from megatron_switch.data.sampler import TokenOutOfRange, collate, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
-from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_switch.training.checkpointing import load_checkpoint, remove_incomplete_saves, save_checkpoint
+from megatron_switch.training.faults import fault_point
 from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
 from megatron_switch.training.model import build_model
 from megatron_switch.training.optimizer import Optimization
+from megatron_switch.training.resume import schedule_conflict, schedule_of_args
 from megatron_switch.training.schedule import forward_backward
 
 
@@ -60,7 +66,8 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
         start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
-        batches.append({k: v.to(comm_device()) for k, v in collate(dataset, start, micro).items()})
+        batch = collate(dataset, start, micro, vocab_size=args.tokenizer_vocab_size)
+        batches.append({k: v.to(comm_device()) for k, v in batch.items()})
     return batches
 
 
@@ -108,20 +115,61 @@ class _ExitSignal:
         return bool(flag.item())
 
 
+class TrainingHalted(RuntimeError):
+    """The run stopped on purpose (non-finite loss or gradient); the message says where and what next."""
+
+    on_every_rank = True  # decided collectively: rank 0 reports it
+
+
+# Errors a user can act on: a rank that raises one prints its message as one line, without a
+# traceback (rank 0 only when every rank raised the same), and exits with this status, which the
+# local launcher recognises (it then stops the other ranks without a word of its own).
+REPORTED_ERROR_EXIT = 3
+_REPORTED = (CheckpointError, TrainingHalted, TokenOutOfRange, DataError)
+
+
 def train(args) -> None:
     """Entry point of one rank (under torchrun, srun or the local launcher)."""
     from megatron_switch.data.tokenizers import build_tokenizer
 
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(f" waiting for {os.environ.get('WORLD_SIZE')} ranks at {os.environ.get('MASTER_ADDR')}:"
+              f"{os.environ.get('MASTER_PORT')} (at most --distributed-timeout-minutes "
+              f"{args.distributed_timeout_minutes:g})", flush=True)
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-                        args.expert_model_parallel_size, args.num_experts if args.switch else None)
+                        args.expert_model_parallel_size, args.num_experts if args.switch else None,
+                        timeout_minutes=args.distributed_timeout_minutes)
     apply_cpu_shims()
     try:
         _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model))
+    except _REPORTED as err:
+        if dist.get_rank() == 0 or not getattr(err, "on_every_rank", False):
+            where = "" if getattr(err, "on_every_rank", False) else f" (rank {dist.get_rank()})"
+            print(f"megatron-switch train: error{where}: {err}", file=sys.stderr, flush=True)
+        destroy_parallel_quietly()
+        sys.exit(REPORTED_ERROR_EXIT)
     finally:
+        destroy_parallel_quietly()
+
+
+def destroy_parallel_quietly() -> None:
+    """Tear the groups down, unless a peer is gone (then the process exits without it)."""
+    try:
         destroy_parallel()
+    except Exception:  # noqa: BLE001  (a torn-down or broken group raises several types)
+        pass
+
+
+def _nonfinite(loss, grad_norm: float) -> tuple[bool, bool]:
+    """Collective: (loss not finite on some rank, gradient norm not finite), the same on every rank."""
+    flags = torch.tensor([0.0 if loss is None or math.isfinite(float(loss)) else 1.0,
+                          0.0 if math.isfinite(grad_norm) else 1.0], device=comm_device())
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0]), bool(flags[1])
 
 
 def _train(args, tokenizer) -> None:
+    args.tokenizer_vocab_size = tokenizer.vocab_size
     _seed_all(args.seed)
     seed_parallel_rng(args.seed)
     train_ds, valid_ds, _ = _datasets(args, tokenizer)
@@ -136,17 +184,23 @@ def _train(args, tokenizer) -> None:
     scheduler = optimization.scheduler
 
     iteration, consumed = 0, 0
+    if args.save and is_print_rank():
+        for name in remove_incomplete_saves(args.save):
+            print(f" removed {name} from {args.save}: an earlier run was stopped while saving it", flush=True)
     if args.load:
-        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler)
+        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler,
+                                 step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args))
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
+    writer = {"schedule": schedule_of_args(args), "train_iters": args.train_iters, "seed": args.seed}
 
     def save(it: int) -> None:
         path = save_checkpoint(args.save, it, model, optimizer, model_params_in_optimizer_order, scheduler,
-                               {"iteration": it, "consumed_train_samples": consumed})
+                               {"iteration": it, "consumed_train_samples": consumed}, writer)
         if is_print_rank():
             print(f" saved checkpoint {path}", flush=True)
+    saved_at = iteration if args.load else None
 
     num_experts = args.switch.num_experts if args.switch else 1
     stats = SwitchStatsAccumulator(model, args.num_layers, num_experts)
@@ -156,18 +210,34 @@ def _train(args, tokenizer) -> None:
     if args.dataloader_type == "dali" and is_print_rank():
         print(f" data loader: {train_batches.description()}", flush=True)
     start_time = time.time()
-    interval_start, interval_losses = time.perf_counter(), []
+    interval_start, interval_losses, skipped = time.perf_counter(), [], 0
     model.train()
     while iteration < args.train_iters:
         batches = next(train_batches)
         optimization.zero_grad()
         loss = forward_backward(optimization.model, batches, args)
-        grad_norm = optimization.step()
-        scheduler.step(increment=1)
+        fault_point("step", dist.get_rank(), iteration + 1)
+        grad_norm = optimization.gradient_norm()
+        bad_loss, bad_norm = _nonfinite(loss, grad_norm)
         iteration += 1
         consumed += args.global_batch_size
-        if loss is not None:
-            interval_losses.append(float(loss))
+        if bad_loss or bad_norm:
+            what = " and ".join(w for w, bad in (("the loss", bad_loss), ("the gradient norm", bad_norm)) if bad)
+            if args.check_for_nan_in_loss_and_grad:
+                latest = f"iteration {saved_at}" if saved_at is not None else "none (nothing was saved)"
+                raise TrainingHalted(
+                    f"iteration {iteration}: {what} is not finite (grad norm {grad_norm}); stopped without "
+                    f"saving, the latest checkpoint is {latest}. Lower --lr (now {args.lr:g}) or --clip-grad, "
+                    f"check the data, or pass --no-check-for-nan-in-loss-and-grad to skip such steps instead")
+            skipped += 1  # Megatron's skipped iteration: no update, no scheduler step
+            if is_print_rank():
+                print(f" iteration {iteration}: {what} is not finite; step skipped (no update), {skipped} so far",
+                      flush=True)
+        else:
+            optimization.update(grad_norm)
+            scheduler.step(increment=1)
+            if loss is not None:
+                interval_losses.append(float(loss))
 
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             lm = torch.tensor([sum(interval_losses), len(interval_losses)], dtype=torch.float64,
@@ -191,6 +261,7 @@ def _train(args, tokenizer) -> None:
         if args.save and (stop or timed_out or (args.save_interval and iteration % args.save_interval == 0)
                           or iteration == args.train_iters):
             save(iteration)
+            saved_at = iteration
         if stop or timed_out:
             if is_print_rank():
                 print(f" exiting at iteration {iteration} ({'signal' if stop else 'time limit'})", flush=True)
@@ -206,6 +277,7 @@ def evaluate(model, dataset, iteration: int, args) -> float:
     eval_batches = _batches(dataset, eval_index * args.global_batch_size, args)
     with torch.no_grad():
         for k in range(args.eval_iters):
+            fault_point("eval", dist.get_rank(), iteration)
             batches = next(eval_batches)
             loss = forward_backward(model, batches, args, forward_only=True)
             if loss is not None:

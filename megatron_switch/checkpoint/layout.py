@@ -1,0 +1,115 @@
+"""Where checkpoints live on disk, as Megatron-LM lays them out; no torch needed.
+
+    <root>/latest_checkpointed_iteration.txt   the tracker: the iteration of the newest complete save
+    <root>/iter_0000100/                        one iteration: torch_dist (metadata.json, *.distcp, ...)
+                                                or Megatron's legacy per-rank files (mp_rank_*/...)
+    <root>/iter_0000100.tmp/                    a save in progress (never read)
+
+The trainer and `megatron-switch convert` both use these functions: `write_tracker` replaces the
+tracker atomically (temporary file, fsync, rename), `latest_checkpoint` resolves what `--load`
+points at and says what to pass instead when it points at something else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_ITER = re.compile(r"^iter_(\d{7,})$")
+# A consolidated safetensors folder (checkpoint/consolidated.py) is recognised by this file.
+CONSOLIDATED_INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says which file and why, and what to do."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def iteration_of(path: str) -> int | None:
+    """7 for `.../iter_0000007`, None for any other name."""
+    match = _ITER.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_format(path: str) -> str | None:
+    """"torch_dist", "torch" (legacy mp_rank_* files) or None for what an iteration directory holds."""
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        return "torch_dist"
+    if os.path.isdir(path) and any(n.startswith("mp_rank_") for n in os.listdir(path)):
+        return "torch"
+    return None
+
+
+def saved_iterations(root: str) -> list[int]:
+    """Iterations under `root` with a complete-looking directory (not `.tmp`), oldest first."""
+    if not os.path.isdir(root):
+        return []
+    found = [iteration_of(name) for name in os.listdir(root)]
+    return sorted(i for i in found if i is not None and checkpoint_format(checkpoint_dir(root, i)))
+
+
+def holds_checkpoints(root: str) -> bool:
+    """Whether `root` already holds checkpoints (a tracker or complete iteration directories)."""
+    return os.path.isfile(os.path.join(root, TRACKER)) or bool(saved_iterations(root))
+
+
+def read_tracker(root: str) -> int:
+    tracker = os.path.join(root, TRACKER)
+    with open(tracker) as f:
+        text = f.read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}") from None
+
+
+def latest_checkpoint(root: str, step: int | None = None) -> tuple[int, str]:
+    """(iteration, directory) to load from `root`: the tracker's iteration, or `step` (--ckpt-step).
+
+    Errors say what to pass instead: the parent of an iteration directory, `convert` for a
+    consolidated safetensors folder, an existing iteration when the tracker's is gone."""
+    if not os.path.isdir(root):
+        raise CheckpointError(f"--load {root}: no such directory")
+    if iteration_of(root) is not None and checkpoint_format(root):
+        parent = os.path.dirname(os.path.normpath(root)) or "."
+        raise CheckpointError(f"--load {root} is one iteration's directory: pass its parent, --load {parent} "
+                              f"--ckpt-step {iteration_of(root)} (--ckpt-step picks an iteration other than the latest)")
+    if os.path.isfile(os.path.join(root, CONSOLIDATED_INDEX)):
+        raise CheckpointError(f"--load {root} is a consolidated safetensors checkpoint, which training does not "
+                              f"read: convert it first, `megatron-switch convert --load {root} --save NEW_DIR "
+                              f"--format torch_dist`, then --load NEW_DIR")
+    saved = saved_iterations(root)
+    if step is None:
+        tracker = os.path.join(root, TRACKER)
+        if not os.path.isfile(tracker):
+            hint = f" (found iterations {saved}: pass --ckpt-step N to load one)" if saved else ""
+            raise CheckpointError(f"--load {root}: no {TRACKER} (no complete checkpoint was saved there){hint}")
+        step = read_tracker(root)
+        where = f"{tracker} names iteration {step}"
+    else:
+        where = f"--ckpt-step {step}"
+    path = checkpoint_dir(root, step)
+    if checkpoint_format(path) is None:
+        others = f"; saved iterations there: {saved}" if saved else ""
+        raise CheckpointError(f"{where}, but {path} is missing or incomplete (no metadata.json, no mp_rank_* "
+                              f"files){others}")
+    return step, path
+
+
+def write_tracker(root: str, iteration: int) -> None:
+    """Point the tracker at `iteration`, atomically: a reader sees the old number or the new one."""
+    tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself on disk
+    finally:
+        os.close(fd)
