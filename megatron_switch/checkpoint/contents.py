@@ -120,6 +120,9 @@ def compute_manifest(reader: CheckpointReader, names: Iterable[str], progress) -
         if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
             raise ConvertError(f"{reader.path}: {name} reads as {tuple(tensor.shape)} {tensor.dtype}, its "
                                f"metadata says {spec.shape} {spec.dtype}: the checkpoint is inconsistent")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ConvertError(f"{reader.path}: {name} holds NaN or infinite values: the checkpoint was saved from "
+                               f"a diverged run; convert an earlier iteration")
         manifest[name] = tensor_entry(spec, checksum(tensor))
         progress.update(spec.nbytes)
         del tensor
