@@ -271,27 +271,41 @@ big2 8 drain big
 def test_sinfo_partitions_count_only_usable_nodes():
     from megatron_switch.planning.slurm import Partition, parse_sinfo
 
-    assert parse_sinfo(SINFO, None) == Partition("debug", 2, 2)  # the default partition; n3 is down
-    assert parse_sinfo(SINFO, "big") == Partition("big", 1, 8)
+    debug = parse_sinfo(SINFO, None)  # the default partition; n3 is down
+    assert debug == Partition("debug", (2, 2)) and (debug.nodes, debug.cpus_per_node) == (2, 2)
+    assert parse_sinfo(SINFO, "big") == Partition("big", (8,))
     assert parse_sinfo(SINFO, "gpu") is None
     assert parse_sinfo("", None) is None
+    mixed = parse_sinfo("a 4 idle p*\nb 16 mix p*\nc 8 alloc p*\n", None)
+    assert mixed.node_cpus == (16, 8, 4) and [mixed.cpus_on(n) for n in (1, 2, 3)] == [16, 8, 4]
 
 
 def test_cpu_job_fits_the_partition_or_names_the_fix():
     from megatron_switch.planning.slurm import ClusterMismatch, Partition, fit_cpu_job
 
-    small, big = Partition("debug", 2, 2), Partition("big", 1, 8)
+    small, big = Partition("debug", (2, 2)), Partition("big", (8,))
     assert (fit_cpu_job(big, 1, None, None).tasks_per_node, fit_cpu_job(big, 1, None, None).cpus_per_task) == (2, 4)
-    one_cpu = fit_cpu_job(Partition("tiny", 4, 1), 2, None, None)
+    one_cpu = fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 2, None, None)
     assert (one_cpu.tasks_per_node, one_cpu.cpus_per_task, one_cpu.overcommit) == (1, 1, False)
     with pytest.raises(ClusterMismatch, match=r"1 CPU\(s\) each; this job asks 2 .* --gpus-per-node 1 .*--overcommit"):
-        fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None)
-    assert fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None, overcommit=True).overcommit
+        fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 1, 2, None)
+    assert fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 1, 2, None, overcommit=True).overcommit
     with pytest.raises(ClusterMismatch, match="has 2 usable node.*--nodes 2 or fewer"):
         fit_cpu_job(small, 3, None, None)
     with pytest.raises(ClusterMismatch, match="--cpus-per-task"):
         fit_cpu_job(small, 1, 2, 2)
     with pytest.raises(ClusterMismatch, match="no node that can run jobs"):
-        fit_cpu_job(Partition("debug", 0, 0), 1, None, None)
+        fit_cpu_job(Partition("debug", ()), 1, None, None)
+    # several nodes: 4 processes on one 2-CPU node do not fit; the same 4 on both nodes do
+    with pytest.raises(ClusterMismatch, match="--nodes 2 --gpus-per-node 2 keeps the 4 processes"):
+        fit_cpu_job(small, 1, 4, None)
+    both = fit_cpu_job(small, 2, None, None)
+    assert (both.tasks_per_node, both.cpus_per_task) == (2, 1) and "on 2 node(s)" in both.note
+    # nodes of different sizes: a one-node job counts on the biggest, a two-node job on the second
+    mixed = Partition("p", (16, 8, 4))
+    assert fit_cpu_job(mixed, 1, None, None).cpus_per_task == 8
+    assert fit_cpu_job(mixed, 2, None, None).cpus_per_task == 4
+    with pytest.raises(ClusterMismatch, match="2 node.s. with the most CPUs have 8 CPU"):
+        fit_cpu_job(mixed, 2, 2, 8)
     unchecked = fit_cpu_job(None, 1, None, None)
     assert (unchecked.tasks_per_node, unchecked.cpus_per_task) == (2, 1) and "not checked" in unchecked.note

@@ -184,6 +184,10 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
     for name in ("train_iters", "micro_batch_size", "log_interval", "seq_length"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be >= 1")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be fewer than the decay iterations "
+             f"({args.lr_decay_iters}: --lr-decay-iters, default --train-iters): lower --lr-warmup-iters "
+             "or train longer")
     if args.load is not None:
         from megatron_switch.training.checkpointing import CheckpointError, latest_checkpoint
 
