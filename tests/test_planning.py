@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -242,6 +243,60 @@ def test_sbatch_megatron_lm_command():
     unsharded = _run(sbatch_main, ["--preset", "switch-base-128-gpt", "--nodes", "4", "--save", "/ckpt",
                                    "--megatron-lm", "/opt/Megatron-LM", "--no-distributed-optimizer"])
     assert "--use-distributed-optimizer" not in unsharded  # planned without it, so launched without it
+
+
+def _without_slurm_environment() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+
+
+def test_sbatch_megatron_lm_dry_run_prints_each_node(tmp_path):
+    """The multi-node preamble of the Megatron-LM script, run with --dry-run outside SLURM: the srun
+    command once, then per node each task's ranks (block placement) and its node's own TMPDIR."""
+    script = _run(sbatch_main, ["--preset", "switch-base-128-gpt", "--nodes", "3", "--gpus-per-node", "4",
+                                "--save", str(tmp_path / "ckpt"), "--megatron-lm", "/opt/Megatron-LM"])
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
+    scratch = tmp_path / "scratch"
+    env = dict(_without_slurm_environment(), TMPDIR=str(scratch))
+    done = subprocess.run(["bash", str(path), "--dry-run"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "dry run: 3 node(s) x 4 task(s), rendezvous node0:20000, resume: no checkpoint yet"
+    srun = lines[2]
+    for word in ("srun --kill-on-bad-exit=1 --ntasks-per-node=4 bash -c", "megatron_switch.megatron_lm.pretrain_gpt",
+                 "--expert-model-parallel-size", f"--save {tmp_path / 'ckpt'}", "--exit-signal SIGUSR1"):
+        assert word in srun, word
+    for node in range(3):
+        at = lines.index(f"node {node} (node{node}):")
+        for local in range(4):
+            assert lines[at + 1 + local] == (
+                f"  RANK={4 * node + local} WORLD_SIZE=12 LOCAL_RANK={local} NODE_RANK={node} MASTER_ADDR=node0 "
+                f"MASTER_PORT=20000 TMPDIR={scratch}/megatron-switch-0-node{node}")
+    assert not os.path.exists(tmp_path / "ckpt") and not os.path.exists(scratch)  # a dry run makes nothing
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("100")
+    resumed = subprocess.run(["bash", str(path), "--dry-run"], capture_output=True, text=True, env=env, check=True)
+    assert f"resume: --load {tmp_path / 'ckpt'}" in resumed.stdout.splitlines()[0]
+    assert f"--load {tmp_path / 'ckpt'}" in resumed.stdout.splitlines()[2]
+
+
+def test_sbatch_signal_must_come_before_the_time_limit(capsys):
+    from megatron_switch.planning.sbatch import SbatchError, slurm_time_seconds
+
+    assert [slurm_time_seconds(t) for t in ("30", "30:15", "04:00:00", "1-2", "1-2:30", "1-02:03:04")] == [
+        1800, 1815, 14400, 93600, 95400, 93784]
+    assert slurm_time_seconds("UNLIMITED") is None
+    with pytest.raises(SbatchError, match="--time"):
+        slurm_time_seconds("4h")
+    base = ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", "ckpt"]
+    with pytest.raises(SystemExit):
+        sbatch_main([*base, "--time", "00:01:00"])  # --cpu signals 60 s before the limit: never inside it
+    assert "--signal-seconds 60 is not inside --time 00:01:00 (60 s)" in capsys.readouterr().err
+    assert "#SBATCH --signal=B:USR1@60" in _run(sbatch_main, [*base, "--time", "00:05:00"])
+    with pytest.raises(SystemExit):
+        sbatch_main([*base, "--train-iters", "10", "--lr-warmup-iters", "10"])
+    assert "--lr-warmup-iters 10 must be fewer than --train-iters 10" in capsys.readouterr().err
 
 
 # -- the committed Switch-C example is what the generator writes today --------------------------------

@@ -187,8 +187,8 @@ def training_command(job: SbatchJob) -> list[str]:
     return argv + list(job.extra_args)
 
 
-def _format_command(argv: list[str], indent: str = "        ") -> str:
-    """argv as shell words, one flag (with its values) per continued line."""
+def _format_command(argv: list[str], indent: str = "    ") -> str:
+    """argv as shell words for a bash array, one flag (with its values) per line."""
     lines, current = [], []
     for word in argv:
         if word.startswith("--") and current:
@@ -196,7 +196,7 @@ def _format_command(argv: list[str], indent: str = "        ") -> str:
             current = []
         current.append(shlex.quote(word))
     lines.append(current)
-    return " \\\n".join(indent + " ".join(words) for words in lines)
+    return "\n".join(indent + " ".join(words) for words in lines)
 
 
 def _environment(job: SbatchJob) -> str:
