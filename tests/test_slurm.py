@@ -299,7 +299,7 @@ def test_cpu_script_fits_the_cluster_or_is_refused(slurm, tmp_path, capsys):
     assert exit_info.value.code == 2 and f"{partition.cpus_on(1)} CPU(s) each" in err and "--overcommit" in err
     sbatch_main([*too_many, "--overcommit"])
     script = capsys.readouterr().out  # SLURM refuses --ntasks-per-node above the CPUs even then: --ntasks
-    assert "#SBATCH --overcommit" in script and f"#SBATCH --ntasks={2 * partition.cpus_on(1)} " in script
+    assert "#SBATCH --overcommit" in script and f"#SBATCH --ntasks={2 * partition.cpus_on(1)}\n" in script
     assert "#SBATCH --ntasks-per-node" not in script
     with pytest.raises(SystemExit):
         sbatch_main([*base, "--nodes", str(partition.nodes + 1)])

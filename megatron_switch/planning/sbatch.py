@@ -234,8 +234,8 @@ def render_sbatch(job: SbatchJob, template: str | None = None) -> str:
                           f"--signal-seconds (slurmctld checks signal times every 30 s: leave a margin)")
     tasks = [f"#SBATCH --ntasks-per-node={job.tasks_per_node}"]
     if job.overcommit:  # SLURM refuses --ntasks-per-node above a node's CPUs even with --overcommit
-        tasks = [f"#SBATCH --ntasks={job.nodes * job.tasks_per_node}  # overcommitted: srun places "
-                 f"{job.tasks_per_node} per node"]
+        tasks = [f"# overcommitted: SLURM takes --ntasks; srun places {job.tasks_per_node} per node",
+                 f"#SBATCH --ntasks={job.nodes * job.tasks_per_node}"]
     resources = []
     if job.cpu:
         if job.resources_note:

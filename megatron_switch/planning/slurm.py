@@ -3,7 +3,8 @@
 `query_partition` asks `sinfo` (when it is installed and answers) for the nodes of a partition that
 can run jobs and their CPUs; `fit_cpu_job` turns the requested nodes, processes per node and CPUs per
 process into ones that fit those nodes (the job's --nodes best-provided ones), or raises
-`ClusterMismatch` naming the missing resource and the flag to change. Without `sinfo` (a script written away from its cluster) nothing is checked.
+`ClusterMismatch` naming the missing resource and the flag to change. Without `sinfo` (a script
+written away from its cluster) nothing is checked.
 """
 
 from __future__ import annotations
