@@ -212,12 +212,14 @@ def one_node_run(slurm, tmp_path_factory) -> dict:
 
 
 def test_one_node_job_trains_is_preempted_requeues_and_finishes(one_node_run):
-    _, runs = _check_preempted_and_resumed(one_node_run)
+    preempted_at, runs = _check_preempted_and_resumed(one_node_run)
     for run_text in runs:
         placement = _placement(run_text)
         assert sorted(placement) == [0, 1, 2, 3], run_text[:2000]
         assert {node for _, node, _ in placement.values()} == {0}
         assert sorted(local for _, _, local in placement.values()) == [0, 1, 2, 3]
+    print(f"\none-node job {one_node_run['job']}: preempted at iteration {preempted_at}, final lm loss "
+          f"{one_node_run['metrics'][-1]['lm_loss']!r}")
 
 
 def test_two_node_job_is_preempted_requeues_and_matches_one_node(two_nodes, one_node_run, tmp_path):
