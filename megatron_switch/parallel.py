@@ -90,6 +90,11 @@ def validate_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1,
     return ParallelLayout(world_size, tp, pp, ep, num_experts, etp)
 
 
+def local_rank() -> int:
+    """This process's index among the processes of its node (torchrun's LOCAL_RANK, else SLURM's)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+
+
 def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Optional[int] = None,
                         backend: Optional[str] = None, timeout_minutes: float = 10) -> ParallelLayout:
     """Validate the layout, then create the default process group (from torchrun's or SLURM's
@@ -111,8 +116,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Opti
         os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
-            local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(local_rank())
         dist.init_process_group(backend, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     from megatron.core import parallel_state

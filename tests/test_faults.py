@@ -22,8 +22,6 @@ import psutil
 import pytest
 import torch
 
-from tests.helpers import free_port
-
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "32",
         "--micro-batch-size", "2", "--moe-switch", "--num-experts", "4", "--moe-layer-freq", "2",
         "--log-interval", "1", "--moe-input-jitter-eps", "0"]
@@ -270,13 +268,14 @@ def test_legacy_pipeline_checkpoint_with_tied_embeddings_resumes(tmp_path):
     ok(train([*pp2, "--train-iters", "2", "--save", str(tmp_path / "dist")], tmp_path)[0])
     convert(str(tmp_path / "dist"), str(tmp_path / "legacy"), fmt="torch", progress=False, log=lambda *a: None)
     for name in ("dist", "legacy"):
-        ok(train([*pp2, "--train-iters", "4", "--load", str(tmp_path / name), "--plots-dir", str(tmp_path / f"p-{name}")],
-                 tmp_path)[0])
+        ok(train([*pp2, "--train-iters", "4", "--load", str(tmp_path / name),
+                  "--plots-dir", str(tmp_path / f"p-{name}")], tmp_path)[0])
     first, second = ([json.loads(line) for line in (tmp_path / f"p-{name}" / "metrics.jsonl").read_text().splitlines()]
                      for name in ("dist", "legacy"))
     assert [r["iteration"] for r in first] == [r["iteration"] for r in second] == [3, 4]
     for a, b in zip(first, second):
-        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {k: v for k, v in b.items() if k != "tokens_per_s"}
+        assert {k: v for k, v in a.items() if k != "tokens_per_s"} == {
+            k: v for k, v in b.items() if k != "tokens_per_s"}
 
 
 # -- the launch environment, data and flags: answered before any process starts --------------------------

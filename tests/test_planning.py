@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import os
 import shlex
 import subprocess
 from pathlib import Path
@@ -244,6 +245,60 @@ def test_sbatch_megatron_lm_command():
     assert "--use-distributed-optimizer" not in unsharded  # planned without it, so launched without it
 
 
+def _without_slurm_environment() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_"))}
+
+
+def test_sbatch_megatron_lm_dry_run_prints_each_node(tmp_path):
+    """The multi-node preamble of the Megatron-LM script, run with --dry-run outside SLURM: the srun
+    command once, then per node each task's ranks (block placement) and its node's own TMPDIR."""
+    script = _run(sbatch_main, ["--preset", "switch-base-128-gpt", "--nodes", "3", "--gpus-per-node", "4",
+                                "--save", str(tmp_path / "ckpt"), "--megatron-lm", "/opt/Megatron-LM"])
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)], check=False).returncode == 0
+    scratch = tmp_path / "scratch"
+    env = dict(_without_slurm_environment(), TMPDIR=str(scratch))
+    done = subprocess.run(["bash", str(path), "--dry-run"], capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "dry run: 3 node(s) x 4 task(s), rendezvous node0:20000, resume: no checkpoint yet"
+    srun = lines[2]
+    for word in ("srun --kill-on-bad-exit=1 --ntasks-per-node=4 bash -c", "megatron_switch.megatron_lm.pretrain_gpt",
+                 "--expert-model-parallel-size", f"--save {tmp_path / 'ckpt'}", "--exit-signal SIGUSR1"):
+        assert word in srun, word
+    for node in range(3):
+        at = lines.index(f"node {node} (node{node}):")
+        for local in range(4):
+            assert lines[at + 1 + local] == (
+                f"  RANK={4 * node + local} WORLD_SIZE=12 LOCAL_RANK={local} NODE_RANK={node} MASTER_ADDR=node0 "
+                f"MASTER_PORT=20000 TMPDIR={scratch}/megatron-switch-0-node{node}")
+    assert not os.path.exists(tmp_path / "ckpt") and not os.path.exists(scratch)  # a dry run makes nothing
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").write_text("100")
+    resumed = subprocess.run(["bash", str(path), "--dry-run"], capture_output=True, text=True, env=env, check=True)
+    assert f"resume: --load {tmp_path / 'ckpt'}" in resumed.stdout.splitlines()[0]
+    assert f"--load {tmp_path / 'ckpt'}" in resumed.stdout.splitlines()[2]
+
+
+def test_sbatch_signal_must_come_before_the_time_limit(capsys):
+    from megatron_switch.planning.sbatch import SbatchError, slurm_time_seconds
+
+    assert [slurm_time_seconds(t) for t in ("30", "30:15", "04:00:00", "1-2", "1-2:30", "1-02:03:04")] == [
+        1800, 1815, 14400, 93600, 95400, 93784]
+    assert slurm_time_seconds("UNLIMITED") is None
+    with pytest.raises(SbatchError, match="--time"):
+        slurm_time_seconds("4h")
+    base = ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", "ckpt"]
+    with pytest.raises(SystemExit):
+        sbatch_main([*base, "--time", "00:01:00"])  # --cpu signals 60 s before the limit: never inside it
+    assert "--signal-seconds 60 is not inside --time 00:01:00 (60 s)" in capsys.readouterr().err
+    assert "#SBATCH --signal=B:USR1@60" in _run(sbatch_main, [*base, "--time", "00:05:00"])
+    with pytest.raises(SystemExit):
+        sbatch_main([*base, "--train-iters", "10", "--lr-warmup-iters", "10"])
+    assert "--lr-warmup-iters 10 must be fewer than --train-iters 10" in capsys.readouterr().err
+
+
 # -- the committed Switch-C example is what the generator writes today --------------------------------
 
 def test_switch_c_example_is_current():
@@ -271,27 +326,41 @@ big2 8 drain big
 def test_sinfo_partitions_count_only_usable_nodes():
     from megatron_switch.planning.slurm import Partition, parse_sinfo
 
-    assert parse_sinfo(SINFO, None) == Partition("debug", 2, 2)  # the default partition; n3 is down
-    assert parse_sinfo(SINFO, "big") == Partition("big", 1, 8)
+    debug = parse_sinfo(SINFO, None)  # the default partition; n3 is down
+    assert debug == Partition("debug", (2, 2)) and (debug.nodes, debug.cpus_per_node) == (2, 2)
+    assert parse_sinfo(SINFO, "big") == Partition("big", (8,))
     assert parse_sinfo(SINFO, "gpu") is None
     assert parse_sinfo("", None) is None
+    mixed = parse_sinfo("a 4 idle p*\nb 16 mix p*\nc 8 alloc p*\n", None)
+    assert mixed.node_cpus == (16, 8, 4) and [mixed.cpus_on(n) for n in (1, 2, 3)] == [16, 8, 4]
 
 
 def test_cpu_job_fits_the_partition_or_names_the_fix():
     from megatron_switch.planning.slurm import ClusterMismatch, Partition, fit_cpu_job
 
-    small, big = Partition("debug", 2, 2), Partition("big", 1, 8)
+    small, big = Partition("debug", (2, 2)), Partition("big", (8,))
     assert (fit_cpu_job(big, 1, None, None).tasks_per_node, fit_cpu_job(big, 1, None, None).cpus_per_task) == (2, 4)
-    one_cpu = fit_cpu_job(Partition("tiny", 4, 1), 2, None, None)
+    one_cpu = fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 2, None, None)
     assert (one_cpu.tasks_per_node, one_cpu.cpus_per_task, one_cpu.overcommit) == (1, 1, False)
     with pytest.raises(ClusterMismatch, match=r"1 CPU\(s\) each; this job asks 2 .* --gpus-per-node 1 .*--overcommit"):
-        fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None)
-    assert fit_cpu_job(Partition("tiny", 4, 1), 1, 2, None, overcommit=True).overcommit
+        fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 1, 2, None)
+    assert fit_cpu_job(Partition("tiny", (1, 1, 1, 1)), 1, 2, None, overcommit=True).overcommit
     with pytest.raises(ClusterMismatch, match="has 2 usable node.*--nodes 2 or fewer"):
         fit_cpu_job(small, 3, None, None)
     with pytest.raises(ClusterMismatch, match="--cpus-per-task"):
         fit_cpu_job(small, 1, 2, 2)
     with pytest.raises(ClusterMismatch, match="no node that can run jobs"):
-        fit_cpu_job(Partition("debug", 0, 0), 1, None, None)
+        fit_cpu_job(Partition("debug", ()), 1, None, None)
+    # several nodes: 4 processes on one 2-CPU node do not fit; the same 4 on both nodes do
+    with pytest.raises(ClusterMismatch, match="--nodes 2 --gpus-per-node 2 keeps the 4 processes"):
+        fit_cpu_job(small, 1, 4, None)
+    both = fit_cpu_job(small, 2, None, None)
+    assert (both.tasks_per_node, both.cpus_per_task) == (2, 1) and "on 2 node(s)" in both.note
+    # nodes of different sizes: a one-node job counts on the biggest, a two-node job on the second
+    mixed = Partition("p", (16, 8, 4))
+    assert fit_cpu_job(mixed, 1, None, None).cpus_per_task == 8
+    assert fit_cpu_job(mixed, 2, None, None).cpus_per_task == 4
+    with pytest.raises(ClusterMismatch, match="2 node.s. with the most CPUs have 8 CPU"):
+        fit_cpu_job(mixed, 2, 2, 8)
     unchecked = fit_cpu_job(None, 1, None, None)
     assert (unchecked.tasks_per_node, unchecked.cpus_per_task) == (2, 1) and "not checked" in unchecked.note

@@ -173,12 +173,45 @@ def test_missing_and_corrupt_checkpoints_fail_clearly_and_touch_nothing(tmp_path
     (["--save-interval", "5"], "--save-interval needs --save"),
     (["--recompute-granularity", "full"], "needs --recompute-method uniform|block and --recompute-num-layers"),
     (["--recompute-method", "uniform"], "go with --recompute-granularity full"),
+    (["--lr-warmup-iters", "1"], "--lr-warmup-iters 1 must be fewer than the decay iterations"),
 ])
 def test_bad_flags_fail_before_any_process_starts(tmp_path, flags, message):
     proc = run_train(["--train-iters", "1", *flags], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _data_on_two_nodes(rank, world_size, root):
+    """Two ranks as the first processes of two nodes with a cache directory each (LOCAL_RANK 0 on both)."""
+    from megatron_switch.data.corpus import corpus_prefix, default_corpus_on_every_node
+    from megatron_switch.data.datasets import check_cache_shared
+    from megatron_switch.data.preprocess import DataError
+    from megatron_switch.data.tokenizers import build_tokenizer
+    from megatron_switch.parallel import initialize_parallel
+
+    initialize_parallel()
+    os.environ.update(LOCAL_RANK="0", MEGATRON_SWITCH_CACHE=os.path.join(root, f"node{rank}"))
+    prefix = default_corpus_on_every_node(build_tokenizer("ByteLevelTokenizer", None), "ByteLevelTokenizer")
+    assert prefix == corpus_prefix("ByteLevelTokenizer") and os.path.isfile(prefix + ".idx")
+    with pytest.raises(DataError, match=r"not one directory for every rank: rank 1 does not see.*--data-cache-path"):
+        check_cache_shared(os.path.join(os.environ["MEGATRON_SWITCH_CACHE"], "index-cache"))
+    shared = os.path.join(root, "shared-index-cache")
+    check_cache_shared(shared)  # one directory for both: passes, and leaves nothing behind
+    torch.distributed.barrier()
+    assert os.listdir(shared) == []
+
+
+def test_default_corpus_and_index_cache_across_nodes_with_their_own_disks(tmp_path):
+    """Nodes that do not share MEGATRON_SWITCH_CACHE each get the default corpus (built by their first
+    local rank); an index cache that is not one directory for all ranks fails on every rank with the
+    fix, before megatron-core would miss its files; a shared one passes."""
+    from tests.helpers import spawn
+
+    spawn(_data_on_two_nodes, 2, str(tmp_path))
+    corpus = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-ByteLevelTokenizer"
+    for node in ("node0", "node1"):  # the corpus, complete, and no temporary files
+        assert sorted(set(os.listdir(tmp_path / node)) - {"index-cache"}) == [f"{corpus}.bin", f"{corpus}.idx"]
 
 
 def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_process_groups, tmp_path):

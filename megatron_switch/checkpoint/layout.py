@@ -77,7 +77,8 @@ def latest_checkpoint(root: str, step: int | None = None) -> tuple[int, str]:
     if iteration_of(root) is not None and checkpoint_format(root):
         parent = os.path.dirname(os.path.normpath(root)) or "."
         raise CheckpointError(f"--load {root} is one iteration's directory: pass its parent, --load {parent} "
-                              f"--ckpt-step {iteration_of(root)} (--ckpt-step picks an iteration other than the latest)")
+                              f"--ckpt-step {iteration_of(root)} (--ckpt-step picks an iteration other than the "
+                              f"latest)")
     if os.path.isfile(os.path.join(root, CONSOLIDATED_INDEX)):
         raise CheckpointError(f"--load {root} is a consolidated safetensors checkpoint, which training does not "
                               f"read: convert it first, `megatron-switch convert --load {root} --save NEW_DIR "

@@ -83,7 +83,8 @@ def dataset_tokens(prefix: str) -> int:
     with open(idx, "rb") as f:
         head = f.read(_HEADER)
         if len(head) < _HEADER or head[:9] != MAGIC:
-            raise DataError(f"{idx} is not a Megatron index file (too short or wrong magic): {_preprocess_hint(prefix)}")
+            raise DataError(f"{idx} is not a Megatron index file (too short or wrong magic): "
+                            f"{_preprocess_hint(prefix)}")
         version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
         if version != 1 or code not in _ITEMSIZE:
             raise DataError(f"{idx}: unknown index version {version} or token type {code}: {_preprocess_hint(prefix)}")

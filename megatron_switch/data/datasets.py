@@ -1,13 +1,20 @@
-"""GPT train/valid/test datasets over indexed .bin/.idx files, through megatron.core.datasets."""
+"""GPT train/valid/test datasets over indexed .bin/.idx files, through megatron.core.datasets, and the
+check that their index cache is one directory for every rank (`check_cache_shared`)."""
 
 from __future__ import annotations
 
+import os
+import uuid
 from typing import Sequence, Tuple
+
+import torch
+import torch.distributed as dist
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from megatron_switch.comm import comm_device
 from megatron_switch.data.check import DataError, dataset_tokens, parse_data_path, parse_split
 
 
@@ -50,3 +57,37 @@ def build_gpt_datasets(data_path: Sequence[str], split: str, seq_length: int, se
         path_to_cache=cache, tokenizer=tokenizer, reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False)
     return BlendedMegatronDatasetBuilder(GPTDataset, list(num_samples), lambda: True, config).build()
+
+
+def check_cache_shared(cache: str) -> None:
+    """Collective over the default process group: fail on every rank unless every rank sees a file
+    that rank 0 writes in `cache`. megatron-core builds the sample indices there on rank 0 and then
+    reads them on every rank, so a cache on a disk of each node's own (a node-local /tmp, a different
+    MEGATRON_SWITCH_CACHE per node) would fail later with a missing .npy file."""
+    rank = dist.get_rank()
+    token = torch.zeros(1, dtype=torch.int64, device=comm_device())
+    marker, problem = None, ""
+    if rank == 0:
+        try:
+            os.makedirs(cache, exist_ok=True)
+            token[0] = uuid.uuid4().int >> 65  # a positive int64, fresh for each run
+            marker = os.path.join(cache, f".visible-{int(token.item()):x}")
+            with open(marker, "w"):
+                pass
+        except OSError as err:
+            token[0], problem = -1, f" ({err})"
+    dist.broadcast(token, 0)
+    if token.item() < 0:
+        raise DataError(f"the dataset index cache {cache} is not writable on rank 0{problem}: pass "
+                        "--data-cache-path DIR (a directory every node mounts) or set MEGATRON_SWITCH_CACHE")
+    seen = os.path.exists(os.path.join(cache, f".visible-{int(token.item()):x}"))
+    first_blind = torch.tensor([dist.get_world_size() if seen else rank], dtype=torch.int64, device=comm_device())
+    dist.all_reduce(first_blind, op=dist.ReduceOp.MIN)  # every rank has looked once this returns
+    if marker is not None:
+        os.remove(marker)
+    if first_blind.item() < dist.get_world_size():
+        raise DataError(f"the dataset index cache {cache} is not one directory for every rank: rank "
+                        f"{first_blind.item()} does not see the file rank 0 wrote there (a disk of each node's "
+                        "own?). megatron-core writes the sample indices on rank 0 and reads them on every rank: "
+                        "pass --data-cache-path DIR on a filesystem every node mounts (where --save is, for "
+                        "instance), or point MEGATRON_SWITCH_CACHE there")

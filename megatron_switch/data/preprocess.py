@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Iterable, Iterator, List
 
 import numpy
@@ -48,7 +49,7 @@ def write_indexed_dataset(documents: Iterable[str], output_prefix: str, tokenize
     dtype = numpy.uint16 if tokenizer.vocab_size < 65500 else numpy.int32
     directory = os.path.dirname(os.path.abspath(output_prefix))
     os.makedirs(directory, exist_ok=True)
-    tmp_prefix = f"{output_prefix}.tmp{os.getpid()}"
+    tmp_prefix = f"{output_prefix}.tmp-{uuid.uuid4().hex}"  # unique also across hosts sharing the directory
     builder = IndexedDatasetBuilder(get_bin_path(tmp_prefix), dtype=dtype)
     total = documents_written = 0
     try:

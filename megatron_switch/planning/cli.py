@@ -25,7 +25,7 @@ from megatron_switch.planning.model import (
     flops_per_token,
 )
 from megatron_switch.planning.presets import PresetError, get_preset, load_presets
-from megatron_switch.planning.sbatch import SbatchError, SbatchJob, render_sbatch
+from megatron_switch.planning.sbatch import SbatchError, SbatchJob, render_sbatch, slurm_time_seconds
 from megatron_switch.planning.search import (
     Cluster,
     NoLayoutFits,
@@ -264,23 +264,6 @@ def _train_distributed_optimizer(args, extra_args: list[str]) -> bool:
     return True
 
 
-_SLURM_TIME = re.compile(r"^(?:(?P<days>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"
-                         r"|(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)|(?P<mm>\d+)(?::(?P<ss>\d+))?)$")
-
-
-def slurm_time_seconds(text: str) -> int:
-    """SLURM's --time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) -> seconds."""
-    match = _SLURM_TIME.match(text.strip())
-    if not match:
-        raise SbatchError(f"--time {text!r} is not a SLURM time: use HH:MM:SS (e.g. 04:00:00), D-HH:MM:SS or minutes")
-    g = {k: int(v) for k, v in match.groupdict().items() if v is not None}
-    if "days" in g:
-        return ((g["days"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
-    if "h" in g:
-        return (g["h"] * 60 + g["m"]) * 60 + g["s"]
-    return g["mm"] * 60 + g.get("ss", 0)
-
-
 def _check_extra_train_args(extra_args: list[str]) -> None:
     """--extra-args for `megatron-switch train`: every flag must be one the trainer knows."""
     from megatron_switch.training.arguments import build_parser
@@ -342,7 +325,7 @@ def sbatch_main(argv: list[str] | None = None) -> None:
         signal_seconds = args.signal_seconds if args.signal_seconds is not None else (60 if args.cpu else 300)
         if signal_seconds < 1:
             raise SbatchError(f"--signal-seconds must be >= 1, got {signal_seconds}")
-        if time_limit <= signal_seconds + 60:
+        if time_limit is not None and time_limit <= signal_seconds + 60:
             raise SbatchError(f"--time {args.time} leaves no room before the save-and-exit signal, sent "
                               f"{signal_seconds} s before the limit (--signal-seconds; SLURM checks it every 30 s): "
                               f"give a --time longer than {signal_seconds + 60} s, or a smaller --signal-seconds")

@@ -3,7 +3,8 @@
 `training_command(job)` is the command one srun task runs: `megatron-switch train` (ours), or the
 user's Megatron-LM through `python -m megatron_switch.megatron_lm.pretrain_gpt` (`pretrain_t5` for
 encoder-decoder models) with Megatron-LM's flags plus the Switch flags. `render_sbatch(job)` fills
-the template (`launch/switch.sbatch.template`; placeholders `@{name}`, `@@` for a literal `@`).
+the template (`launch/switch.sbatch.template`; placeholders `@{name}`, `@@` for a literal `@`); the
+template holds everything that runs per node (ranks, rendezvous, scratch, signal, requeue, dry run).
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ class SbatchJob:
     generated_by: str = ""
     overcommit: bool = False  # CPU jobs: more processes x CPUs than a node has (#SBATCH --overcommit)
     resources_note: str = ""  # how the CPU resources were fitted to the cluster
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """SLURM's --time forms (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None for no limit."""
+    value = text.strip()
+    if value.upper() in ("UNLIMITED", "INFINITE", "-1"):
+        return None
+    days, dash, rest = value.rpartition("-") if "-" in value else ("0", "", value)
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        day_count = int(days)
+    except ValueError:
+        raise SbatchError(f"--time {text!r} is not a SLURM time: use HH:MM:SS (e.g. 04:00:00), minutes, MM:SS "
+                          f"or D-HH[:MM[:SS]]") from None
+    if len(parts) > 3 or min(parts + [day_count]) < 0:
+        raise SbatchError(f"--time {text!r} is not a SLURM time: use HH:MM:SS (e.g. 04:00:00), minutes, MM:SS "
+                          f"or D-HH[:MM[:SS]]")
+    if dash:  # D-H, D-H:M, D-H:M:S
+        h, m, s = parts + [0] * (3 - len(parts))
+    elif len(parts) == 3:  # H:M:S
+        h, m, s = parts
+    else:  # M, M:S
+        h, (m, s) = 0, parts + [0] * (2 - len(parts))
+    return ((day_count * 24 + h) * 60 + m) * 60 + s
 
 
 def template_path(explicit: str | None = None) -> Path:
@@ -164,8 +189,8 @@ def training_command(job: SbatchJob) -> list[str]:
     return argv + list(job.extra_args)
 
 
-def _format_command(argv: list[str], indent: str = "        ") -> str:
-    """argv as shell words, one flag (with its values) per continued line."""
+def _format_command(argv: list[str], indent: str = "    ") -> str:
+    """argv as shell words for a bash array, one flag (with its values) per line."""
     lines, current = [], []
     for word in argv:
         if word.startswith("--") and current:
@@ -173,7 +198,7 @@ def _format_command(argv: list[str], indent: str = "        ") -> str:
             current = []
         current.append(shlex.quote(word))
     lines.append(current)
-    return " \\\n".join(indent + " ".join(words) for words in lines)
+    return "\n".join(indent + " ".join(words) for words in lines)
 
 
 def _environment(job: SbatchJob) -> str:
@@ -201,6 +226,18 @@ def render_sbatch(job: SbatchJob, template: str | None = None) -> str:
         raise SbatchError(f"the layout has {job.layout.world_size} ranks, the job {job.nodes} x {job.tasks_per_node}")
     if job.signal_seconds < 1:
         raise SbatchError("--signal-seconds must be >= 1")
+    if job.lr_warmup_iters and job.lr_warmup_iters >= job.train_iters:
+        raise SbatchError(f"--lr-warmup-iters {job.lr_warmup_iters} must be fewer than --train-iters "
+                          f"{job.train_iters}: lower --lr-warmup-iters or train longer")
+    limit = slurm_time_seconds(job.time)
+    if limit is not None and job.signal_seconds >= limit:
+        raise SbatchError(f"--signal-seconds {job.signal_seconds} is not inside --time {job.time} ({limit} s): "
+                          f"the save signal must come before the limit; give a longer --time or a smaller "
+                          f"--signal-seconds (slurmctld checks signal times every 30 s: leave a margin)")
+    tasks = [f"#SBATCH --ntasks-per-node={job.tasks_per_node}"]
+    if job.overcommit:  # SLURM refuses --ntasks-per-node above a node's CPUs even with --overcommit
+        tasks = [f"# overcommitted: SLURM takes --ntasks; srun places {job.tasks_per_node} per node",
+                 f"#SBATCH --ntasks={job.nodes * job.tasks_per_node}"]
     resources = []
     if job.cpu:
         if job.resources_note:
@@ -230,7 +267,8 @@ def render_sbatch(job: SbatchJob, template: str | None = None) -> str:
         return _Template(text).substitute(
             title=f"{job.name}: Switch training on {job.nodes} node(s) x {job.tasks_per_node} "
                   f"{'CPU task' if job.cpu else 'GPU'}(s)",
-            generated_by=job.generated_by, job_name=job.name, nodes=job.nodes, tasks_per_node=job.tasks_per_node,
+            generated_by=job.generated_by, job_name=job.name, nodes=job.nodes, task_lines="\n".join(tasks),
+            tasks_per_node=job.tasks_per_node,
             resource_lines="\n".join(resources), time=job.time, output=job.output,
             signal_seconds=job.signal_seconds, device="CPU task" if job.cpu else "GPU", save=job.save,
             plan="\n".join(("# " + line).rstrip() for line in job.plan_text.splitlines()),

@@ -244,13 +244,15 @@ def checkpoint_bytes(args) -> int:
 
     h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
     vocab = padded_vocab_size(BYTE_LEVEL_VOCAB_SIZE, args.make_vocab_size_divisible_by, 1)
-    embeddings = vocab * h * (1 if not args.untie_embeddings_and_output_weights else 2) + args.max_position_embeddings * h
+    output_copies = 2 if args.untie_embeddings_and_output_weights else 1
+    embeddings = vocab * h * output_copies + args.max_position_embeddings * h
     dense_ffn, attention = 2 * h * f, 4 * h * h
     switch_layers = 0
     if args.switch is not None:
         switch_layers = layers // args.switch.expert_interval
         expert_f = args.switch.expert_ffn_hidden_size or f
-        expert_ffn = (3 if args.switch.gated else 2) * h * expert_f * args.switch.num_experts + h * args.switch.num_experts
+        experts = args.switch.num_experts
+        expert_ffn = (3 if args.switch.gated else 2) * h * expert_f * experts + h * experts
     params = embeddings + layers * attention + (layers - switch_layers) * dense_ffn
     if switch_layers:
         params += switch_layers * expert_ffn
@@ -398,6 +400,10 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
         if not os.path.exists(args.tokenizer_model):
             fail(f"--tokenizer-model {args.tokenizer_model}: no such file or directory (a local Hugging Face "
                  f"tokenizer folder, as tokenizer.save_pretrained(DIR) writes it)")
+    if args.lr_warmup_iters and args.lr_warmup_iters >= args.lr_decay_iters:
+        fail(f"--lr-warmup-iters {args.lr_warmup_iters} must be fewer than the decay iterations "
+             f"({args.lr_decay_iters}: --lr-decay-iters, default --train-iters): lower --lr-warmup-iters "
+             "or train longer")
     if args.load is not None:
         _check_load(args, fail)
     if args.save:

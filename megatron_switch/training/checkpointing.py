@@ -447,8 +447,9 @@ def check_same_model(path: str, saved: dict, model) -> None:
             saved["padded_vocab_size"] = next(iter(shapes.values()))[0]
     differences = model_differences(saved, current, layout["tp"])
     if differences:
-        raise on_every_rank(CheckpointError(f"checkpoint {path} holds another model than this run builds: {'; '.join(differences)}. "
-                              f"Pass the checkpoint's values, or load a checkpoint of this model"))
+        raise on_every_rank(CheckpointError(f"checkpoint {path} holds another model than this run builds: "
+                                            f"{'; '.join(differences)}. Pass the checkpoint's values, or load "
+                                            f"a checkpoint of this model"))
 
 
 def _without_optimizer_state(path: str, optimizer, params_in_optimizer_order) -> None:

@@ -43,18 +43,16 @@ def _seed_all(seed: int) -> None:
 
 
 def _datasets(args, tokenizer):
-    from megatron_switch.data.corpus import cache_dir, default_corpus
-    from megatron_switch.data.datasets import build_gpt_datasets
+    """Every rank's datasets. The default corpus appears on every node (built once per filesystem);
+    the index cache must be one directory for all ranks (megatron-core fills it on rank 0)."""
+    from megatron_switch.data.corpus import cache_dir, default_corpus_on_every_node
+    from megatron_switch.data.datasets import build_gpt_datasets, check_cache_shared
 
-    data_path = args.data_path
-    if not data_path:
-        if dist.get_rank() == 0:
-            default_corpus(tokenizer, args.tokenizer_type)
-        dist.barrier()
-        data_path = [default_corpus(tokenizer, args.tokenizer_type)]
+    data_path = args.data_path or [default_corpus_on_every_node(tokenizer, args.tokenizer_type)]
     eval_batches = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     sizes = (args.train_iters * args.global_batch_size, eval_batches * args.global_batch_size, 0)
     cache = args.data_cache_path or os.path.join(cache_dir(), "index-cache")
+    check_cache_shared(cache)
     return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, sizes, tokenizer, cache)
 
 
@@ -132,7 +130,8 @@ def train(args) -> None:
     """Entry point of one rank (under torchrun, srun or the local launcher)."""
     from megatron_switch.data.tokenizers import build_tokenizer
 
-    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    if rank == "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print(f" waiting for {os.environ.get('WORLD_SIZE')} ranks at {os.environ.get('MASTER_ADDR')}:"
               f"{os.environ.get('MASTER_PORT')} (at most --distributed-timeout-minutes "
               f"{args.distributed_timeout_minutes:g})", flush=True)
