@@ -64,7 +64,7 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
         start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
-        batch = collate(dataset, start, micro, vocab_size=args.tokenizer_vocab_size)
+        batch = collate(dataset, start, micro, vocab_size=getattr(args, "tokenizer_vocab_size", None))
         batches.append({k: v.to(comm_device()) for k, v in batch.items()})
     return batches
 
