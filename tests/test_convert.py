@@ -67,7 +67,7 @@ def _logits_worker(rank, world_size, jobs, out_dir):
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_switch.checkpoint.sharding import Layout, holders
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
     from megatron_switch.data.tokenizers import build_tokenizer
     from megatron_switch.parallel import initialize_parallel
     from megatron_switch.training.arguments import parse_args
@@ -84,7 +84,7 @@ def _logits_worker(rank, world_size, jobs, out_dir):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         initialize_parallel(tp, pp, ep, 4, backend="gloo")
-        apply_cpu_shims()
+        enable_cpu_support()
         # Padded to capacity, each expert's GEMMs have the same shapes whatever tokens it got (CPU GEMMs
         # round products of 1-3 rows differently from larger ones), so equal weights give equal logits.
         args = parse_args([*SMALL, *_vocab_flags(tp), "--tensor-model-parallel-size", str(tp),

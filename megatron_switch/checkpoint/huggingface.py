@@ -32,40 +32,39 @@ def _take(state: Mapping[str, torch.Tensor], key: str, shape) -> torch.Tensor:
 
 
 def import_huggingface_sparse_mlp(layer: SwitchMLP, state: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Copy a Hugging Face MoE block's router and this rank's experts into `layer`."""
+    """Copy a Hugging Face MoE block's router and this rank's experts into `layer` (any bank type:
+    through the bank's `load_expert_weights`)."""
     experts, switch = layer.experts, layer.switch
-    hidden = layer.router.weight.shape[1]
-    ffn = experts.weight2.shape[2]
+    hidden, ffn = layer.router.weight.shape[1], experts.ffn
     with torch.no_grad():
         layer.router.weight.copy_(_take(state, f"{prefix}router.classifier.weight", (switch.num_experts, hidden)))
-        for local in range(experts.num_local_experts):
-            base = f"{prefix}experts.expert_{experts.first_expert + local}."
-            if switch.gated:
-                w1 = torch.cat([_take(state, base + "wi_0.weight", (ffn, hidden)),
-                                _take(state, base + "wi_1.weight", (ffn, hidden))])
-            else:
-                w1 = _take(state, base + "wi.weight", (ffn, hidden))
-            experts.weight1[local].copy_(w1)
-            experts.weight2[local].copy_(_take(state, base + "wo.weight", (hidden, ffn)))
-        for bias in (experts.bias1, experts.bias2):
-            if bias is not None:
-                bias.zero_()
+    for local in range(experts.num_local_experts):
+        base = f"{prefix}experts.expert_{experts.first_expert + local}."
+        if switch.gated:
+            w1 = torch.cat([_take(state, base + "wi_0.weight", (ffn, hidden)),
+                            _take(state, base + "wi_1.weight", (ffn, hidden))])
+        else:
+            w1 = _take(state, base + "wi.weight", (ffn, hidden))
+        weights = {"weight1": w1, "weight2": _take(state, base + "wo.weight", (hidden, ffn))}
+        if switch.expert_bias:
+            weights.update(bias1=torch.zeros(experts.fc1_out), bias2=torch.zeros(hidden))
+        experts.load_expert_weights(local, weights)
 
 
 def export_huggingface_sparse_mlp(layer: SwitchMLP, prefix: str = "") -> dict[str, torch.Tensor]:
     """This rank's part of `layer` under Hugging Face's keys (the router on every rank)."""
     experts, switch = layer.experts, layer.switch
-    for bias in (experts.bias1, experts.bias2):
-        if bias is not None and torch.count_nonzero(bias):
-            raise WeightMappingError("Hugging Face Switch experts have no biases, and this layer's are "
-                                     "non-zero: train with --switch-no-expert-bias to export")
     state = {f"{prefix}router.classifier.weight": layer.router.weight.detach().clone()}
     for local in range(experts.num_local_experts):
+        weights = experts.expert_weights(local)
+        for name in ("bias1", "bias2"):
+            if name in weights and torch.count_nonzero(weights[name]):
+                raise WeightMappingError("Hugging Face Switch experts have no biases, and this layer's are "
+                                         "non-zero: train with --switch-no-expert-bias to export")
         base = f"{prefix}experts.expert_{experts.first_expert + local}."
-        w1 = experts.weight1[local].detach()
         if switch.gated:
-            state[base + "wi_0.weight"], state[base + "wi_1.weight"] = (t.clone() for t in w1.chunk(2))
+            state[base + "wi_0.weight"], state[base + "wi_1.weight"] = weights["weight1"].chunk(2)
         else:
-            state[base + "wi.weight"] = w1.clone()
-        state[base + "wo.weight"] = experts.weight2[local].detach().clone()
+            state[base + "wi.weight"] = weights["weight1"]
+        state[base + "wo.weight"] = weights["weight2"]
     return state

@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 
+from megatron_switch.config import ACTIVATIONS
 from megatron_switch.parallel import LayoutError
 from megatron_switch.planning.memory import GIB, TrainingSetup
 from megatron_switch.planning.model import (
@@ -57,7 +58,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                  "--moe-layer-freq", "--vocab-size", "--seq-length", "--decoder-seq-length",
                  "--max-position-embeddings"):
         g.add_argument(flag, type=int, default=None)
-    g.add_argument("--switch-expert-activation", choices=("relu", "gelu", "geglu", "swiglu"), default=None)
+    g.add_argument("--switch-expert-activation", choices=ACTIVATIONS, default=None)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
 

@@ -182,7 +182,7 @@ def _load_pieces(optimizer, loaded: dict, step: float) -> None:
 def _optimizer_step(optimizer) -> float:
     """Collective: Adam's step count, the same on every rank, also one whose optimizer holds no
     parameter (a data-parallel rank that owns none)."""
-    from megatron_switch.comm import comm_device
+    from megatron_switch.ops.collectives import comm_device
 
     steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     step = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=comm_device())
