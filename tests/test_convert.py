@@ -198,12 +198,22 @@ def _leftovers(parent, name):
     return [p for p in os.listdir(parent) if p.startswith(name)]
 
 
+def _as_written_by_megatron_lm(root):
+    """Megatron-LM writes no integrity.json: drop ours so the checks that need no record are reached."""
+    for record in root.rglob("integrity.json"):
+        record.unlink()
+
+
 def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
     _, out = run
     broken = tmp_path / "broken-dist"
     shutil.copytree(out["base"][0], broken)
     shard = max((p for p in broken.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ConvertError, match=f"is corrupt: {shard.name} is shorter than recorded: bytes .* are gone"):
+        convert(str(broken), str(tmp_path / "target"), fmt="torch", progress=False, log=_quiet)
+    assert _leftovers(tmp_path, "target") == []
+    _as_written_by_megatron_lm(broken)
     with pytest.raises(ConvertError, match="truncated or corrupt"):
         convert(str(broken), str(tmp_path / "target"), fmt="torch", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
@@ -212,17 +222,25 @@ def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
     shutil.copytree(out["torch-ep4"][0], legacy)
     file = legacy / "iter_0000002" / "mp_rank_00_002" / "model_optim_rng.pt"
     file.write_bytes(file.read_bytes()[:-200])
+    with pytest.raises(ConvertError, match="is corrupt: mp_rank_00_002/model_optim_rng.pt"):
+        convert(str(legacy), str(tmp_path / "target"), fmt="torch_dist", progress=False, log=_quiet)
+    assert _leftovers(tmp_path, "target") == []
+    _as_written_by_megatron_lm(legacy)
     with pytest.raises(ConvertError, match="mp_rank_00_002.*(truncated|corrupt)"):
         convert(str(legacy), str(tmp_path / "target"), fmt="torch_dist", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
 
-    # Data changed after conversion (same shapes): the manifest written beside it catches it.
+    # Data changed after conversion (same shapes): the checksums catch it, and without them the manifest
+    # written beside the converted checkpoint does.
     edited = tmp_path / "edited-legacy"
     shutil.copytree(out["torch-ep4"][0], edited)
     file = edited / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"  # holds the copy that is read
     state = torch.load(file, weights_only=False)
     state["model"]["decoder.layers.1.mlp.router.weight"] += 1
     torch.save(state, file)
+    with pytest.raises(ConvertError, match="mp_rank_00_000/model_optim_rng.pt bytes .*do not match"):
+        convert(str(edited), str(tmp_path / "target"), progress=False, log=_quiet)
+    _as_written_by_megatron_lm(edited)
     with pytest.raises(ConvertError, match="does not match the manifest.*different.*router.weight"):
         convert(str(edited), str(tmp_path / "target"), progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
@@ -233,6 +251,9 @@ def test_missing_rank_and_mismatched_shape_fail_clearly(run, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(out["torch-tp1pp2ep2"][0], legacy)
     shutil.rmtree(legacy / "iter_0000002" / "mp_rank_00_001_000")
+    with pytest.raises(ConvertError, match="is corrupt: mp_rank_00_001_000/model_optim_rng.pt is missing"):
+        convert(str(legacy), str(tmp_path / "target"), progress=False, log=_quiet)
+    _as_written_by_megatron_lm(legacy)
     with pytest.raises(ConvertError, match="missing rank file .*mp_rank_00_001_000/model_optim_rng.pt"):
         convert(str(legacy), str(tmp_path / "target"), progress=False, log=_quiet)
     shutil.copytree(os.path.join(out["torch-tp1pp2ep2"][0], "iter_0000002", "mp_rank_00_001_000"),
@@ -308,6 +329,7 @@ def test_gated_dense_mlp_is_not_resplit_across_tensor_parallel_sizes(run, tmp_pa
         state = torch.load(file, weights_only=False)
         state["args"].swiglu = True
         torch.save(state, file)
+    _as_written_by_megatron_lm(gated)  # edited as Megatron-LM would have written it
     with pytest.raises(ConvertError, match="gated dense MLPs.*keep --target-tp 1"):
         convert(str(gated), str(tmp_path / "tp2"), target_tp=2, fmt="torch_dist", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "tp2") == []

@@ -70,7 +70,10 @@ def open_checkpoint(path: str) -> CheckpointReader:
         iter_dir = latest_checkpoint(path)[1]
     kind = checkpoint_format(iter_dir)
     if kind is not None:
-        verify_checkpoint(iter_dir)  # recorded checksums first: nothing damaged is read, let alone copied
+        try:  # recorded checksums first: nothing damaged is read, let alone copied
+            verify_checkpoint(iter_dir)
+        except CheckpointError as error:
+            raise ConvertError(str(error)) from None
     if kind == "torch_dist":
         return DistCheckpointReader(iter_dir)
     if kind == "torch":
@@ -89,7 +92,7 @@ def _model_config(reader: CheckpointReader) -> dict:
 
 
 def _target_layout(reader: CheckpointReader, tp, pp, ep) -> Layout:
-    source = Layout(**reader.common["layout"]) if reader.common.get("layout") else Layout()
+    source = Layout.from_dict(reader.common["layout"]) if reader.common.get("layout") else Layout()
     return Layout(tp or source.tp, pp or source.pp, ep or source.ep)
 
 
@@ -138,7 +141,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
         fmt = fmt or reader.format_name
         config = _model_config(reader)
         layout = _target_layout(reader, target_tp, target_pp, target_ep)
-        source_tp = Layout(**reader.common["layout"]).tp if reader.common.get("layout") else 1
+        source_tp = Layout.from_dict(reader.common["layout"]).tp if reader.common.get("layout") else 1
         if (config.get("swiglu") or config.get("gated_linear_unit")) and layout.tp != source_tp:
             raise ConvertError(f"{load} has gated dense MLPs (--swiglu): Megatron shards their [gate; up] "
                                f"linear_fc1 per tensor-parallel rank, which this converter does not re-split; "
