@@ -51,7 +51,8 @@ class ByteLevelTokenizer(MegatronTokenizerBase):
 
 
 class HuggingFaceTokenizer(MegatronTokenizerBase):
-    """A Hugging Face tokenizer loaded from a local path (no download)."""
+    """A Hugging Face tokenizer loaded from a local path (no download, and never the Python code a
+    tokenizer folder may ship: trust_remote_code is off)."""
 
     def __init__(self, path: str):
         super().__init__(path=path, config={})
@@ -61,7 +62,7 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         except ImportError as err:
             raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`; "
                              "or use --tokenizer-type ByteLevelTokenizer") from err
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         eod = self._tokenizer.eos_token_id
         self._eod = eod if eod is not None else len(self._tokenizer)
 

@@ -93,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--ckpt-format", choices=("torch_dist", "torch"), default="torch_dist",
                    help="Saves are torch_dist; --load reads torch_dist and legacy mp_rank_* files.")
+    g.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="--load: unpickle the checkpoint's Python objects without the allow-list (the globals "
+                        "megatron-switch and Megatron-LM checkpoints hold): a crafted checkpoint then runs "
+                        "code. Only for a checkpoint whose source you trust.")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM or SIGUSR1, save a checkpoint and exit cleanly.")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)

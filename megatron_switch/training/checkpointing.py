@@ -21,6 +21,8 @@ rank reading its own pieces.
 Loading detects the format of the iteration directory, as Megatron-LM does: torch_dist (any layout:
 it reshards) or legacy `mp_rank_*` files (the layout they were written for). A checkpoint without
 optimizer state (`convert --no-optim`) restores the model and scheduler; Adam starts from zero.
+Every pickle a load reads goes through `checkpoint.safe_pickle`'s allow-list unless
+`trust_checkpoint_code` (`--trust-checkpoint-code`).
 """
 
 from __future__ import annotations
@@ -303,23 +305,28 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, params_in_optim
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler,
+                    trust_checkpoint_code: bool = False) -> dict:
     """Collective. Restores model, optimizer (when the checkpoint has its state), scheduler (and RNG
     when the world size matches); returns the checkpoint's common entries (iteration, consumed
     samples, ...). Reads torch_dist at any layout and legacy per-rank files at their own."""
     _, path = latest_checkpoint(root)
     init_optimizer_state(optimizer)
     if checkpoint_format(path) == "torch":
-        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler)
-    from megatron.core import dist_checkpointing
+        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler, trust_checkpoint_code)
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    from megatron_switch.checkpoint.distcp import load_dist_checkpoint, read_common_state
+    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError
+
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
+        common = read_common_state(path, trusted=trust_checkpoint_code)
         template = _state(model, optimizer, params_in_optimizer_order, scheduler, {},
                           with_optimizer="optimizer" in common,
                           with_rng=common.get("world_size") == dist.get_world_size())
-        loaded = dist_checkpointing.load(template, path)
+        loaded = load_dist_checkpoint(template, path, trusted=trust_checkpoint_code)
+    except CheckpointCodeError:
+        raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001  (several types; say which checkpoint and why)
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason}); "
@@ -372,27 +379,29 @@ def _restore_rng(rng: dict) -> None:
         get_cuda_rng_tracker().set_states(rng["tracker"])
 
 
-def load_model_weights(root: str, model) -> int:
+def load_model_weights(root: str, model, trust_checkpoint_code: bool = False) -> int:
     """Collective. Only the model's weights (inference, evaluation) from a checkpoint root or an
     iter_XXXXXXX directory of either format; returns its iteration."""
     path = root if checkpoint_format(root) else latest_checkpoint(root)[1]
     if checkpoint_format(path) == "torch":
-        return int(_load_legacy_model(path, model)[0]["iteration"])
-    from megatron.core import dist_checkpointing
+        return int(_load_legacy_model(path, model, trust_checkpoint_code)[0]["iteration"])
+    from megatron_switch.checkpoint.distcp import load_dist_checkpoint, read_common_state
 
-    common = dist_checkpointing.load_common_state_dict(path)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=model_metadata())}, path)
+    common = read_common_state(path, trusted=trust_checkpoint_code)
+    loaded = load_dist_checkpoint({"model": model.sharded_state_dict(metadata=model_metadata())}, path,
+                                  trusted=trust_checkpoint_code)
     model.load_state_dict(loaded["model"])
     return int(common["iteration"])
 
 
-def _load_legacy_model(path: str, model):
+def _load_legacy_model(path: str, model, trust_checkpoint_code: bool = False):
     """(file contents, file name, localize) after copying this rank's legacy file into `model`."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_switch.checkpoint.legacy import layout_of_args, rank_file
+    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError, load
     from megatron_switch.checkpoint.sharding import Layout, local_name
 
     layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
@@ -402,7 +411,7 @@ def _load_legacy_model(path: str, model):
              parallel_state.get_expert_model_parallel_rank())
     file = rank_file(path, layout, coord)
     try:
-        state = torch.load(file, map_location="cpu", weights_only=False)
+        state = load(file, trusted=trust_checkpoint_code)
     except FileNotFoundError:
         raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
                               f"{layout}; convert it to this layout with `megatron-switch convert "
@@ -432,10 +441,11 @@ def _load_legacy_model(path: str, model):
     return state, file, localize
 
 
-def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler) -> dict:
+def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler,
+                 trust_checkpoint_code: bool = False) -> dict:
     """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
     state and float32 masters by parameter name, scheduler, progress."""
-    state, file, localize = _load_legacy_model(path, model)
+    state, file, localize = _load_legacy_model(path, model, trust_checkpoint_code)
     if "optimizer" in state:
         _load_legacy_optimizer(file, state["optimizer"], optimizer, params_in_optimizer_order,
                                model.sharded_state_dict(metadata=model_metadata()), localize)

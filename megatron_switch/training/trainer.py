@@ -137,7 +137,8 @@ def _train(args, tokenizer) -> None:
 
     iteration, consumed = 0, 0
     if args.load:
-        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler)
+        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler,
+                                 trust_checkpoint_code=args.trust_checkpoint_code)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
