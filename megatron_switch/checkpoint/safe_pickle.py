@@ -18,12 +18,17 @@ flag of `train` and `convert`) restores plain unpickling for a checkpoint whose 
 - `check_extra_state`: Transformer Engine's FP8 `_extra_state`, a pickle in a byte tensor that
   Transformer Engine before 2.18 unpickles without restriction when a model loads it.
 
-Pickles this module does not read: the tensor records inside torch_dist's `.distcp` files, which
-torch's checkpoint reader loads with `torch.load(weights_only=True)` (torch's list: tensors only).
+Where they are used: legacy rank files (`legacy` through `torchzip`, the trainer's legacy load),
+torch_dist (`distcp`: `.metadata`, the common state, objects; the trainer's torch_dist load),
+consolidated indexes of format 1 (`consolidated`), Hugging Face weights (`huggingface`).
+Pickles read elsewhere: the tensor records inside torch_dist's `.distcp` files, which torch's
+checkpoint reader loads with `torch.load(weights_only=True)` (torch's weights-only list, which
+megatron-core extends with its own classes at import).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import os
@@ -135,19 +140,15 @@ def _refusal(what: str, key: Global, reason: str) -> CheckpointCodeError:
         f"anyway, pass {TRUST_FLAG} (only if you trust whoever made it)")
 
 
-_RESOLVED: dict[Global, Any] = {}
-
-
+@functools.cache
 def _resolve(key: Global) -> Any:
     """The object an allow-listed global names, or None where this environment does not define it."""
-    if key not in _RESOLVED:
-        try:
-            with warnings.catch_warnings():  # numpy.core is a deprecated alias of numpy._core
-                warnings.simplefilter("ignore")
-                _RESOLVED[key] = getattr(importlib.import_module(key[0]), key[1])
-        except (ImportError, AttributeError):
-            _RESOLVED[key] = None
-    return _RESOLVED[key]
+    try:
+        with warnings.catch_warnings():  # numpy.core is a deprecated alias of numpy._core
+            warnings.simplefilter("ignore")
+            return getattr(importlib.import_module(key[0]), key[1])
+    except (ImportError, AttributeError):
+        return None
 
 
 def allowed_object(key: Global, allowed: frozenset[Global]) -> Any:

@@ -62,7 +62,14 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         except ImportError as err:
             raise ValueError("--tokenizer-type HuggingFaceTokenizer needs `pip install transformers`; "
                              "or use --tokenizer-type ByteLevelTokenizer") from err
-        self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise ValueError(f"--tokenizer-model {path}: this tokenizer needs Python code from its folder "
+                             f"(auto_map in tokenizer_config.json), which megatron-switch never runs; use a "
+                             f"tokenizer that loads without it (a tokenizer.json)") from None
         eod = self._tokenizer.eos_token_id
         self._eod = eod if eod is not None else len(self._tokenizer)
 

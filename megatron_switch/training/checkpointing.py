@@ -416,6 +416,8 @@ def _load_legacy_model(path: str, model, trust_checkpoint_code: bool = False):
         raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
                               f"{layout}; convert it to this layout with `megatron-switch convert "
                               f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
+    except CheckpointCodeError:
+        raise
     except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
         raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
                               f"truncated: load an earlier iteration or start without --load") from None
