@@ -42,7 +42,7 @@ from megatron_switch.checkpoint.contents import (
     full_index,
     is_optimizer,
 )
-from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, TE_RECIPE, CheckpointCodeError, allowed_object, load
+from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, CheckpointCodeError, allowed_object, load
 
 INDEX = "model.safetensors.index.json"
 MODEL_FILE = "model.safetensors"
@@ -55,7 +55,6 @@ _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torc
           torch.bool: "BOOL"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
 _TAG = "__type__"
-_ENUMS = CHECKPOINT | TE_RECIPE  # the enum classes an index may name
 
 
 def is_consolidated_dir(path: str) -> bool:
@@ -95,7 +94,7 @@ class _ObjectEncoder:
             self.tensors[where] = value.detach().cpu().contiguous()
             return {_TAG: "tensor", "name": where}
         if isinstance(value, io.BytesIO):  # Transformer Engine 1.x: a torch.save archive of its state
-            state = load(value.getvalue(), trusted=self.trusted, what=f"object {where}", allowed=_ENUMS)
+            state = load(value.getvalue(), trusted=self.trusted, what=f"object {where}")
             return {_TAG: "torch_save", "value": self.encode(state, where)}
         raise ConvertError(f"object {where}: a {type(value).__module__}.{type(value).__qualname__}, which the "
                            f"consolidated format (JSON and tensors) cannot hold; convert to torch or torch_dist")
@@ -117,7 +116,7 @@ def _decode(value: Any, tensor: Callable[[str], torch.Tensor], where: str) -> An
     if kind == "namespace":
         return argparse.Namespace(**_decode(value["items"], tensor, where))
     if kind == "enum":
-        cls = allowed_object((value["module"], value["class"]), _ENUMS)
+        cls = allowed_object((value["module"], value["class"]), CHECKPOINT)
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
             raise CheckpointCodeError(f"{where}: names {value['module']}.{value['class']} as an enum, which is not "
                                       f"an enum class on the allow-list of checkpoint contents")

@@ -28,6 +28,7 @@ megatron-core extends with its own classes at import).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import io
@@ -45,10 +46,22 @@ TRUST_FLAG = "--trust-checkpoint-code"
 
 Global = tuple[str, str]  # (module, name) as the pickle spells it
 
-# --- the allow-lists: each entry says which checkpoint holds it ---------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AllowList:
+    """The globals one kind of pickle may name; `holders` says which files those are (for messages)."""
+
+    holders: str
+    names: frozenset[Global]
+
+    def __contains__(self, key: Global) -> bool:
+        return key in self.names
+
+
+# --- the globals, in groups; each entry says which checkpoint holds it ---------------------------------
 
 # Tensors, as torch.save writes them (every checkpoint file; a Hugging Face pytorch_model.bin).
-TENSORS: frozenset[Global] = frozenset({
+_TENSORS = frozenset({
     ("torch._utils", "_rebuild_tensor_v2"),  # every tensor
     ("collections", "OrderedDict"),  # every tensor's (empty) backward hooks; torch's state dicts
     ("torch._tensor", "_rebuild_from_type_v2"),  # a tensor with Python attributes: Megatron-LM's float32
@@ -56,23 +69,22 @@ TENSORS: frozenset[Global] = frozenset({
     ("torch._utils", "_rebuild_parameter"),  # a Parameter saved in place of a tensor (keep_vars=True)
     ("torch._utils", "_rebuild_parameter_with_state"),  # the same, with Python attributes
     ("_codecs", "encode"),  # bytes under pickle protocol 2 (torch.save's): numpy arrays' data
-    # the storage type of each tensor record (the pickle's persistent ids)
+    # the storage type of each tensor record (the pickle's persistent ids), for the dtypes below
     *(("torch", f"{kind}Storage") for kind in (
-        "Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool",
-        "ComplexFloat", "ComplexDouble", "Untyped")),
+        "Double", "Float", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool")),
+    ("torch.storage", "UntypedStorage"),
 })
 
-# torch dtypes: Megatron-LM's args (params_dtype, main_grads_dtype, exp_avg_dtype, ...: torch.uint8
-# for fp8), torch_dist's .metadata (each tensor's properties).
-DTYPES: frozenset[Global] = frozenset(
-    ("torch", name) for name in ("float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8",
-                                 "uint8", "bool", "complex64", "complex128", "float8_e4m3fn", "float8_e5m2"))
+# torch dtypes (those the formats here hold): Megatron-LM's args (params_dtype, main_grads_dtype,
+# exp_avg_dtype, ...; torch.uint8 stands for fp8 there), torch_dist's .metadata (each tensor's dtype).
+_DTYPES = frozenset(("torch", name) for name in (
+    "float64", "float32", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool"))
 
 # Megatron-LM's checkpoints, beyond tensors: the `args` Namespace of every legacy file and of the
 # torch_dist common state (ours hold a Namespace of plain values), Megatron-LM's RNG states and rerun
 # state machine. The classes are those megatron-core registers with torch for exactly this
-# (megatron/core/safe_globals.py); entries a version does not define are skipped there.
-MEGATRON: frozenset[Global] = frozenset({
+# (megatron/core/safe_globals.py); an entry the installed version does not define is refused.
+_MEGATRON = frozenset({
     ("argparse", "Namespace"),  # `args` (ours and Megatron-LM's)
     ("types", "SimpleNamespace"),  # Megatron-LM args (heterogeneous layer configs)
     ("pathlib", "PosixPath"),  # Megatron-LM args that are paths
@@ -92,7 +104,7 @@ MEGATRON: frozenset[Global] = frozenset({
 })
 
 # numpy.random.get_state() in RNG states: our torch_dist `rng_state` objects, Megatron-LM's rng_state.
-NUMPY_RNG: frozenset[Global] = frozenset({
+_NUMPY_RNG = frozenset({
     ("numpy._core.multiarray", "_reconstruct"),  # numpy >= 2 writes this name
     ("numpy.core.multiarray", "_reconstruct"),  # numpy 1 (the same function)
     ("numpy", "ndarray"),
@@ -102,7 +114,7 @@ NUMPY_RNG: frozenset[Global] = frozenset({
 
 # torch_dist's `.metadata` (torch.distributed.checkpoint's plan of what each .distcp file holds).
 _DCP = "torch.distributed.checkpoint"
-DCP_METADATA: frozenset[Global] = DTYPES | {
+_DCP_METADATA = frozenset({
     *((f"{_DCP}.metadata", name) for name in (
         "Metadata", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
         "TensorProperties", "MetadataIndex", "_MEM_FORMAT_ENCODING")),
@@ -111,22 +123,32 @@ DCP_METADATA: frozenset[Global] = DTYPES | {
     ("torch", "Size"),
     ("torch.serialization", "_get_layout"),  # TensorProperties.layout
     ("pathlib", "PosixPath"),  # StorageMeta.checkpoint_id of a checkpoint written by `convert`
-}
+})
+
+# Transformer Engine's FP8 `_extra_state` (TE 2.x: pickle.dumps of {"recipe", "scale_fwd",
+# "amax_history_fwd", ..., "extra_fp8_variables"}): its recipe, as megatron-core's own restricted
+# reader of these states allows them (megatron/core/safe_globals.py, SafeUnpickler, core_v0.19).
+_TE = "transformer_engine.common.recipe"
+_TE_RECIPE = frozenset({
+    *((_TE, name) for name in ("DelayedScaling", "Float8CurrentScaling", "Float8BlockScaling", "MXFP8BlockScaling",
+                               "NVFP4BlockScaling", "Format", "_FormatHelper", "MMParams", "QParams")),
+    ("megatron.core.extensions.transformer_engine", "TEDelayedScaling"),  # megatron's DelayedScaling
+})
+# Tensors pickled without torch.save keep each storage as a nested torch.save archive, read by
+# torch.storage._load_from_bytes (megatron-core >= 0.19 replaces it with its safe_load_from_bytes at
+# import, so pickles written there name that); a screen reads the nested archive with WEIGHTS.
+_STORAGE_LOADERS = frozenset({("torch.storage", "_load_from_bytes"),
+                              ("megatron.core.safe_globals", "safe_load_from_bytes")})
+
+# --- the allow-lists: one per kind of pickle --------------------------------------------------------------
 
 # Checkpoint contents: legacy rank files, the torch_dist common state and objects (rng_state,
-# `_extra_state`), the objects of a consolidated index written before format version 2.
-CHECKPOINT: frozenset[Global] = TENSORS | DTYPES | MEGATRON | NUMPY_RNG
-
-# Transformer Engine's FP8 `_extra_state` (pickle.dumps of {"recipe", "scale_fwd", "amax_history_fwd",
-# ..., "extra_fp8_variables"}): its delayed-scaling recipe, and tensors pickled without torch.save,
-# whose storages are nested torch.save archives (each read with TENSORS).
-_TE = "transformer_engine.common.recipe"
-TE_RECIPE: frozenset[Global] = frozenset({(_TE, "DelayedScaling"), (_TE, "Format"), (_TE, "_FormatHelper")})
-TE_EXTRA_STATE: frozenset[Global] = TENSORS | TE_RECIPE | {("torch.storage", "_load_from_bytes")}
-
-_KINDS = {CHECKPOINT: "megatron-switch and Megatron-LM checkpoints", DCP_METADATA: "torch_dist metadata",
-          TENSORS: "weight files (tensors only)", TE_EXTRA_STATE: "Transformer Engine FP8 states",
-          CHECKPOINT | TE_RECIPE: "megatron-switch and Megatron-LM checkpoints"}
+# `_extra_state`), the objects of a consolidated index written before format version 2, and
+# Transformer Engine 1.x states inside them (tensors and plain values).
+CHECKPOINT = AllowList("megatron-switch and Megatron-LM checkpoints", _TENSORS | _DTYPES | _MEGATRON | _NUMPY_RNG)
+DCP_METADATA = AllowList("torch_dist metadata files", _DCP_METADATA | _DTYPES)
+WEIGHTS = AllowList("weight files (tensors only)", _TENSORS)
+TE_EXTRA_STATE = AllowList("Transformer Engine FP8 states", _TENSORS | _TE_RECIPE | _STORAGE_LOADERS)
 
 
 class CheckpointCodeError(ConvertError):
@@ -151,7 +173,7 @@ def _resolve(key: Global) -> Any:
         return None
 
 
-def allowed_object(key: Global, allowed: frozenset[Global]) -> Any:
+def allowed_object(key: Global, allowed: AllowList) -> Any:
     """The object `key` names if it is on `allowed` (and defined here), else None."""
     return _resolve(key) if key in allowed else None
 
@@ -163,7 +185,7 @@ class Unpickler(pickle.Unpickler):
     pickle named to the object it resolved to.
     """
 
-    def __init__(self, file: BinaryIO, *, trusted: bool, what: str, allowed: frozenset[Global] = CHECKPOINT):
+    def __init__(self, file: BinaryIO, *, trusted: bool, what: str, allowed: AllowList = CHECKPOINT):
         super().__init__(file)
         self.trusted, self.what, self.allowed = trusted, what, allowed
         self.found: dict[Global, Any] = {}
@@ -173,8 +195,7 @@ class Unpickler(pickle.Unpickler):
         if self.trusted:
             found = super().find_class(module, name)
         elif key not in self.allowed:
-            raise _refusal(self.what, key, f"which is not among the globals "
-                                                         f"{_KINDS.get(self.allowed, 'such files')} hold")
+            raise _refusal(self.what, key, f"which is not among the globals {self.allowed.holders} hold")
         else:
             found = _resolve(key)
             if found is None:
@@ -187,25 +208,46 @@ def _placeholder(*args: Any) -> None:
     return None
 
 
+class _Anything:
+    """What a screen builds for an allowed class this environment does not define."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
 # What a screen builds instead of tensors: nothing (no storage is read).
 _TENSOR_BUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
                     ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2")}
 
 
 class _Screen(Unpickler):
-    """Reads a pickle through the allow-list without building tensors or reading storages."""
+    """Reads a pickle through the allow-list without building tensors or reading storages; allowed
+    globals this environment does not define (Transformer Engine's, without it) go to `missing`."""
+
+    def __init__(self, file: BinaryIO, *, what: str, allowed: AllowList):
+        super().__init__(file, trusted=False, what=what, allowed=allowed)
+        self.missing: set[Global] = set()
 
     def find_class(self, module: str, name: str) -> Any:
-        found = super().find_class(module, name)
         key = (module, name)
+        if key not in self.allowed:
+            raise _refusal(self.what, key, f"which is not among the globals {self.allowed.holders} hold")
+        if key in _STORAGE_LOADERS:
+            return self._nested
         if key in _TENSOR_BUILDERS:
             return _placeholder
-        if key == ("torch.storage", "_load_from_bytes"):  # a storage pickled without torch.save
-            return self._nested
+        found = _resolve(key)
+        if found is None:
+            self.missing.add(key)
+            return _Anything
+        self.found[key] = found
         return found
 
     def _nested(self, data: bytes) -> None:
-        _screen_archive(io.BytesIO(data), trusted=self.trusted, what=self.what, allowed=TENSORS)
+        self.missing |= _screen_archive(io.BytesIO(data), what=self.what, allowed=WEIGHTS).missing
 
     def persistent_load(self, saved_id: Any) -> None:
         if not (isinstance(saved_id, tuple) and saved_id and saved_id[0] == "storage"):
@@ -213,24 +255,26 @@ class _Screen(Unpickler):
         return None
 
 
-def _screen_archive(stream: BinaryIO, *, trusted: bool, what: str, allowed: frozenset[Global]) -> dict[Global, Any]:
-    """The globals a torch.save file names, each checked against `allowed`. Zip archives (torch >= 1.6)
-    hold the pickle in data.pkl; older files are a run of pickles (magic number, protocol, system
-    info, the object, its storage keys) followed by raw storages."""
+def _screen_archive(stream: BinaryIO, *, what: str, allowed: AllowList) -> _Screen:
+    """A screen of the torch.save file `stream` (its `found` and `missing` globals), every global
+    checked against `allowed`. Zip archives (torch >= 1.6) hold the pickle in data.pkl; older files
+    are a run of pickles (magic number, protocol, system info, the object, its storage keys) followed
+    by raw storages."""
     start = stream.tell()
     is_zip = stream.read(4) == b"PK\x03\x04"
     stream.seek(start)
     if is_zip:
-        screen = _Screen(io.BytesIO(torch._C.PyTorchFileReader(stream).get_record("data.pkl")), trusted=trusted,
-                         what=what, allowed=allowed)
+        screen = _Screen(io.BytesIO(torch._C.PyTorchFileReader(stream).get_record("data.pkl")), what=what,
+                         allowed=allowed)
         screen.load()
-        return screen.found
-    found: dict[Global, Any] = {}
-    for _ in range(5):
-        screen = _Screen(stream, trusted=trusted, what=what, allowed=allowed)
+        return screen
+    screens = [_Screen(stream, what=what, allowed=allowed) for _ in range(5)]
+    for screen in screens:
         screen.load()
-        found.update(screen.found)
-    return found
+    for screen in screens[1:]:
+        screens[0].found.update(screen.found)
+        screens[0].missing |= screen.missing
+    return screens[0]
 
 
 def _stream(source: str | os.PathLike | bytes | BinaryIO) -> tuple[BinaryIO, bool]:
@@ -243,7 +287,7 @@ def _stream(source: str | os.PathLike | bytes | BinaryIO) -> tuple[BinaryIO, boo
 
 
 def load(source: str | os.PathLike | bytes | BinaryIO, *, trusted: bool, what: str | None = None,
-         allowed: frozenset[Global] = CHECKPOINT, map_location: Any = "cpu") -> Any:
+         allowed: AllowList = CHECKPOINT, map_location: Any = "cpu") -> Any:
     """`torch.load` of a file, bytes or stream, allowed only the globals of `allowed` (any with
     `trusted=True`). Raises CheckpointCodeError for any other global (nothing of the file has run
     then), ConvertError for a file that is not a torch.save archive; FileNotFoundError passes."""
@@ -254,17 +298,19 @@ def load(source: str | os.PathLike | bytes | BinaryIO, *, trusted: bool, what: s
             return torch.load(stream, map_location=map_location, weights_only=False)
         start = stream.tell()
         try:
-            found = _screen_archive(stream, trusted=False, what=what, allowed=allowed)
+            screen = _screen_archive(stream, what=what, allowed=allowed)
         except CheckpointCodeError:
             raise
         except Exception as err:  # noqa: BLE001  (miniz and pickle raise several types)
             raise ConvertError(f"{what} is not a complete torch.save file ({type(err).__name__}: "
                                f"{str(err).splitlines()[0] if str(err) else ''}); it may be truncated or "
                                f"corrupt") from None
+        if screen.missing:
+            raise _refusal(what, min(screen.missing), "which this environment does not define")
         stream.seek(start)
         # torch's weights-only unpickler, allowed exactly what the screen found (under the names the
         # pickle uses): a second check, and the tensors built by torch itself.
-        with torch.serialization.safe_globals([(obj, f"{m}.{n}") for (m, n), obj in found.items()]):
+        with torch.serialization.safe_globals([(obj, f"{m}.{n}") for (m, n), obj in screen.found.items()]):
             return torch.load(stream, map_location=map_location, weights_only=True)
     finally:
         if opened:
@@ -274,7 +320,7 @@ def load(source: str | os.PathLike | bytes | BinaryIO, *, trusted: bool, what: s
 def load_weights(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, torch.Tensor]:
     """A weights file (a Hugging Face `pytorch_model*.bin`): a flat {name: tensor} torch.save dict,
     read allowed tensors only."""
-    state = load(path, trusted=trusted, allowed=TENSORS)
+    state = load(path, trusted=trusted, allowed=WEIGHTS)
     if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                                  for k, v in state.items()):
         raise ConvertError(f"{os.fspath(path)}: not a state dict of tensors (found {type(state).__name__})")
@@ -289,9 +335,9 @@ def check_extra_state(value: Any, *, trusted: bool, what: str) -> None:
         return
     if isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.numel():
         screen = lambda: _Screen(io.BytesIO(value.detach().cpu().contiguous().numpy().tobytes()),  # noqa: E731
-                                 trusted=False, what=what, allowed=TE_EXTRA_STATE).load()
+                                 what=what, allowed=TE_EXTRA_STATE).load()
     elif isinstance(value, io.BytesIO):
-        screen = lambda: _screen_archive(io.BytesIO(value.getvalue()), trusted=False, what=what,  # noqa: E731
+        screen = lambda: _screen_archive(io.BytesIO(value.getvalue()), what=what,  # noqa: E731
                                          allowed=TE_EXTRA_STATE)
     else:
         return
