@@ -119,7 +119,8 @@ def _decode(value: Any, tensor: Callable[[str], torch.Tensor], where: str) -> An
         cls = allowed_object((value["module"], value["class"]), CHECKPOINT)
         if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
             raise CheckpointCodeError(f"{where}: names {value['module']}.{value['class']} as an enum, which is not "
-                                      f"an enum class on the allow-list of checkpoint contents")
+                                      f"an enum class on the allow-list of checkpoint contents (an index written "
+                                      f"by megatron-switch names none other): the index was edited")
         return cls[value["member"]]
     if kind == "dtype":
         dtype = getattr(torch, value["name"], None)
@@ -197,7 +198,12 @@ class ConsolidatedReader(CheckpointReader):
             self.objects = {k: load(base64.b64decode(v), trusted=trusted, what=f"{where}: objects[{k!r}]")
                             for k, v in objects.items()}
         else:
-            self.objects = {k: _decode(v, self._object_tensor, f"{where}: objects[{k!r}]") for k, v in objects.items()}
+            try:
+                self.objects = {k: _decode(v, self._object_tensor, f"{where}: objects[{k!r}]")
+                                for k, v in objects.items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ConvertError(f"{where}: malformed objects ({type(err).__name__}: {err}); the index was "
+                                   f"edited or not written by megatron-switch") from None
 
     def _object_tensor(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
