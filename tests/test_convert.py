@@ -66,7 +66,8 @@ def _logits_worker(rank, world_size, jobs, out_dir):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_switch.checkpoint.sharding import Layout, holders
+    from megatron_switch.checkpoint.sharding import holders
+    from megatron_switch.parallel import Layout
     from megatron_switch.compat import enable_cpu_support
     from megatron_switch.data.tokenizers import build_tokenizer
     from megatron_switch.parallel import initialize_parallel
@@ -310,7 +311,8 @@ def test_command_line(run, tmp_path):
 
 
 def test_layout_check_names_the_tensor_that_does_not_split():
-    from megatron_switch.checkpoint.sharding import Layout, check_layout
+    from megatron_switch.checkpoint.sharding import check_layout
+    from megatron_switch.parallel import Layout
 
     shapes = {"output_layer.weight": (384, 64), "decoder.layers.0.mlp.experts.linear_fc1.weight": (4, 256, 64)}
     with pytest.raises(LayoutError, match="output_layer.weight has 384 entries on axis 0, not divisible by "

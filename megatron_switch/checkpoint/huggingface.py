@@ -7,10 +7,14 @@ Hugging Face keys (per MoE block, under any prefix):
   experts.expert_{i}.wo.weight        [h, f]
 Hugging Face experts have no biases: importing zeroes ours, exporting refuses non-zero ones.
 Under expert parallelism each rank imports or exports its own experts (global indices).
+`read_huggingface_weights` reads a model folder's tensors: safetensors, or `pytorch_model*.bin`
+through `safe_pickle` (tensors only): a crafted .bin runs no code.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Mapping
 
 import torch
@@ -20,6 +24,48 @@ from megatron_switch.layer import SwitchMLP
 
 class WeightMappingError(ValueError):
     """Weights that do not fit the layer; the message names the key and the shapes."""
+
+
+_INDEX = "{}.index.json"
+
+
+def _weight_files(folder: str, single: str) -> list[str] | None:
+    """`single` in `folder`, or the shards its index names; None when neither is there."""
+    if os.path.isfile(os.path.join(folder, single)):
+        return [os.path.join(folder, single)]
+    index = os.path.join(folder, _INDEX.format(single))
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise WeightMappingError(f"{index} is not a weight index ({type(err).__name__}: {err})") from None
+    if any(os.path.basename(s) != s for s in shards):
+        raise WeightMappingError(f"{index} names files outside its folder")
+    return [os.path.join(folder, s) for s in shards]
+
+
+def read_huggingface_weights(folder: str, *, trusted: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face model folder: `model.safetensors` (or the shards of its index),
+    else `pytorch_model.bin` (or its shards), each .bin read allowed tensors only (any pickle with
+    `trusted`: a crafted file then runs code). Raises CheckpointCodeError for a .bin naming anything else."""
+    from safetensors.torch import load_file
+
+    from megatron_switch.checkpoint.safe_pickle import load_weights
+
+    state: dict[str, torch.Tensor] = {}
+    files = _weight_files(folder, "model.safetensors")
+    if files is not None:
+        for file in files:
+            state.update(load_file(file))
+        return state
+    files = _weight_files(folder, "pytorch_model.bin")
+    if files is None:
+        raise WeightMappingError(f"{folder}: no model.safetensors, pytorch_model.bin or index of either")
+    for file in files:
+        state.update(load_weights(file, trusted=trusted))
+    return state
 
 
 def _take(state: Mapping[str, torch.Tensor], key: str, shape) -> torch.Tensor:

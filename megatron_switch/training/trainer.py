@@ -187,7 +187,8 @@ def _train(args, tokenizer) -> None:
             print(f" removed {name} from {args.save}: an earlier run was stopped while saving it", flush=True)
     if args.load:
         common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler,
-                                 step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args))
+                                 step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args),
+                                 trust_checkpoint_code=args.trust_checkpoint_code)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
