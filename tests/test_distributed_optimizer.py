@@ -88,7 +88,7 @@ def test_one_rank_sharded_is_the_plain_optimizer(single_process_groups, precisio
 
 @given(st.lists(st.integers(1, 5), min_size=1, max_size=3), st.data())
 def test_flat_range_blocks_are_contiguous_rectangles_covering_the_range(shape, data):
-    from megatron_switch.training.checkpointing import flat_range_blocks
+    from megatron_switch.training.optimizer_state import flat_range_blocks
 
     numel = int(torch.tensor(shape).prod())
     start = data.draw(st.integers(0, numel - 1))
@@ -161,9 +161,9 @@ def _ownership_worker(rank, world_size, tmp, megatron_ddp):
     assert owns == (parallel_state.get_data_parallel_rank() == 0)
     _fake_step(one, seed=2)
     common = {"iteration": 1, "consumed_train_samples": 0}
-    save_checkpoint(tmp, 1, model, one.optimizer, one.params_in_optimizer_order, one.scheduler, common)
+    save_checkpoint(tmp, 1, model, one.checkpointed, one.scheduler, common)
     again = Optimization(model, args, megatron_ddp=False)
-    load_checkpoint(tmp, model, again.optimizer, again.params_in_optimizer_order, again.scheduler)
+    load_checkpoint(tmp, model, again.checkpointed, again.scheduler)
     steps = [float(s["step"]) for s in again.optimizer.state.values()]
     assert steps == ([1.0] if owns else [])
 
@@ -171,14 +171,15 @@ def _ownership_worker(rank, world_size, tmp, megatron_ddp):
 def _pieces_round_trip(model, optimization, tmp) -> None:
     """Save, wipe the optimizer state and masters, load: every piece's state comes back bit for bit,
     also pieces that start or end inside a row (saved as several blocks)."""
-    from megatron_switch.training.checkpointing import flat_range_blocks, load_checkpoint, save_checkpoint
+    from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
+    from megatron_switch.training.optimizer_state import flat_range_blocks
 
     blocks = [len(flat_range_blocks(p.shape, a, b)) for p, a, b in optimization.pieces]
     assert max(_gather(max(blocks), dist.group.WORLD)) > 1, "some piece must cut rows"
     optimizer = optimization.optimizer
     before = [(m.clone(), *(optimizer.state[m][k].clone() for k in ("exp_avg", "exp_avg_sq")))
               for m in optimization.masters]
-    save_checkpoint(tmp, 1, model, optimizer, optimization.params_in_optimizer_order, optimization.scheduler,
+    save_checkpoint(tmp, 1, model, optimization.checkpointed, optimization.scheduler,
                     {"iteration": 1, "consumed_train_samples": 0})
     with torch.no_grad():
         for m, (p, _, _) in zip(optimization.masters, optimization.pieces):
@@ -186,7 +187,7 @@ def _pieces_round_trip(model, optimization, tmp) -> None:
             optimizer.state[m]["exp_avg_sq"].zero_()
             if p.dtype != torch.float32:
                 m.zero_()
-    load_checkpoint(tmp, model, optimizer, optimization.params_in_optimizer_order, optimization.scheduler)
+    load_checkpoint(tmp, model, optimization.checkpointed, optimization.scheduler)
     for m, (master, exp_avg, exp_avg_sq) in zip(optimization.masters, before):
         assert torch.equal(m, master)
         assert torch.equal(optimizer.state[m]["exp_avg"], exp_avg)

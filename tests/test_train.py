@@ -239,15 +239,13 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
 
     enable_cpu_support()
     model, optimization, scheduler = setup(seed=1)
-    save_checkpoint(str(tmp_path / "full"), 1, model, optimization.optimizer,
-                    optimization.params_in_optimizer_order, scheduler,
+    save_checkpoint(str(tmp_path / "full"), 1, model, optimization.checkpointed, scheduler,
                     {"iteration": 1, "consumed_train_samples": 0})
     convert(str(tmp_path / "full"), str(tmp_path / "no-optim"), fmt="torch_dist", no_optim=True,
             progress=False, log=lambda *a: None)
 
     fresh, fresh_optimization, fresh_scheduler = setup(seed=2)  # other weights until the load
-    load_checkpoint(str(tmp_path / "no-optim"), fresh, fresh_optimization.optimizer,
-                    fresh_optimization.params_in_optimizer_order, fresh_scheduler)
+    load_checkpoint(str(tmp_path / "no-optim"), fresh, fresh_optimization.checkpointed, fresh_scheduler)
     separate = 0
     for master, param, saved in zip(fresh_optimization.masters, fresh_optimization.params, optimization.params):
         assert torch.equal(param, saved)

@@ -47,6 +47,12 @@ class Placement:
         return {"tp": layout.tp, "ep": layout.ep}.get(self.split_over, 1)
 
 
+def model_metadata() -> dict:
+    """Sharded-state-dict metadata, fresh per call: megatron-core adds the current data-parallel
+    group to it in place. Switch and dense layers alternate, so layers are keyed one by one."""
+    return {"non_homogeneous_layers": True}
+
+
 def layer_number(name: str) -> int | None:
     match = _LAYER.match(param_key(name))
     return int(match.group(1)) if match else None

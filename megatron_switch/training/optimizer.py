@@ -40,6 +40,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron_switch.ops.collectives import comm_device
 from megatron_switch.training.gradients import reduce_gradients
 from megatron_switch.training.ownership import ParameterOwners, ddp_shard_pieces, piece_of
+from megatron_switch.training.optimizer_state import OptimizerPieces
 
 
 def _sum_of_squares(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -103,13 +104,12 @@ class Optimization:
     """The model as the schedule runs it (`model`), as checkpoints and statistics see it (`module`),
     and the step: `zero_grad()`, backward by the schedule, then `step()` -> global gradient norm.
 
-    `optimizer` (a torch AdamW whose param_groups hold the masters), `params_in_optimizer_order`
-    (the model parameter of each master) and `scheduler` (Megatron's learning-rate and weight-decay
-    schedule from the --lr* flags) are what checkpoints save and restore. `params` are all trainable
-    parameters; `pieces` the (parameter, start, end) this rank updates: every parameter whole, or its
-    share under --use-distributed-optimizer (`optimizer.param_pieces` then tells checkpoints which
-    elements each master holds: the state of the others is another rank's); `masters` their float32
-    masters.
+    `checkpointed` (an `OptimizerPieces`: the torch AdamW whose param_groups hold the masters, the
+    model parameter of each master, and under --use-distributed-optimizer the element range each
+    master holds) and `scheduler` (Megatron's learning-rate and weight-decay schedule from the --lr*
+    flags) are what checkpoints save and restore. `params` are all trainable parameters; `pieces` the
+    (parameter, start, end) this rank updates: every parameter whole, or its share under
+    --use-distributed-optimizer; `masters` their float32 masters.
     """
 
     def __init__(self, module: torch.nn.Module, args, megatron_ddp: bool):
@@ -146,7 +146,8 @@ class Optimization:
         piece_of_master = {id(m): piece for m, piece in zip(self.masters, pieces)}
         in_order = [piece_of_master[id(m)] for g in self.optimizer.param_groups for m in g["params"]]
         self.params_in_optimizer_order = [p for p, _, _ in in_order]
-        self.optimizer.param_pieces = [(start, end) for _, start, end in in_order] if sharded else None
+        self.checkpointed = OptimizerPieces(self.optimizer, self.params_in_optimizer_order,
+                                            [(start, end) for _, start, end in in_order] if sharded else None)
         self._piece_index = [index[id(p)] for p, _, _ in pieces]
         # On resume, `resume.check_schedule` has refused settings that differ from the checkpoint's
         # unless a side was chosen (Megatron-LM's --override-opt_param-scheduler: this run's values;

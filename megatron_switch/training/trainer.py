@@ -177,16 +177,14 @@ def _train(args, tokenizer) -> None:
 
         model = Float16Module(model.config, model)
     optimization = Optimization(model, args, megatron_ddp=args.ddp_impl == "megatron")
-    optimizer = optimization.optimizer
-    model_params_in_optimizer_order = optimization.params_in_optimizer_order
-    scheduler = optimization.scheduler
+    optimizer, scheduler = optimization.optimizer, optimization.scheduler
 
     iteration, consumed = 0, 0
     if args.save and is_print_rank():
         for name in remove_incomplete_saves(args.save):
             print(f" removed {name} from {args.save}: an earlier run was stopped while saving it", flush=True)
     if args.load:
-        common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler,
+        common = load_checkpoint(args.load, model, optimization.checkpointed, scheduler,
                                  step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args),
                                  trust_checkpoint_code=args.trust_checkpoint_code)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
@@ -195,7 +193,7 @@ def _train(args, tokenizer) -> None:
     writer = {"schedule": schedule_of_args(args), "train_iters": args.train_iters, "seed": args.seed}
 
     def save(it: int) -> None:
-        path = save_checkpoint(args.save, it, model, optimizer, model_params_in_optimizer_order, scheduler,
+        path = save_checkpoint(args.save, it, model, optimization.checkpointed, scheduler,
                                {"iteration": it, "consumed_train_samples": consumed}, writer)
         if is_print_rank():
             print(f" saved checkpoint {path}", flush=True)
