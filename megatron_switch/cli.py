@@ -53,7 +53,11 @@ def launch_local(args) -> int:
     import multiprocessing
     import multiprocessing.connection
 
-    context = multiprocessing.get_context("spawn")
+    # Fresh interpreters (not forks of this one, whose state the ranks need not share), from a server
+    # that imported the trainer once: each rank starts from that import instead of repeating it.
+    # (It has run no tensor operation, so the forked ranks start with clean thread pools.)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["megatron_switch.training.trainer"])
     ranks = [context.Process(target=_local_rank_entry, args=(rank, args), name=f"rank {rank}")
              for rank in range(args.world_size)]
 

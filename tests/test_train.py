@@ -230,7 +230,7 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
         args = parse_args(["--moe-switch", "--num-experts", "2", "--num-layers", "2", "--hidden-size", "32",
                            "--num-attention-heads", "2", "--seq-length", "16", "--bf16", "--seed", str(seed),
                            "--switch-expert-activation", "relu"])
-        args.switch = dataclasses.replace(args.switch, init_seed=seed)
+        args = dataclasses.replace(args, switch=dataclasses.replace(args.switch, init_seed=seed))
         torch.manual_seed(seed)
         model = build_model(args, 258)
         model = Float16Module(model.config, model)

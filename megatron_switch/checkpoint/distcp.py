@@ -70,13 +70,12 @@ from megatron_switch.checkpoint.safe_pickle import (
     load,
 )
 from megatron_switch.checkpoint.sharding import distinct_parts, placement
+from megatron_switch.compat.megatron_core import COMMON_STATE_FILE, COMMON_STATE_KEY, common_state_file
 from megatron_switch.parallel import Layout
 
-COMMON = "common.pt"
 METADATA = ".metadata"
 CONFIG = "metadata.json"
 RNG_KEY = "rng_state"
-COMMON_KEY = "common_state"  # megatron-core >= 0.19 keeps the common state inside the checkpoint, not in common.pt
 
 
 def _object_key(key: str) -> str:
@@ -164,9 +163,10 @@ def read_objects(path: str, keys, *, trusted: bool, metadata: Metadata | None = 
 def read_common_state(path: str, *, trusted: bool) -> dict:
     """The common state (iteration, scheduler, model config, ...; Megatron-LM's `args`): common.pt, or
     where megatron-core >= 0.19 keeps it, inside the checkpoint; through the allow-list."""
-    if os.path.isfile(os.path.join(path, COMMON)):
-        return load(os.path.join(path, COMMON), trusted=trusted)
-    key = _object_key(COMMON_KEY)
+    file = common_state_file(path)
+    if file is not None:
+        return load(file, trusted=trusted)
+    key = _object_key(COMMON_STATE_KEY)
     return read_objects(path, [key], trusted=trusted)[key][0]
 
 
@@ -222,7 +222,7 @@ class DistCheckpointReader(CheckpointReader):
         for key, meta in self._metadata.state_dict_metadata.items():
             if isinstance(meta, TensorStorageMetadata):
                 self.tensors[key] = TensorSpec(tuple(meta.size), meta.properties.dtype)
-            elif isinstance(meta, BytesStorageMetadata) and not key.startswith((RNG_KEY + "/", COMMON_KEY + "/")):
+            elif isinstance(meta, BytesStorageMetadata) and not key.startswith((RNG_KEY + "/", COMMON_STATE_KEY + "/")):
                 object_keys.append(key)
         self.objects = self._read_objects(object_keys)
 
@@ -319,6 +319,6 @@ def write_dist_checkpoint(path: str, source: CheckpointReader, names, common: di
     planner = _StreamingSavePlanner(produce)
     results = [writer.write_data(plan, planner).wait() for plan in global_plans]
     writer.finish(metadata, results)
-    torch.save(common, os.path.join(path, COMMON))
+    torch.save(common, os.path.join(path, COMMON_STATE_FILE))
     save_config(CheckpointingConfig("torch_dist", 1), path)
 

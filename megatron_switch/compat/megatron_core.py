@@ -9,6 +9,7 @@ keyword arguments newer versions pass to every MLP they build, `pg_collection` f
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 
@@ -24,3 +25,10 @@ def checkpoint_write_results_queue() -> Callable[[], Any]:
 # checkpoint under this key (its loader reads both).
 COMMON_STATE_KEY = "common_state"
 COMMON_STATE_FILE = "common.pt"
+
+
+def common_state_file(path: str) -> str | None:
+    """The file holding torch_dist checkpoint `path`'s common state as 0.16 writes it, or None: then
+    it is the object COMMON_STATE_KEY inside the checkpoint, as 0.19 writes it."""
+    file = os.path.join(path, COMMON_STATE_FILE)
+    return file if os.path.isfile(file) else None

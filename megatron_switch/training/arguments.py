@@ -1,19 +1,22 @@
 """`megatron-switch train` flags, with Megatron-LM's names, validated before any process starts.
 
 Every check here runs in the launching process: a bad flag, layout, data path or checkpoint
-directory fails with a message that says what to change, and no worker is spawned.
+directory fails with a message that says what to change, and no worker is spawned. `validate`
+returns a `TrainingConfig`: every flag, with the values it derives (defaults that follow other
+flags, the SwitchConfig, world and data-parallel sizes), frozen, built once and read by every rank.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import math
 import os
 import shutil
 import socket
 import tempfile
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from megatron_switch.arguments import add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
@@ -130,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# What validate derives beyond the flags (each set once, there).
+DERIVED_FIELDS = ("switch", "world_size", "data_parallel_size")
+
+
+def _training_config_type() -> type:
+    fields = [(dest, Any) for dest in sorted({a.dest for a in build_parser()._actions if a.dest != "help"})]
+    config = dataclasses.make_dataclass("TrainingConfig", [*fields, *((name, Any) for name in DERIVED_FIELDS)],
+                                        frozen=True)
+    config.__module__ = __name__
+    config.__doc__ = ("Every `megatron-switch train` flag (Megatron-LM's names, as attributes) and what "
+                      "`validate` derives from them (DERIVED_FIELDS), frozen: `dataclasses.replace` makes a "
+                      "changed copy.")
+    return config
+
+
+TrainingConfig = _training_config_type()
 
 
 def launcher_environment() -> str | None:
@@ -305,8 +326,9 @@ def _check_port_free(port: int, fail) -> None:
                  f"one is chosen)")
 
 
-def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
-    """Fill defaults, check every combination; parser.error (exit 2) with the fix otherwise.
+def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
+    """Fill defaults, check every combination; parser.error (exit 2) with the fix otherwise. Returns
+    the parsed namespace `args` as a frozen TrainingConfig.
 
     Flag, layout, data and path checks come first and need neither torch nor megatron-core (an
     answer in well under 2 s); the checks that do (expert backend, FP8, DALI, a Hugging Face
@@ -441,9 +463,9 @@ def validate(args, parser: argparse.ArgumentParser) -> argparse.Namespace:
             build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         except ValueError as err:
             fail(str(err))
-    return args
+    return TrainingConfig(**vars(args))
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+def parse_args(argv: Optional[List[str]] = None) -> TrainingConfig:
     parser = build_parser()
     return validate(parser.parse_args(argv), parser)

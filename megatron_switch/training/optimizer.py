@@ -157,8 +157,8 @@ class Optimization:
             min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters,
             lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
             wd_incr_steps=args.train_iters, wd_incr_style="constant",
-            use_checkpoint_opt_param_scheduler=not getattr(args, "override_opt_param_scheduler", False),
-            override_opt_param_scheduler=getattr(args, "override_opt_param_scheduler", False))
+            use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+            override_opt_param_scheduler=args.override_opt_param_scheduler)
 
     @property
     def _sliced(self) -> bool:

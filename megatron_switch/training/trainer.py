@@ -56,20 +56,21 @@ def _datasets(args, tokenizer):
     return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, sizes, tokenizer, cache)
 
 
-def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]]:
+def _micro_batches(dataset, consumed: int, args, vocab_size: int | None = None) -> List[Dict[str, torch.Tensor]]:
     """This DP rank's micro-batches of the global batch starting at sample `consumed`
-    (Megatron's sampler order: each group of micro x DP samples is split over the DP ranks)."""
+    (Megatron's sampler order: each group of micro x DP samples is split over the DP ranks); a token
+    id outside the tokenizer's `vocab_size` (when given) is an error."""
     dp, dp_rank = args.data_parallel_size, parallel_state.get_data_parallel_rank()
     micro = args.micro_batch_size
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
         start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
-        batch = collate(dataset, start, micro, vocab_size=getattr(args, "tokenizer_vocab_size", None))
+        batch = collate(dataset, start, micro, vocab_size=vocab_size)
         batches.append({k: v.to(comm_device()) for k, v in batch.items()})
     return batches
 
 
-def _batches(dataset, consumed: int, args) -> Iterator[list[dict[str, torch.Tensor]]]:
+def _batches(dataset, consumed: int, args, vocab_size: int) -> Iterator[list[dict[str, torch.Tensor]]]:
     """Each step's micro-batches from sample `consumed` on, through --dataloader-type: `single`
     reads `_micro_batches`; `dali` a DALI pipeline that yields the same samples in the same order."""
     if args.dataloader_type == "dali":
@@ -77,7 +78,8 @@ def _batches(dataset, consumed: int, args) -> Iterator[list[dict[str, torch.Tens
 
         return DaliLoader(dataset, consumed, args.micro_batch_size, args.global_batch_size,
                           args.data_parallel_size, parallel_state.get_data_parallel_rank(), comm_device())
-    return (_micro_batches(dataset, c, args) for c in itertools.count(consumed, args.global_batch_size))
+    return (_micro_batches(dataset, c, args, vocab_size)
+            for c in itertools.count(consumed, args.global_batch_size))
 
 
 def _start_checkpoint_writer_ignoring(signals) -> None:
@@ -167,7 +169,6 @@ def _nonfinite(loss, grad_norm: float) -> tuple[bool, bool]:
 
 
 def _train(args, tokenizer) -> None:
-    args.tokenizer_vocab_size = tokenizer.vocab_size
     _seed_all(args.seed)
     seed_parallel_rng(args.seed)
     train_ds, valid_ds, _ = _datasets(args, tokenizer)
@@ -203,7 +204,7 @@ def _train(args, tokenizer) -> None:
     stats = SwitchStatsAccumulator(model, args.num_layers, num_experts)
     reporter = Reporter(args)
     exit_signal = _ExitSignal(args.exit_signal_handler)
-    train_batches = _batches(train_ds, consumed, args)
+    train_batches = _batches(train_ds, consumed, args, tokenizer.vocab_size)
     if args.dataloader_type == "dali" and is_print_rank():
         print(f" data loader: {train_batches.description()}", flush=True)
     start_time = time.time()
@@ -243,7 +244,7 @@ def _train(args, tokenizer) -> None:
             table = stats.reduce()
             valid = None
             if args.eval_interval and valid_ds is not None and iteration % args.eval_interval == 0:
-                valid = evaluate(model, valid_ds, iteration, args)
+                valid = evaluate(model, valid_ds, iteration, args, tokenizer.vocab_size)
             elapsed = time.perf_counter() - interval_start
             steps = len(interval_losses) or args.log_interval
             tokens_per_s = steps * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
@@ -266,12 +267,12 @@ def _train(args, tokenizer) -> None:
     reporter.finish()
 
 
-def evaluate(model, dataset, iteration: int, args) -> float:
+def evaluate(model, dataset, iteration: int, args, vocab_size: int) -> float:
     """Mean LM loss over --eval-iters global batches of the validation split (all ranks)."""
     model.eval()
     eval_index = (iteration // args.eval_interval - 1) * args.eval_iters
     losses = []
-    eval_batches = _batches(dataset, eval_index * args.global_batch_size, args)
+    eval_batches = _batches(dataset, eval_index * args.global_batch_size, args, vocab_size)
     with torch.no_grad():
         for k in range(args.eval_iters):
             fault_point("eval", dist.get_rank(), iteration)
