@@ -22,6 +22,8 @@ def _local_rank_entry(rank: int, args) -> None:
     # Each local rank leads its own process group, so that the launcher can end it together with the
     # helper processes it starts (dist_checkpointing's writer) and nothing is left behind.
     os.setsid()
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # ignored by the server this process was forked from
+        signal.signal(sig, signal.SIG_DFL)
     quiet_import_warnings()  # a spawned process starts without the launcher's filters
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
     import torch
@@ -52,12 +54,22 @@ def launch_local(args) -> int:
     SIGUSR1 are passed on to every rank. Returns the job's exit status."""
     import multiprocessing
     import multiprocessing.connection
+    import multiprocessing.forkserver
 
     # Fresh interpreters (not forks of this one, whose state the ranks need not share), from a server
     # that imported the trainer once: each rank starts from that import instead of repeating it.
     # (It has run no tensor operation, so the forked ranks start with clean thread pools.)
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["megatron_switch.training.trainer"])
+    # The server reports each rank's exit status, so it must outlive a SIGTERM or SIGUSR1 sent to this
+    # process group (a user's kill, a scheduler): it starts with both ignored (an ignored signal stays
+    # ignored across exec), and each rank restores the defaults first thing.
+    ignored = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        multiprocessing.forkserver.ensure_running()
+    finally:
+        for sig, handler in ignored.items():
+            signal.signal(sig, handler)
     ranks = [context.Process(target=_local_rank_entry, args=(rank, args), name=f"rank {rank}")
              for rank in range(args.world_size)]
 
