@@ -97,7 +97,8 @@ def _with_payload_in_args(source, target, payload) -> pathlib.Path:
 
 
 def _cli_convert(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "megatron_switch.cli", "convert", "--no-progress-bar", *map(str, args)],
+    command = [sys.executable, "-m", "megatron_switch.cli", "convert", "--no-progress-bar", *map(str, args)]
+    return subprocess.run(command,
                           capture_output=True, text=True, check=False)
 
 
@@ -344,7 +345,8 @@ def test_tokenizer_folders_never_run_their_code(tmp_path):
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenization_custom.py").write_text(
         f"import pathlib\npathlib.Path({str(sentinel)!r}).touch()\n"
-        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class CustomTokenizer(PreTrainedTokenizerFast):\n    pass\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "CustomTokenizer", "eos_token": "b",
          "auto_map": {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}}))
