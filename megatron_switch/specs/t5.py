@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig
-from megatron_switch.spec import layer_norms, layer_spec_for, transformer_engine_available, with_sdp_attention
+from megatron_switch.experts import transformer_engine_available
+from megatron_switch.specs.gpt import layer_norms, layer_spec_for, with_sdp_attention
 
 
 def _dense_t5_layer_specs(use_transformer_engine: bool) -> Tuple[ModuleSpec, ModuleSpec]:
