@@ -28,6 +28,8 @@ No assertion is made on any time.
 
     python benchmarks/layer.py [--out benchmarks/results/layer.json] [--reps 3]
         [--only switch,deepspeed] [--experts 8] [--modes kept] [--skip-memory]
+    python benchmarks/layer.py --quick   # a minute or two: every case once at T=1024, no idle waits,
+                                         # memory at E in {8, 256}; writes benchmarks/results/layer_quick.json
 """
 
 from __future__ import annotations
@@ -549,7 +551,11 @@ def main() -> None:
         return child(json.loads(sys.argv[2]))
     cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layer.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON report (default benchmarks/results/layer.json; layer_quick.json with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 1 repetition of 1 warm-up + 2 timed steps at T=1024, no idle waits, "
+                             "memory cases at E in {8, 256} (numbers not comparable with a full run)")
     parser.add_argument("--reps", type=int, default=3, help="processes per speed case (default 3)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (default 2)")
     parser.add_argument("--steps", type=int, default=7, help="timed steps per process (default 7)")
@@ -574,6 +580,11 @@ def main() -> None:
     parser.add_argument("--tensor-peak", action="store_true",
                         help="memory cases also report torch's memory-profiler peak of live tensors")
     args = parser.parse_args()
+    if args.quick:
+        args.reps, args.warmup, args.steps, args.tokens, args.idle_wait = 1, 1, 2, 1024, 0.0
+        args.memory_experts = tuple(e for e in args.memory_experts if e <= 256) or (8,)
+    if args.out is None:
+        args.out = os.path.join(ROOT, "benchmarks", "results", "layer_quick.json" if args.quick else "layer.json")
     impls = ("dense",) + tuple(i for i in args.only if i != "dense")
 
     cases = []
@@ -614,7 +625,7 @@ def main() -> None:
     summary = summarize(cases, args.experts, args.modes)
     report = dict(
         benchmark="layer", summary=summary, cases=cases, versions=versions(), machine=machine(args.threads),
-        settings=dict(reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
+        settings=dict(quick=args.quick, reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
                       idle_load=args.idle_load, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
                       memory=dict(MEMORY, tokens=args.tokens, steps=MEMORY_STEPS),
                       capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,

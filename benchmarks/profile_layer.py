@@ -8,8 +8,9 @@ profiled steps, then as many unprofiled steps for the wall time the profiler's o
 
 Phases are record_function labels put on from this script, in its own process only (nothing in
 megatron_switch/ is edited): wrappers around the router's forward, the queue positions, the
-dispatchers, the grouped GEMMs (rows x weights, and the weight-gradient form), the activation,
-gather_scale and the wgrad hand-off (`_accumulated_wgrad`). Every profiler event's own (self) time
+dispatchers, the packing of grouped rows into a batch and back, the expert GEMMs (batched or grouped,
+and the weight-gradient forms, which add in place into main_grad or a kept .grad where they can), the
+activation, gather_scale and the wgrad hand-off (`_accumulated_wgrad`, a temporary added afterwards). Every profiler event's own (self) time
 goes to its nearest labelled ancestor; in backward, an autograd node without a label inside goes to
 the phase of the forward op that created it (matched by sequence number), and AccumulateGrad nodes
 (adding into .grad, or the DDP hook adding into main_grad) to weight-gradient accumulation.
@@ -38,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODES = ("none", "kept", "main-grad")
 PREFIX = "phase: "
-PHASES = ("router", "sort/queue", "dispatch", "expert GEMMs", "expert GEMMs (weight gradient)", "activation",
+PHASES = ("router", "sort/queue", "dispatch", "batch packing", "expert GEMMs", "expert GEMMs (weight gradient)", "activation",
           "experts (other)", "combine", "weight-gradient accumulation", "zero grads", "layer (other)",
           "outside the layer")
 ACCUMULATE_GRAD = "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"
@@ -65,12 +66,16 @@ LABELLED = (  # (module or class in megatron_switch, attribute, phase)
     ("dispatch", "GroupedDispatcher.combine", "combine"),
     ("dispatch", "CapacityDispatcher.combine", "combine"),
     ("layer", "gather_scale", "combine"),  # layer.py's own name for it
-    ("experts", "TorchExperts.forward_grouped", "experts (other)"),
-    ("experts", "TorchExperts.forward_padded", "experts (other)"),
-    ("experts", "ExpertBank._ffn_tail", "activation"),
-    ("experts", "grouped_rows_mm", "expert GEMMs"),
-    ("experts", "grouped_outer_mm", "expert GEMMs (weight gradient)"),
-    ("experts", "_accumulated_wgrad", "weight-gradient accumulation"),
+    ("experts.torch_bank", "TorchExperts.forward", "experts (other)"),
+    ("experts.torch_bank", "TorchExperts._project", "expert GEMMs"),
+    ("experts.torch_bank", "rows_to_slots", "batch packing"),
+    ("experts.torch_bank", "slots_to_rows", "batch packing"),
+    ("experts.base", "ExpertBank._ffn_tail", "activation"),
+    ("ops.projections", "grouped_rows_mm", "expert GEMMs"),
+    ("ops.projections", "grouped_outer_mm", "expert GEMMs (weight gradient)"),
+    ("ops.projections", "grouped_outer_mm_add_", "expert GEMMs (weight gradient)"),
+    ("ops.projections", "bank_wgrad", "expert GEMMs (weight gradient)"),
+    ("ops.projections", "_accumulated_wgrad", "weight-gradient accumulation"),
 )
 
 
