@@ -19,7 +19,8 @@ seconds pass) and records the load. Repetitions are separate processes, interlea
 so a drift of the machine's speed reaches every implementation alike.
   speed:  T=4096, h=512, ffn=2048, E in {8, 64}: `--warmup` steps, then `--steps` timed steps of
           forward+backward (zeroing the gradients included); min, median, max per repetition and
-          pooled; peak resident memory beyond the start of the steps.
+          pooled, in wall time and in the process's CPU time (all threads; on a shared machine the
+          steadier of the two); peak resident memory beyond the start of the steps.
   memory: T=4096, h=512, ffn=128, E in {8, 256, 2048}: peak resident memory of two steps beyond
           parameters and the gradients they leave (the second step accumulates into kept grads).
 Dropped fraction: tokens whose layer output is exactly zero (a kept token's output is g * expert(x)
@@ -349,13 +350,14 @@ def measure(case: Dict) -> Dict:
     baseline = rss_bytes()
     reset_peak_rss()
     steps = case["warmup"] + case["steps"] if case["kind"] == "speed" else MEMORY_STEPS
-    times, dropped, own = [], [], []
+    times, cpu_times, dropped, own = [], [], [], []
     for i in range(steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         y = step()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if case["kind"] == "speed" and i >= case["warmup"]:
             times.append(elapsed)
+            cpu_times.append(cpu)
         dropped.append(dropped_by_output(y))
         if built.own_dropped is not None:
             own.append(built.own_dropped())
@@ -372,7 +374,8 @@ def measure(case: Dict) -> Dict:
         dropped_fraction_method="tokens whose output row is exactly zero, mean over the steps",
         own_dropped_fraction=statistics.mean(own) if own else None)
     if case["kind"] == "speed":
-        result.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times))
+        result.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times),
+                      cpu_times_s=cpu_times, cpu_min_s=min(cpu_times), cpu_median_s=statistics.median(cpu_times))
     elif case.get("tensor_peak"):
         result["tensor_peak_beyond_params_and_grads_bytes"] = tensor_peak(
             step, result["param_bytes"] + grad_bytes + built.gradient_buffer_bytes)
@@ -470,12 +473,15 @@ def pooled(cases: List[Dict]) -> Dict:
     if not ok:
         return dict(error=next((c.get("error", "") for c in cases), "")[:300])
     times = [t for c in ok for t in c["times_s"]]
+    cpu = [t for c in ok for t in c.get("cpu_times_s", [])]
     dropped = [c["dropped_fraction"] for c in ok if c.get("dropped_fraction") is not None]
     own = [c["own_dropped_fraction"] for c in ok if c.get("own_dropped_fraction") is not None]
     return dict(min_ms=round(1e3 * min(times), 1), median_ms=round(1e3 * statistics.median(times), 1),
                 max_ms=round(1e3 * max(times), 1),
                 rep_min_ms=[round(1e3 * c["min_s"], 1) for c in ok],
                 rep_median_ms=[round(1e3 * c["median_s"], 1) for c in ok],
+                cpu_min_ms=round(1e3 * min(cpu), 1) if cpu else None,
+                cpu_median_ms=round(1e3 * statistics.median(cpu), 1) if cpu else None,
                 dropped_fraction=round(statistics.mean(dropped), 4) if dropped else None,
                 own_dropped_fraction=round(statistics.mean(own), 4) if own else None,
                 peak_rss_beyond_start_mib=round(max(c["peak_rss_beyond_start_bytes"] for c in ok) / 2**20, 1),
@@ -497,8 +503,8 @@ def summarize(cases: List[Dict], speed_experts, modes) -> Dict:
                     rows[impl] = pooled(group)
             dense = rows.get("dense", {})
             for row in rows.values():
-                for stat in ("min", "median"):
-                    if f"{stat}_ms" in row and f"{stat}_ms" in dense:
+                for stat in ("min", "median", "cpu_min", "cpu_median"):
+                    if row.get(f"{stat}_ms") and dense.get(f"{stat}_ms"):
                         row[f"vs_dense_{stat}"] = round(row[f"{stat}_ms"] / dense[f"{stat}_ms"], 3)
             summary[f"speed_E{experts}_grads_{mode}"] = rows
     memory = {}
@@ -524,13 +530,16 @@ def print_table(summary: Dict) -> None:
     for key, rows in summary.items():
         if not key.startswith("speed_"):
             continue
-        print(f"\n{key}: impl, min ms, median ms, vs dense (min, median), dropped, peak beyond start MiB")
+        print(f"\n{key}: impl, min ms, median ms, vs dense (min, median), CPU ms (min, median), vs dense, dropped, "
+              "peak beyond start MiB")
         for impl, row in rows.items():
             if "error" in row:
                 print(f"  {impl:18s} error: {row['error'][:150]}")
                 continue
             print(f"  {impl:18s} {row['min_ms']:8.1f} {row['median_ms']:8.1f}  "
                   f"{row.get('vs_dense_min', float('nan')):.3f} {row.get('vs_dense_median', float('nan')):.3f}  "
+                  f"{row.get('cpu_min_ms') or float('nan'):8.1f} {row.get('cpu_median_ms') or float('nan'):8.1f}  "
+                  f"{row.get('vs_dense_cpu_min', float('nan')):.3f} {row.get('vs_dense_cpu_median', float('nan')):.3f}  "
                   f"{row['dropped_fraction'] if row['dropped_fraction'] is not None else '-'!s:7s} "
                   f"{row['peak_rss_beyond_start_mib']:8.1f}")
     print("\nmemory (peak beyond params and grads):")
@@ -631,7 +640,10 @@ def main() -> None:
                       capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
                       dtype="float32", biases=False),
         note="vs_dense: step time / dense FFN step time of the same gradient mode and expert count (min/min "
-             "and median/median, pooled over the repetitions); a step is zero_grad + forward + backward; "
+             "and median/median, pooled over the repetitions); vs_dense_cpu_*: the same for the process's CPU "
+             "time per step (all threads: what the step consumed, less sensitive than wall time to other "
+             "processes taking the cores, though not to their use of caches and memory bandwidth); "
+             "a step is zero_grad + forward + backward; "
              "each case a fresh process (THP_MEM_ALLOC_ENABLE=1); patches are per case, in that process only")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
