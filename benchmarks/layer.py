@@ -547,6 +547,30 @@ def print_table(summary: Dict) -> None:
         print(f"  {key:28s} {json.dumps(row)}")
 
 
+def write_report(args, cases: List[Dict], complete: bool) -> Dict:
+    """The JSON report of the cases so far (written after every case, so a run cut short leaves one)."""
+    summary = summarize(cases, args.experts, args.modes)
+    report = dict(
+        benchmark="layer", complete=complete, summary=summary, cases=cases, versions=versions(),
+        machine=machine(args.threads),
+        settings=dict(quick=args.quick, reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
+                      idle_load=args.idle_load, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
+                      memory=dict(MEMORY, tokens=args.tokens, steps=MEMORY_STEPS),
+                      capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
+                      dtype="float32", biases=False),
+        note="vs_dense: step time / dense FFN step time of the same gradient mode and expert count (min/min "
+             "and median/median, pooled over the repetitions); vs_dense_cpu_*: the same for the process's CPU "
+             "time per step (all threads: what the step consumed, less sensitive than wall time to other "
+             "processes taking the cores, though not to their use of caches and memory bandwidth); "
+             "a step is zero_grad + forward + backward; "
+             "each case a fresh process (THP_MEM_ALLOC_ENABLE=1); patches are per case, in that process only")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+    return summary
+
+
 def comma_list(value: str, allowed, kind=str) -> Tuple:
     items = tuple(kind(v) for v in value.split(",") if v)
     bad = [v for v in items if allowed is not None and v not in allowed]
@@ -612,8 +636,9 @@ def main() -> None:
                         result = spawn_case(case)
                         result["idle_wait"] = idle
                         cases.append(result)
+                        write_report(args, cases, complete=False)
                         print(json.dumps({k: result.get(k) for k in
-                                          ("impl", "mode", "experts", "rep", "min_s", "median_s",
+                                          ("impl", "mode", "experts", "rep", "min_s", "median_s", "cpu_min_s",
                                            "dropped_fraction", "error")})[:400],
                               f"load {idle['load_at_start'][0]}", flush=True)
     if not args.skip_memory:
@@ -627,27 +652,12 @@ def main() -> None:
                     result = spawn_case(case)
                     result["load_at_start"] = [round(v, 2) for v in os.getloadavg()]
                     cases.append(result)
+                    write_report(args, cases, complete=False)
                     print(json.dumps({k: result.get(k) for k in
                                       ("impl", "mode", "experts", "peak_rss_beyond_params_and_grads_bytes",
                                        "error")})[:400], flush=True)
 
-    summary = summarize(cases, args.experts, args.modes)
-    report = dict(
-        benchmark="layer", summary=summary, cases=cases, versions=versions(), machine=machine(args.threads),
-        settings=dict(quick=args.quick, reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                      idle_load=args.idle_load, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
-                      memory=dict(MEMORY, tokens=args.tokens, steps=MEMORY_STEPS),
-                      capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
-                      dtype="float32", biases=False),
-        note="vs_dense: step time / dense FFN step time of the same gradient mode and expert count (min/min "
-             "and median/median, pooled over the repetitions); vs_dense_cpu_*: the same for the process's CPU "
-             "time per step (all threads: what the step consumed, less sensitive than wall time to other "
-             "processes taking the cores, though not to their use of caches and memory bandwidth); "
-             "a step is zero_grad + forward + backward; "
-             "each case a fresh process (THP_MEM_ALLOC_ENABLE=1); patches are per case, in that process only")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
+    summary = write_report(args, cases, complete=True)
     print_table(summary)
 
 
