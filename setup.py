@@ -25,6 +25,9 @@ setup(
         "dali": ["nvidia-dali-cuda120>=1.40"],
         "plots": ["matplotlib>=3.5"],  # the trainer's loss and expert-load PNGs (skipped, with a line, without)
         "tensorboard": ["tensorboard>=2.10"],  # --tensorboard-dir
+        # The layer benchmark's peers (benchmarks/layer.py). DeepSpeed's compiled ops are not needed:
+        # DS_BUILD_OPS=0 pip install -c constraints.txt "torch==2.13.0" -e ".[bench]" (torch pinned).
+        "bench": ["deepspeed>=0.19", "transformers>=5.24"],
         # The test and demo stack; constraints.txt pins the versions it was last run with.
         "dev": ["pytest>=8", "hypothesis>=6", "transformers>=5.24", "safetensors", "matplotlib>=3.5",
                 "tensorboard>=2.10"],

@@ -1,105 +1,308 @@
-"""Forward+backward of one Switch layer vs a dense FFN of equal FLOPs per token, and vs peers.
+"""One Switch layer against a dense FFN of equal FLOPs per token and against its peers, side by side.
 
-Each case runs in a fresh process (fp32, CPU, capacity factor 1.0); the parent writes one JSON file.
-  speed:  T=4096, h=512, ffn=2048, E in {8, 64}: median step time over repetitions.
-  memory: T=4096, h=512, ffn=128, E in {8, 256, 2048}: peak resident memory of one step beyond
-          parameters and their (persistent) gradients.
-Peers: Hugging Face SwitchTransformersSparseMLP (one sequence of T tokens, capacity T/E) and
-megatron-core's MoELayer (top-1, alltoall, SequentialMLP), which needs CUDA and is recorded as
-unavailable on CPU. No assertion is made on any time.
+Implementations (`--only`): dense (the unit: ffn equal to the expert ffn, so one expert per token costs
+what the dense FFN costs), switch (ours, kept tokens only on CPU), switch-main-grad (ours with
+gradient-accumulation fusion into `main_grad`, as under Megatron's DDP), huggingface
+(SwitchTransformersSparseMLP), deepspeed (deepspeed.moe.layer.MoE, k=1) and megatron-core (MoELayer,
+top-1, allgather dispatcher, SequentialMLP). Peers that need CUDA or a process group run on CPU with
+the patches each case lists under "patches", applied inside that case's process only.
 
-    python benchmarks/layer.py [--out benchmarks/results/layer.json] [--reps 5]
+Gradient modes (`--modes`): "none" (grads set to None before each step: zero_grad(set_to_none=True))
+and "kept" (persistent .grad zeroed in place: zero_grad(set_to_none=False)); switch-main-grad runs in
+"kept" only, with one flat main_grad buffer zeroed in place per step and a post-accumulate hook
+adding every other parameter's .grad into it (megatron-core DDP's contract).
+
+Every case is a fresh process (fp32, CPU, `--threads` threads, capacity factor 1.0, jitter 1e-2, no
+biases anywhere: megatron-core's SequentialMLP cannot add an expert bias with TP=1); before each speed
+case the parent waits until the 1-minute load average is below `--idle-load` (or `--idle-wait`
+seconds pass) and records the load. Repetitions are separate processes, interleaved over the cases
+so a drift of the machine's speed reaches every implementation alike.
+  speed:  T=4096, h=512, ffn=2048, E in {8, 64}: `--warmup` steps, then `--steps` timed steps of
+          forward+backward (zeroing the gradients included); min, median, max per repetition and
+          pooled, in wall time and in the process's CPU time (all threads; on a shared machine the
+          steadier of the two); peak resident memory beyond the start of the steps.
+  memory: T=4096, h=512, ffn=128, E in {8, 256, 2048}: peak resident memory of two steps beyond
+          parameters and the gradients they leave (the second step accumulates into kept grads).
+Dropped fraction: tokens whose layer output is exactly zero (a kept token's output is g * expert(x)
+with g > 0), averaged over the timed steps; ours and DeepSpeed also report their own statistic.
+No assertion is made on any time.
+
+    python benchmarks/layer.py [--out benchmarks/results/layer.json] [--reps 3]
+        [--only switch,deepspeed] [--experts 8] [--modes kept] [--skip-memory]
+    python benchmarks/layer.py --quick   # a minute or two: every case once at T=1024, no idle waits,
+                                         # memory at E in {8, 256}; writes benchmarks/results/layer_quick.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.metadata
 import json
+import math
 import os
 import platform
-import resource
+import re
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
+from typing import Callable, Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMPLS = ("dense", "switch", "switch-main-grad", "huggingface", "deepspeed", "megatron-core")
+MODES = ("none", "kept")
 SPEED = dict(tokens=4096, hidden=512, ffn=2048, experts=(8, 64))
 MEMORY = dict(tokens=4096, hidden=512, ffn=128, experts=(8, 256, 2048))
+CAPACITY_FACTOR = 1.0
+JITTER_EPS = 1e-2
+AUX_LOSS_COEFF = 1e-2
+MEMORY_STEPS = 2
 
 
-def build(impl: str, tokens: int, hidden: int, ffn: int, experts: int, grads: str = "fresh"):
-    """Returns (module, step) where step() runs one forward+backward.
+def impl_modes(impl: str) -> Tuple[str, ...]:
+    """The gradient modes an implementation runs in: main_grad fusion only with persistent buffers."""
+    return ("kept",) if impl == "switch-main-grad" else MODES
 
-    grads "fresh": gradients set to None before each step (PyTorch's default zero_grad).
-    grads "accumulate": persistent gradient buffers, as in training with Megatron's DDP; the
-    Switch banks accumulate into `main_grad` with gradient-accumulation fusion, the others
-    through autograd into `.grad`.
+
+# ---------------------------------------------------------------------------------------------------
+# Building one implementation (inside the child process)
+
+
+@dataclasses.dataclass
+class Built:
+    """One implementation, ready to step.
+
+    forward() -> (output [T, h], loss): the loss is output.sum() plus whatever auxiliary loss the
+    implementation hands back instead of attaching it to its output. zero_grad(): the mode's zeroing.
+    own_dropped(): the implementation's own dropped-token fraction of the last forward, where it has one.
     """
+
+    module: "torch.nn.Module"
+    forward: Callable
+    zero_grad: Callable[[], None]
+    settings: Dict
+    patches: List[str] = dataclasses.field(default_factory=list)
+    own_dropped: Optional[Callable[[], float]] = None
+    gradient_buffer_bytes: int = 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _one_process_group(env: Dict[str, str]) -> None:
+    """RANK/WORLD_SIZE/MASTER_* for a world of one process (this one)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                      WORLD_SIZE="1", **env)
+
+
+def _zeroing(module, mode: str) -> Callable[[], None]:
+    return lambda: module.zero_grad(set_to_none=(mode == "none"))
+
+
+def _megatron_ddp_buffers(module) -> Tuple[Callable[[], None], int]:
+    """megatron-core DDP's gradient contract on one process: every parameter gets a `main_grad` view
+    into one flat float32 buffer; a post-accumulate hook adds .grad into it (unless the op already
+    wrote there: `grad_added_to_main_grad`) and drops .grad. Returns (zero_grad, buffer bytes)."""
     import torch
 
-    torch.manual_seed(0)
-    x = torch.randn(tokens, 1, hidden, requires_grad=True)
-    if impl == "dense":
-        module = torch.nn.Sequential(torch.nn.Linear(hidden, ffn), torch.nn.ReLU(), torch.nn.Linear(ffn, hidden))
-        forward = lambda: module(x)
-    elif impl == "switch":
-        sys.path.insert(0, ROOT)
-        from megatron.core.transformer.transformer_config import TransformerConfig
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
+    offset = 0
+    for p in params:
+        p.main_grad = flat[offset:offset + p.numel()].view_as(p)
+        p.grad_added_to_main_grad = False
+        offset += p.numel()
 
-        from megatron_switch import SwitchConfig, SwitchMLP
+        def hook(param):
+            if param.grad is not None and not param.grad_added_to_main_grad:
+                param.main_grad.add_(param.grad)
+            param.grad = None
 
-        config = TransformerConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn,
-                                   num_attention_heads=1, use_cpu_initialization=True,
-                                   gradient_accumulation_fusion=grads == "accumulate")
-        module = SwitchMLP(config, switch=SwitchConfig(num_experts=experts, capacity_factor=1.0,
-                                                       min_capacity=0), ep_group=None, tp_group=None)
-        if grads == "accumulate":
-            for w in (module.experts.weight1, module.experts.weight2):
-                w.main_grad = torch.zeros_like(w)
-        forward = lambda: module(x)[0]
-    elif impl == "huggingface":
-        from transformers import SwitchTransformersConfig
-        from transformers.models.switch_transformers.modeling_switch_transformers import (
-            SwitchTransformersSparseMLP,
-        )
+        p.register_post_accumulate_grad_hook(hook)
 
-        module = SwitchTransformersSparseMLP(SwitchTransformersConfig(
-            d_model=hidden, d_ff=ffn, num_experts=experts, expert_capacity=tokens // experts,
-            router_jitter_noise=0.01, dropout_rate=0.0))
-        module.train()
+    def zero_grad():
+        flat.zero_()
+        for p in params:
+            p.grad = None
+            p.grad_added_to_main_grad = False
+
+    return zero_grad, flat.numel() * flat.element_size()
+
+
+def build_dense(x, mode, tokens, hidden, ffn, experts) -> Built:
+    import torch
+
+    module = torch.nn.Sequential(torch.nn.Linear(hidden, ffn, bias=False), torch.nn.ReLU(),
+                                 torch.nn.Linear(ffn, hidden, bias=False))
+
+    def forward():
+        y = module(x.view(tokens, hidden))
+        return y, y.sum()
+
+    return Built(module, forward, _zeroing(module, mode), dict(note="Linear(h, ffn) -> ReLU -> Linear(ffn, h)"))
+
+
+def build_switch(x, mode, tokens, hidden, ffn, experts, main_grad: bool = False) -> Built:
+    import torch
+
+    sys.path.insert(0, ROOT)
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_switch import SwitchConfig, SwitchMLP
+
+    config = TransformerConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=1,
+                               use_cpu_initialization=True, add_bias_linear=False,
+                               gradient_accumulation_fusion=main_grad)
+    switch = SwitchConfig(num_experts=experts, capacity_factor=CAPACITY_FACTOR,
+                          eval_capacity_factor=CAPACITY_FACTOR, min_capacity=0, expert_bias=False,
+                          jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF)
+    module = SwitchMLP(config, switch=switch, ep_group=None, tp_group=None)
+    module.train()
+    zero_grad, buffer_bytes = (_megatron_ddp_buffers(module) if main_grad else (_zeroing(module, mode), 0))
+
+    def forward():
+        y = module(x)[0].view(tokens, hidden)
+        return y, y.sum()
+
+    settings = dict(capacity=switch.capacity(tokens, True), min_capacity=0, drop_policy=switch.drop_policy,
+                    jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
+                    pads_to_capacity=switch.pads_to_capacity("cpu"),
+                    gradient_accumulation_fusion=main_grad,
+                    note=("experts compute the kept tokens only (grouped GEMM)"
+                          if not switch.pads_to_capacity("cpu") else "experts compute all E x C slots"))
+    if main_grad:
+        settings["main_grad"] = ("one flat float32 buffer zeroed in place per step; the expert banks' weight "
+                                 "gradients accumulate into it inside backward, the other parameters' .grad "
+                                 "through a post-accumulate hook (megatron-core DDP's contract)")
+    return Built(module, forward, zero_grad, settings,
+                 own_dropped=lambda: float(module.last_stats.dropped_fraction), gradient_buffer_bytes=buffer_bytes)
+
+
+def build_huggingface(x, mode, tokens, hidden, ffn, experts) -> Built:
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    capacity = math.ceil(CAPACITY_FACTOR * tokens / experts)
+    module = SwitchTransformersSparseMLP(SwitchTransformersConfig(
+        d_model=hidden, d_ff=ffn, num_experts=experts, expert_capacity=capacity,
+        router_jitter_noise=JITTER_EPS, dropout_rate=0.0, dense_act_fn="relu"))
+    module.train()
+
+    def forward():
         # (x + 0): HF's router multiplies its input in place, which fails on a view of a leaf.
-        forward = lambda: module((x + 0).view(1, tokens, hidden))
-    elif impl == "megatron-core":
-        from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: F401
+        y = module((x + 0).view(1, tokens, hidden)).view(tokens, hidden)
+        return y, y.sum()
 
-        if not torch.cuda.is_available():
-            raise RuntimeError("megatron-core's MoELayer needs CUDA (router and dispatcher use "
-                               "torch.cuda); not runnable on this CPU machine")
-        raise RuntimeError("GPU peers are measured by tests/gpu/")
-    else:
-        raise ValueError(impl)
-
-    def step():
-        if grads == "fresh":
-            module.zero_grad(set_to_none=True)
-        x.grad = None
-        forward().sum().backward()
-
-    return module, step
+    return Built(module, forward, _zeroing(module, mode), dict(
+        capacity=capacity, drop_policy="first come, first served in token order (cumsum of the one-hot)",
+        jitter_eps=JITTER_EPS, aux_loss="none in the block (the model computes it from router logits)",
+        note="one sequence of T tokens (capacity is per sequence); a loop over the experts that received "
+             "tokens, index_add_ combine; input copied once (x + 0) for its in-place jitter"))
 
 
-def run_speed(impl, reps, grads, **shape):
-    module, step = build(impl, grads=grads, **shape)
-    step()
-    step()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return dict(median_s=statistics.median(times), min_s=min(times), times_s=times)
+def build_deepspeed(x, mode, tokens, hidden, ffn, experts) -> Built:
+    import torch
+
+    _one_process_group(dict(DS_ACCELERATOR="cpu"))
+    import deepspeed
+    from deepspeed.moe.layer import MoE
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, ffn, bias=False), torch.nn.ReLU(),
+                                 torch.nn.Linear(ffn, hidden, bias=False))
+    module = MoE(hidden, expert, num_experts=experts, ep_size=1, k=1, capacity_factor=CAPACITY_FACTOR,
+                 eval_capacity_factor=CAPACITY_FACTOR, min_capacity=0, noisy_gate_policy="Jitter")
+    module.set_deepspeed_parallelism()
+    module.train()
+    capacity = math.ceil(tokens / experts * CAPACITY_FACTOR)
+    last = {}
+
+    def forward():
+        y, l_aux, counts = module(x)
+        last["counts"] = counts
+        y = y.view(tokens, hidden)
+        return y, y.sum() + AUX_LOSS_COEFF * l_aux
+
+    def own_dropped():
+        return float((last["counts"] - capacity).clamp(min=0).sum()) / tokens
+
+    return Built(module, forward, _zeroing(module, mode), dict(
+        capacity=capacity, min_capacity=0, eval_capacity_factor=CAPACITY_FACTOR,
+        drop_policy="random token selection (use_rts=True, DeepSpeed's default)",
+        jitter="noisy_gate_policy='Jitter' (multiplicative, eps 1e-2, as ours)",
+        aux_loss_coeff=f"{AUX_LOSS_COEFF} x l_aux added to the loss by the benchmark",
+        note="experts: a loop over E copies of Linear -> ReLU -> Linear, each over all C slots"),
+        patches=["environment DS_ACCELERATOR=cpu (DeepSpeed's CPU accelerator)",
+                 "a one-process gloo group: RANK=0, WORLD_SIZE=1, MASTER_ADDR/MASTER_PORT, "
+                 "deepspeed.init_distributed(dist_backend='gloo')"],
+        own_dropped=own_dropped)
+
+
+def build_megatron_core(x, mode, tokens, hidden, ffn, experts) -> Built:
+    import torch
+    import torch.nn.functional as F
+
+    _one_process_group({})
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1)
+    patches = []
+    if not torch.cuda.is_available():
+        torch.cuda.current_device = lambda: "cpu"
+        patches.append("torch.cuda.current_device = lambda: 'cpu' (the router moves its weight to "
+                       "torch.cuda.current_device())")
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe import moe_utils
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+        patches.append("megatron.core.transformer.moe.moe_utils.te_general_gemm = None (the router's GEMM "
+                       "reads this name, undefined without Transformer Engine)")
+    parallel_state.initialize_model_parallel()
+    config = TransformerConfig(
+        num_layers=1, hidden_size=hidden, ffn_hidden_size=ffn, moe_ffn_hidden_size=ffn, num_attention_heads=1,
+        num_moe_experts=experts, moe_router_topk=1, moe_router_pre_softmax=True,
+        moe_expert_capacity_factor=CAPACITY_FACTOR, moe_token_dispatcher_type="allgather",
+        moe_grouped_gemm=False, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=AUX_LOSS_COEFF,
+        moe_input_jitter_eps=JITTER_EPS, moe_router_dtype="fp32", activation_func=F.relu,
+        add_bias_linear=False, use_cpu_initialization=True)
+    spec = get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False).submodules.mlp
+    module = MoELayer(config, submodules=spec.submodules)
+    module.train()
+
+    def forward():
+        y = module(x)[0].view(tokens, hidden)
+        return y, y.sum()
+
+    return Built(module, forward, _zeroing(module, mode), dict(
+        capacity=math.ceil(tokens / experts * CAPACITY_FACTOR),
+        drop_policy=f"{config.moe_token_drop_policy} (megatron-core's default)",
+        jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF, moe_router_pre_softmax=True,
+        dispatcher="allgather", experts=type(module.experts).__name__,
+        note="experts: a loop over E MLPs over their kept tokens; aux loss attached to the output"),
+        patches=patches + ["a one-process gloo group and parallel_state.initialize_model_parallel()"])
+
+
+BUILDERS = {
+    "dense": build_dense,
+    "switch": build_switch,
+    "switch-main-grad": lambda *a, **k: build_switch(*a, **k, main_grad=True),
+    "huggingface": build_huggingface,
+    "deepspeed": build_deepspeed,
+    "megatron-core": build_megatron_core,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Measuring (inside the child process)
 
 
 def rss_bytes() -> int:
@@ -107,27 +310,81 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_memory(impl, **shape):
-    """Peak resident memory of one step minus parameters and the gradients it creates."""
-    module, step = build(impl, **shape)
+def peak_rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's resident high-water mark (VmHWM)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def dropped_by_output(y_Th) -> float:
+    return float((y_Th.detach() == 0).all(-1).float().mean())
+
+
+def _grad_bytes(module) -> int:
+    return sum(p.grad.numel() * p.grad.element_size() for p in module.parameters() if p.grad is not None)
+
+
+def measure(case: Dict) -> Dict:
+    import torch
+
+    torch.set_num_threads(case["threads"])
+    torch.manual_seed(0)
+    tokens, hidden = case["tokens"], case["hidden"]
+    x = torch.randn(tokens, 1, hidden, requires_grad=True)
+    built = BUILDERS[case["impl"]](x, case["mode"], tokens, hidden, case["ffn"], case["experts"])
+    module = built.module
     params = list(module.parameters())
-    param_bytes = sum(p.numel() * p.element_size() for p in params)
+
+    def step():
+        built.zero_grad()
+        x.grad = None
+        y, loss = built.forward()
+        loss.backward()
+        return y
+
     baseline = rss_bytes()
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 <= baseline + (64 << 20), \
-        "building the module left a high-water mark above its resident size"
-    step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    grad_bytes = sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
-    return dict(param_bytes=param_bytes, grad_bytes=grad_bytes,
-                peak_beyond_params_and_grads_bytes=max(0, peak - baseline - grad_bytes),
-                tensor_peak_beyond_params_and_grads_bytes=tensor_peak(step, param_bytes + grad_bytes))
+    reset_peak_rss()
+    steps = case["warmup"] + case["steps"] if case["kind"] == "speed" else MEMORY_STEPS
+    times, cpu_times, dropped, own = [], [], [], []
+    for i in range(steps):
+        start, cpu_start = time.perf_counter(), time.process_time()
+        y = step()
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        if case["kind"] == "speed" and i >= case["warmup"]:
+            times.append(elapsed)
+            cpu_times.append(cpu)
+        dropped.append(dropped_by_output(y))
+        if built.own_dropped is not None:
+            own.append(built.own_dropped())
+        del y
+    peak = peak_rss_bytes()
+    grad_bytes = _grad_bytes(module)
+    result = dict(
+        settings=built.settings, patches=built.patches,
+        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        grad_bytes=grad_bytes, gradient_buffer_bytes=built.gradient_buffer_bytes,
+        peak_rss_beyond_start_bytes=peak - baseline,
+        peak_rss_beyond_params_and_grads_bytes=peak - baseline - grad_bytes,
+        dropped_fraction=(statistics.mean(dropped) if case["impl"] != "dense" else None),
+        dropped_fraction_method="tokens whose output row is exactly zero, mean over the steps",
+        own_dropped_fraction=statistics.mean(own) if own else None)
+    if case["kind"] == "speed":
+        result.update(times_s=times, min_s=min(times), median_s=statistics.median(times), max_s=max(times),
+                      cpu_times_s=cpu_times, cpu_min_s=min(cpu_times), cpu_median_s=statistics.median(cpu_times))
+    elif case.get("tensor_peak"):
+        result["tensor_peak_beyond_params_and_grads_bytes"] = tensor_peak(
+            step, result["param_bytes"] + grad_bytes + built.gradient_buffer_bytes)
+    return result
 
 
-def tensor_peak(step, known_bytes: int):
+def tensor_peak(step, known_bytes: int) -> Optional[int]:
     """Peak bytes of live tensors during one step beyond `known_bytes`, from torch's memory
     profiler timeline; None where the timeline misses tensors the step never touched."""
-    import tempfile
-
     import torch
 
     with torch.profiler.profile(profile_memory=True, record_shapes=True, with_stack=True) as prof:
@@ -141,88 +398,267 @@ def tensor_peak(step, known_bytes: int):
     return beyond if beyond >= 0 else None
 
 
-def child(args):
+def child(case: Dict) -> None:
     warnings.filterwarnings("ignore")
-    import torch
-
-    torch.set_num_threads(args.threads)
-    shape = dict(tokens=args.tokens, hidden=args.hidden, ffn=args.ffn, experts=args.experts)
     try:
-        result = (run_speed(args.impl, args.reps, args.grads, **shape) if args.kind == "speed"
-                  else run_memory(args.impl, **shape))
+        result = measure(case)
     except Exception as err:  # a peer that cannot run here is reported, not fatal
         result = dict(error=f"{type(err).__name__}: {err}")
-    print(json.dumps(dict(kind=args.kind, impl=args.impl, grads=args.grads, **shape, **result)))
+    print(json.dumps(dict(case, **result)), flush=True)
 
 
-def spawn_case(kind, impl, reps, threads, tokens, hidden, ffn, experts, grads="fresh"):
-    cmd = [sys.executable, __file__, "--child", "--kind", kind, "--impl", impl, "--reps", str(reps),
-           "--grads", grads,
-           "--threads", str(threads), "--tokens", str(tokens), "--hidden", str(hidden), "--ffn", str(ffn),
-           "--experts", str(experts)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, THP_MEM_ALLOC_ENABLE="1"))
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+# ---------------------------------------------------------------------------------------------------
+# The parent: idle waits, one process per case, the report
+
+
+def cpu_busy_fraction(seconds: float = 1.0) -> float:
+    """Share of all CPUs' time spent busy over the next `seconds` (/proc/stat)."""
+    def sample():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
+
+
+def wait_for_idle(threshold: float, max_wait_s: float) -> Dict:
+    """Wait until the 1-minute load average is below `threshold`, or `max_wait_s` passed."""
+    start = time.monotonic()
+    load_before = os.getloadavg()[0]
+    while os.getloadavg()[0] >= threshold and time.monotonic() - start < max_wait_s:
+        time.sleep(5)
+    load = os.getloadavg()
+    return dict(load_before_wait=round(load_before, 2), waited_s=round(time.monotonic() - start, 1),
+                load_at_start=[round(v, 2) for v in load], idle=load[0] < threshold,
+                cpu_busy_1s_before_start=cpu_busy_fraction())
+
+
+def spawn_case(case: Dict) -> Dict:
+    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", OMP_NUM_THREADS=str(case["threads"]))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:
-        return dict(kind=kind, impl=impl, grads=grads, experts=experts, error=proc.stderr[-2000:])
+        return dict(case, error=f"exit {proc.returncode}: {proc.stderr[-2000:]}")
     return json.loads(lines[-1])
 
 
-def main():
+def versions() -> Dict[str, Optional[str]]:
+    found = {}
+    for name in ("torch", "megatron-core", "deepspeed", "transformers"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def machine(threads: int) -> Dict:
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = re.search(r"model name\s*:\s*(.*)", f.read()).group(1)
+    except (OSError, AttributeError):
+        pass
+    return dict(cpu_count=os.cpu_count(), cpu=cpu, python=platform.python_version(),
+                platform=platform.platform(), threads=threads,
+                memory_bytes=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def pooled(cases: List[Dict]) -> Dict:
+    """min, median, max over every timed step of every repetition, and per-repetition min/median."""
+    ok = [c for c in cases if "times_s" in c]
+    if not ok:
+        return dict(error=next((c.get("error", "") for c in cases), "")[:300])
+    times = [t for c in ok for t in c["times_s"]]
+    cpu = [t for c in ok for t in c.get("cpu_times_s", [])]
+    dropped = [c["dropped_fraction"] for c in ok if c.get("dropped_fraction") is not None]
+    own = [c["own_dropped_fraction"] for c in ok if c.get("own_dropped_fraction") is not None]
+    return dict(min_ms=round(1e3 * min(times), 1), median_ms=round(1e3 * statistics.median(times), 1),
+                max_ms=round(1e3 * max(times), 1),
+                rep_min_ms=[round(1e3 * c["min_s"], 1) for c in ok],
+                rep_median_ms=[round(1e3 * c["median_s"], 1) for c in ok],
+                cpu_min_ms=round(1e3 * min(cpu), 1) if cpu else None,
+                cpu_median_ms=round(1e3 * statistics.median(cpu), 1) if cpu else None,
+                dropped_fraction=round(statistics.mean(dropped), 4) if dropped else None,
+                own_dropped_fraction=round(statistics.mean(own), 4) if own else None,
+                peak_rss_beyond_start_mib=round(max(c["peak_rss_beyond_start_bytes"] for c in ok) / 2**20, 1),
+                peak_rss_beyond_params_and_grads_mib=round(
+                    max(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
+                load_at_start=[c["idle_wait"]["load_at_start"][0] for c in ok if "idle_wait" in c],
+                errors=len(cases) - len(ok))
+
+
+def summarize(cases: List[Dict], speed_experts, modes) -> Dict:
+    summary = {}
+    for mode in modes:
+        for experts in speed_experts:
+            rows = {}
+            for impl in IMPLS:
+                group = [c for c in cases if c["kind"] == "speed" and c["impl"] == impl
+                         and c["experts"] == experts and c["mode"] == mode]
+                if group:
+                    rows[impl] = pooled(group)
+            dense = rows.get("dense", {})
+            for row in rows.values():
+                for stat in ("min", "median", "cpu_min", "cpu_median"):
+                    if row.get(f"{stat}_ms") and dense.get(f"{stat}_ms"):
+                        row[f"vs_dense_{stat}"] = round(row[f"{stat}_ms"] / dense[f"{stat}_ms"], 3)
+            summary[f"speed_E{experts}_grads_{mode}"] = rows
+    memory = {}
+    for mode in modes:
+        for impl in IMPLS:
+            by_e = {c["experts"]: c for c in cases if c["kind"] == "memory" and c["impl"] == impl
+                    and c["mode"] == mode}
+            if not by_e:
+                continue
+            row = {f"E{e}_mib": (round(c["peak_rss_beyond_params_and_grads_bytes"] / 2**20, 1)
+                                 if "error" not in c else c["error"][:200]) for e, c in sorted(by_e.items())}
+            small, large = by_e.get(min(by_e)), by_e.get(max(by_e))
+            if len(by_e) > 1 and "error" not in small and "error" not in large:
+                row[f"ratio_E{max(by_e)}_vs_E{min(by_e)}"] = round(
+                    large["peak_rss_beyond_params_and_grads_bytes"]
+                    / max(1, small["peak_rss_beyond_params_and_grads_bytes"]), 3)
+            memory[f"{impl}_grads_{mode}"] = row
+    summary["memory_peak_beyond_params_and_grads"] = memory
+    return summary
+
+
+def print_table(summary: Dict) -> None:
+    for key, rows in summary.items():
+        if not key.startswith("speed_"):
+            continue
+        print(f"\n{key}: impl, min ms, median ms, vs dense (min, median), CPU ms (min, median), vs dense, dropped, "
+              "peak beyond start MiB")
+        for impl, row in rows.items():
+            if "error" in row:
+                print(f"  {impl:18s} error: {row['error'][:150]}")
+                continue
+            print(f"  {impl:18s} {row['min_ms']:8.1f} {row['median_ms']:8.1f}  "
+                  f"{row.get('vs_dense_min', float('nan')):.3f} {row.get('vs_dense_median', float('nan')):.3f}  "
+                  f"{row.get('cpu_min_ms') or float('nan'):8.1f} {row.get('cpu_median_ms') or float('nan'):8.1f}  "
+                  f"{row.get('vs_dense_cpu_min', float('nan')):.3f} {row.get('vs_dense_cpu_median', float('nan')):.3f}  "
+                  f"{row['dropped_fraction'] if row['dropped_fraction'] is not None else '-'!s:7s} "
+                  f"{row['peak_rss_beyond_start_mib']:8.1f}")
+    print("\nmemory (peak beyond params and grads):")
+    for key, row in summary["memory_peak_beyond_params_and_grads"].items():
+        print(f"  {key:28s} {json.dumps(row)}")
+
+
+def write_report(args, cases: List[Dict], complete: bool) -> Dict:
+    """The JSON report of the cases so far (written after every case, so a run cut short leaves one)."""
+    summary = summarize(cases, args.experts, args.modes)
+    report = dict(
+        benchmark="layer", complete=complete, summary=summary, cases=cases, versions=versions(),
+        machine=machine(args.threads),
+        settings=dict(quick=args.quick, reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
+                      idle_load=args.idle_load, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
+                      memory=dict(MEMORY, tokens=args.tokens, steps=MEMORY_STEPS),
+                      capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
+                      dtype="float32", biases=False),
+        note="vs_dense: step time / dense FFN step time of the same gradient mode and expert count (min/min "
+             "and median/median, pooled over the repetitions); vs_dense_cpu_*: the same for the process's CPU "
+             "time per step (all threads: what the step consumed, less sensitive than wall time to other "
+             "processes taking the cores, though not to their use of caches and memory bandwidth); "
+             "a step is zero_grad + forward + backward; "
+             "each case a fresh process (THP_MEM_ALLOC_ENABLE=1); patches are per case, in that process only")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".tmp", "w") as f:
+        json.dump(report, f, indent=2)
+    os.replace(args.out + ".tmp", args.out)
+    return summary
+
+
+def comma_list(value: str, allowed, kind=str) -> Tuple:
+    items = tuple(kind(v) for v in value.split(",") if v)
+    bad = [v for v in items if allowed is not None and v not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(map(str, allowed))}")
+    return items
+
+
+def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        return child(json.loads(sys.argv[2]))
+    cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "layer.json"))
-    parser.add_argument("--reps", type=int, default=9)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--out", default=None,
+                        help="JSON report (default benchmarks/results/layer.json; layer_quick.json with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: 1 repetition of 1 warm-up + 2 timed steps at T=1024, no idle waits, "
+                             "memory cases at E in {8, 256} (numbers not comparable with a full run)")
+    parser.add_argument("--reps", type=int, default=3, help="processes per speed case (default 3)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per process (default 2)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per process (default 7)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per case (default 2)")
+    parser.add_argument("--only", type=lambda v: comma_list(v, IMPLS), default=IMPLS,
+                        help=f"implementations, comma-separated ({','.join(IMPLS)}); dense is always "
+                             "measured too, as the unit of the ratios")
+    parser.add_argument("--experts", type=lambda v: comma_list(v, None, int), default=SPEED["experts"],
+                        help="expert counts of the speed cases (default 8,64)")
+    parser.add_argument("--memory-experts", type=lambda v: comma_list(v, None, int), default=MEMORY["experts"],
+                        help="expert counts of the memory cases (default 8,256,2048)")
+    parser.add_argument("--modes", type=lambda v: comma_list(v, MODES), default=MODES,
+                        help="gradient modes: none, kept (default both)")
+    parser.add_argument("--tokens", type=int, default=SPEED["tokens"], help="T of every case (default 4096)")
+    parser.add_argument("--idle-load", type=float, default=0.5 * cores,
+                        help="wait before each speed case until the 1-minute load average is below this "
+                             f"(default 0.5 x cores = {0.5 * cores})")
+    parser.add_argument("--idle-wait", type=float, default=180.0,
+                        help="longest wait for idle before a speed case, in seconds (default 180)")
     parser.add_argument("--skip-memory", action="store_true")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--kind", choices=("speed", "memory"))
-    parser.add_argument("--impl")
-    parser.add_argument("--grads", choices=("fresh", "accumulate"), default="fresh")
-    for name in ("tokens", "hidden", "ffn", "experts"):
-        parser.add_argument(f"--{name}", type=int)
+    parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument("--tensor-peak", action="store_true",
+                        help="memory cases also report torch's memory-profiler peak of live tensors")
     args = parser.parse_args()
-    if args.child:
-        return child(args)
+    if args.quick:
+        args.reps, args.warmup, args.steps, args.tokens, args.idle_wait = 1, 1, 2, 1024, 0.0
+        args.memory_experts = tuple(e for e in args.memory_experts if e <= 256) or (8,)
+    if args.out is None:
+        args.out = os.path.join(ROOT, "benchmarks", "results", "layer_quick.json" if args.quick else "layer.json")
+    impls = ("dense",) + tuple(i for i in args.only if i != "dense")
 
     cases = []
-    for grads in ("fresh", "accumulate"):
-        for experts in SPEED["experts"]:
-            for impl in ("dense", "switch", "huggingface", "megatron-core"):
-                shape = dict(tokens=SPEED["tokens"], hidden=SPEED["hidden"], ffn=SPEED["ffn"], experts=experts)
-                cases.append(spawn_case("speed", impl, args.reps, args.threads, grads=grads, **shape))
-                print(json.dumps(cases[-1])[:300], flush=True)
+    common = dict(threads=args.threads, warmup=args.warmup, steps=args.steps, tokens=args.tokens)
+    if not args.skip_speed:
+        # Repetitions outermost: each round measures every case once, so drift reaches them all.
+        for rep in range(args.reps):
+            for experts in args.experts:
+                for mode in args.modes:
+                    for impl in impls:
+                        if mode not in impl_modes(impl):
+                            continue
+                        case = dict(common, kind="speed", impl=impl, mode=mode, rep=rep, experts=experts,
+                                    hidden=SPEED["hidden"], ffn=SPEED["ffn"])
+                        idle = wait_for_idle(args.idle_load, args.idle_wait)
+                        result = spawn_case(case)
+                        result["idle_wait"] = idle
+                        cases.append(result)
+                        write_report(args, cases, complete=False)
+                        print(json.dumps({k: result.get(k) for k in
+                                          ("impl", "mode", "experts", "rep", "min_s", "median_s", "cpu_min_s",
+                                           "dropped_fraction", "error")})[:400],
+                              f"load {idle['load_at_start'][0]}", flush=True)
     if not args.skip_memory:
-        for experts in MEMORY["experts"]:
-            for impl in ("dense", "switch", "huggingface"):
-                if impl == "dense" and experts != MEMORY["experts"][0]:
-                    continue
-                shape = dict(tokens=MEMORY["tokens"], hidden=MEMORY["hidden"], ffn=MEMORY["ffn"], experts=experts)
-                cases.append(spawn_case("memory", impl, args.reps, args.threads, **shape))
-                print(json.dumps(cases[-1])[:300], flush=True)
+        for experts in args.memory_experts:
+            for mode in args.modes:
+                for impl in impls:
+                    if mode not in impl_modes(impl) or (impl == "dense" and experts != args.memory_experts[0]):
+                        continue
+                    case = dict(common, kind="memory", impl=impl, mode=mode, experts=experts,
+                                hidden=MEMORY["hidden"], ffn=MEMORY["ffn"], tensor_peak=args.tensor_peak)
+                    result = spawn_case(case)
+                    result["load_at_start"] = [round(v, 2) for v in os.getloadavg()]
+                    cases.append(result)
+                    write_report(args, cases, complete=False)
+                    print(json.dumps({k: result.get(k) for k in
+                                      ("impl", "mode", "experts", "peak_rss_beyond_params_and_grads_bytes",
+                                       "error")})[:400], flush=True)
 
-    summary = {}
-    for grads in ("fresh", "accumulate"):
-        for experts in SPEED["experts"]:
-            by_impl = {c["impl"]: c for c in cases if c["kind"] == "speed" and c.get("experts") == experts
-                       and c.get("grads") == grads}
-            for stat in ("min_s", "median_s"):  # min: best of N, the least disturbed by other load
-                dense = by_impl["dense"].get(stat)
-                summary[f"time_vs_dense_E{experts}_{grads}_grads_{stat[:-2]}"] = {
-                    impl: (round(c[stat] / dense, 3) if stat in c and dense else c.get("error", "")[:120])
-                    for impl, c in by_impl.items()}
-    for impl in ("switch", "huggingface"):
-        for metric in ("peak_beyond_params_and_grads_bytes", "tensor_peak_beyond_params_and_grads_bytes"):
-            mem = {c["experts"]: c.get(metric) for c in cases if c["kind"] == "memory" and c["impl"] == impl}
-            if mem.get(8) and mem.get(2048):
-                summary[f"{impl}_{metric}_ratio_E2048_vs_E8"] = round(mem[2048] / mem[8], 3)
-    report = dict(benchmark="layer", summary=summary, cases=cases,
-                  machine=dict(cpu_count=os.cpu_count(), python=platform.python_version(),
-                               platform=platform.platform(), threads=args.threads),
-                  note="time ratios are Switch (or peer) step time / dense FFN step time; "
-                       "THP_MEM_ALLOC_ENABLE=1 for every case")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=2)
-    print(json.dumps(summary, indent=2))
+    summary = write_report(args, cases, complete=True)
+    print_table(summary)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ class PaddedMeta:
     in this rank's [E * C, h] rows (any valid slot for a dropped token)."""
 
     token_rows: torch.Tensor
+    row_tokens = None  # several slots may be empty: no inverse
 
     @property
     def tokens_per_expert(self) -> None:
@@ -46,12 +47,14 @@ class GroupedMeta:
     """What `GroupedDispatcher.combine` and `gather_scale` need.
 
     token_rows: [T] row of each token among this rank's kept tokens (any valid row for a dropped one).
+    row_tokens: [R] the token of each of those rows (the inverse of token_rows on the kept tokens).
     tokens_per_expert: rows each local expert receives (the bank's grouped input counts).
     send_splits / recv_splits / regroup: the uneven all-to-all's splits and the permutation that sorts
     received rows by local expert; None without expert parallelism.
     """
 
     token_rows: torch.Tensor
+    row_tokens: torch.Tensor
     tokens_per_expert: List[int]
     send_splits: Optional[List[int]] = None
     recv_splits: Optional[List[int]] = None
@@ -101,11 +104,11 @@ class GroupedDispatcher:
         send_counts_PE = torch.bincount(key, minlength=E + 1)[:E].view(P, E_l)
         num_kept = int(send_counts_PE.sum())
         rows = order[:num_kept]
-        x_sent = x_Th.index_select(0, rows)
         token_rows = torch.zeros_like(routing.expert)
         token_rows[rows] = torch.arange(num_kept, device=rows.device)
+        x_sent = _SelectRows.apply(x_Th, rows, token_rows, kept)
         if P == 1:
-            return x_sent, GroupedMeta(token_rows, send_counts_PE[0].tolist())
+            return x_sent, GroupedMeta(token_rows, rows, send_counts_PE[0].tolist())
         recv_counts_PE = torch.empty_like(send_counts_PE)
         torch.distributed.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
         send_splits = send_counts_PE.sum(1).tolist()
@@ -114,7 +117,7 @@ class GroupedDispatcher:
         local_expert = torch.repeat_interleave(
             torch.arange(E_l, device=x_Th.device).repeat(P), recv_counts_PE.flatten())
         regroup = torch.argsort(local_expert, stable=True)
-        meta = GroupedMeta(token_rows, recv_counts_PE.sum(0).tolist(), send_splits, recv_splits, regroup)
+        meta = GroupedMeta(token_rows, rows, recv_counts_PE.sum(0).tolist(), send_splits, recv_splits, regroup)
         return received.index_select(0, regroup), meta
 
     def combine(self, y_Nh: torch.Tensor, meta: GroupedMeta) -> torch.Tensor:
@@ -125,12 +128,31 @@ class GroupedDispatcher:
         return y_Nh
 
 
-class _GatherScale(torch.autograd.Function):
-    """y[t] = (rows[index[t]] * weight[t]) in float32, cast to rows' dtype; one pass each way."""
+class _SelectRows(torch.autograd.Function):
+    """x [T, h] -> x[rows] [R, h] for rows without repeats. Backward gathers each selected token's
+    row back (token_rows) and gives the others zeros: a gather, not autograd's scatter-add."""
 
     @staticmethod
-    def forward(ctx, rows_Rh, index_T, weight_T):
-        ctx.save_for_backward(rows_Rh, index_T, weight_T)
+    def forward(ctx, x_Th, rows_R, token_rows_T, selected_T):
+        ctx.save_for_backward(token_rows_T, selected_T)
+        return x_Th.index_select(0, rows_R)
+
+    @staticmethod
+    def backward(ctx, d_Rh):
+        token_rows_T, selected_T = ctx.saved_tensors
+        if d_Rh.shape[0] == 0:
+            return d_Rh.new_zeros(token_rows_T.shape[0], d_Rh.shape[1]), None, None, None
+        d_Th = d_Rh.index_select(0, token_rows_T)
+        return d_Th.masked_fill_(~selected_T[:, None], 0), None, None, None
+
+
+class _GatherScale(torch.autograd.Function):
+    """y[t] = (rows[index[t]] * weight[t]) in float32, cast to rows' dtype; one pass each way.
+    With row_tokens (each row's token, every row used once) the rows' gradient is a gather too."""
+
+    @staticmethod
+    def forward(ctx, rows_Rh, index_T, weight_T, row_tokens_R):
+        ctx.save_for_backward(rows_Rh, index_T, weight_T, row_tokens_R)
         y_Th = rows_Rh.index_select(0, index_T)
         if y_Th.dtype == torch.float32:
             return y_Th.mul_(weight_T[:, None])
@@ -138,22 +160,29 @@ class _GatherScale(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy_Th):
-        rows_Rh, index_T, weight_T = ctx.saved_tensors
+        rows_Rh, index_T, weight_T, row_tokens_R = ctx.saved_tensors
         d_rows = d_weight = None
         if ctx.needs_input_grad[0]:
-            scaled = (dy_Th.float() * weight_T[:, None]).to(rows_Rh.dtype)
-            # scatter_add_ (not index_add_, several times slower on CPU); dropped tokens add zeros.
-            d_rows = torch.zeros_like(rows_Rh).scatter_add_(0, index_T[:, None].expand_as(scaled), scaled)
+            if row_tokens_R is not None:  # d rows[r] = dy[t] * weight[t] for the token t of row r
+                d_rows = dy_Th.index_select(0, row_tokens_R).float().mul_(weight_T.index_select(0, row_tokens_R)[:, None])
+                d_rows = d_rows.to(rows_Rh.dtype)
+            else:
+                scaled = (dy_Th.float() * weight_T[:, None]).to(rows_Rh.dtype)
+                # scatter_add_ (not index_add_, several times slower on CPU); dropped tokens add zeros.
+                d_rows = torch.zeros_like(rows_Rh).scatter_add_(0, index_T[:, None].expand_as(scaled), scaled)
         if ctx.needs_input_grad[2]:
             d_weight = (dy_Th.float() * rows_Rh.index_select(0, index_T).float()).sum(-1)
-        return d_rows, None, d_weight
+        return d_rows, None, d_weight, None
 
 
-def gather_scale(rows_Rh: torch.Tensor, index_T: torch.Tensor, weight_T: torch.Tensor) -> torch.Tensor:
-    """[R, h] expert outputs, [T] row per token, [T] float32 weight -> [T, h] weighted outputs."""
+def gather_scale(rows_Rh: torch.Tensor, index_T: torch.Tensor, weight_T: torch.Tensor,
+                 row_tokens_R: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[R, h] expert outputs, [T] row per token, [T] float32 weight -> [T, h] weighted outputs.
+    row_tokens_R: the token of each row when every row belongs to exactly one token (the grouped
+    dispatcher's meta.row_tokens), so the backward gathers instead of scatter-adding."""
     if rows_Rh.shape[0] == 0:
         # Every token dropped: zeros that stay connected to the router and to the (empty) expert
         # outputs, so this rank's backward still runs the collectives its peers wait for.
         zeros = rows_Rh.new_zeros(index_T.shape[0], rows_Rh.shape[1])
         return zeros * weight_T[:, None].to(rows_Rh.dtype) + rows_Rh.sum()
-    return _GatherScale.apply(rows_Rh, index_T, weight_T)
+    return _GatherScale.apply(rows_Rh, index_T, weight_T, row_tokens_R)

@@ -170,7 +170,7 @@ class SwitchMLP(MegatronModule):
         dispatcher = self.capacity_dispatcher if padded else self.grouped_dispatcher
         expert_in, meta = dispatcher.dispatch(x_Th, routing)
         rows = dispatcher.combine(self.experts(expert_in, meta.tokens_per_expert), meta)
-        y_Th = gather_scale(rows, meta.token_rows, routing.gate * routing.kept)
+        y_Th = gather_scale(rows, meta.token_rows, routing.gate * routing.kept, meta.row_tokens)
 
         aux_loss = routing.aux_loss + routing.z_loss
         y = y_Th.view_as(x)

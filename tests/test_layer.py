@@ -343,6 +343,87 @@ def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm():
     assert torch.count_nonzero(results[0][1][1]) == 0  # expert 1 had no token: no weight gradient
 
 
+def _bank_gradients(bank, x, counts, upstream):
+    bank.zero_grad(set_to_none=True)
+    x.grad = None
+    y = bank(x, counts)
+    (y * upstream).sum().backward()
+    return [y.detach(), x.grad] + [p.grad.clone() for p in bank.parameters()]
+
+
+@pytest.mark.parametrize("activation", ["relu", "swiglu"])
+def test_grouped_rows_batched_to_the_largest_group_match_a_gemm_per_expert(activation):
+    """On CPU (grouped_gemm None) grouped rows that pad by at most 30% run as a batch [E, m, h] through
+    the batched GEMMs: the same outputs and gradients as a GEMM per expert, an empty expert included."""
+    import dataclasses
+
+    from megatron_switch.experts import TorchExperts
+    from megatron_switch.ops import projections
+
+    torch.manual_seed(8)
+    switch = SwitchConfig(num_experts=8, activation=activation)
+    bank = TorchExperts(tiny_config(), switch, 8, 0)
+    with torch.no_grad():
+        bank.bias1.normal_()
+        bank.bias2.normal_()
+    counts = [6, 6, 5, 6, 6, 6, 0, 6]  # 8 x 6 slots for 41 rows: batched
+    assert projections.batched_slots(counts, torch.device("cpu")) is not None
+    assert projections.batched_slots([6, 1, 1, 1, 1, 1, 1, 1], torch.device("cpu")) is None  # 48 slots, 13 rows
+    x = torch.randn(sum(counts), 16, requires_grad=True)
+    upstream = torch.randn(sum(counts), 16)
+    with counting_grouped_mm() as grouped_calls:
+        batched = _bank_gradients(bank, x, counts, upstream)
+    assert grouped_calls == []
+    bank.switch = dataclasses.replace(switch, grouped_gemm=False)
+    per_expert = _bank_gradients(bank, x, counts, upstream)
+    for a, b in zip(batched, per_expert):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert torch.count_nonzero(batched[2][6]) == 0  # expert 6 had no token: no weight gradient
+
+
+@pytest.mark.parametrize("grouped_gemm", [None, False], ids=["batched", "per-expert"])
+def test_kept_grads_accumulate_in_place_exactly_as_autograd_adds_them(grouped_gemm):
+    """With .grad kept between steps the bank adds its weight gradients straight into .grad (no
+    bank-sized temporary): the sums are those autograd's accumulation gives; torch.autograd.grad,
+    backward(inputs=...) without the bank, and a post-accumulate hook all see what they would."""
+    from megatron_switch.experts import TorchExperts
+
+    torch.manual_seed(9)
+    switch = SwitchConfig(num_experts=4, grouped_gemm=grouped_gemm)
+    bank = TorchExperts(tiny_config(), switch, 4, 0)
+    counts = [4, 3, 4, 4]
+    xs = [torch.randn(15, 16, requires_grad=True) for _ in range(3)]
+    expected = [torch.zeros_like(p) for p in bank.parameters()]
+    for x in xs:  # the reference: each micro-batch's gradient alone, summed
+        bank.zero_grad(set_to_none=True)
+        bank(x, counts).square().sum().backward()
+        for total, p in zip(expected, bank.parameters()):
+            total += p.grad
+    bank.zero_grad(set_to_none=True)
+    for x in xs:  # kept .grad: the first micro-batch creates it, the others add into it
+        bank(x, counts).square().sum().backward()
+    for total, p in zip(expected, bank.parameters()):
+        torch.testing.assert_close(p.grad, total, rtol=1e-6, atol=1e-6)
+
+    before = [p.grad.clone() for p in bank.parameters()]
+    grads = torch.autograd.grad(bank(xs[0], counts).square().sum(), [bank.weight1, xs[0]])
+    bank(xs[1], counts).square().sum().backward(inputs=[xs[1]])
+    for b, p in zip(before, bank.parameters()):
+        assert torch.equal(p.grad, b)  # neither touched .grad
+    bank.zero_grad(set_to_none=True)
+    bank(xs[0], counts).square().sum().backward()
+    torch.testing.assert_close(bank.weight1.grad, grads[0], rtol=1e-6, atol=1e-6)
+
+    seen = []
+    bank.weight2.register_post_accumulate_grad_hook(lambda p: seen.append(p.grad.clone()))
+    bank.zero_grad(set_to_none=False)
+    bank(xs[2], counts).square().sum().backward()
+    assert len(seen) == 1
+    bank.zero_grad(set_to_none=True)
+    bank(xs[2], counts).square().sum().backward()
+    torch.testing.assert_close(seen[0], bank.weight2.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_grouped_experts_without_tokens_stay_in_the_graph():
     """A rank whose experts receive no token (expert parallelism) still runs backward through its
     bank, with zero gradients, so it issues the same reductions as its peers."""

@@ -1,9 +1,11 @@
 """The `torch` expert backend: the bank as stacked parameters, one batched or grouped GEMM per projection.
 
   weight1 [E_l, f', h], weight2 [E_l, h, f], bias1 [E_l, f'], bias2 [E_l, h]
-Padded input runs one bmm per projection (`ops.projections.BankProjection`); grouped input one
-`torch._grouped_mm` per projection where the config allows it and the probe passes, else a GEMM per
-expert (`GroupedProjection`). bf16/fp32 anywhere; FP8 through `torch._scaled_mm` on GPUs of compute
+Padded input runs one bmm per projection (`ops.projections.BankProjection`). Grouped input, on CPUs
+by default (`SwitchConfig.grouped_gemm` None), runs as a batch padded to the largest group
+(`ops.projections.batched_slots`) through the same bmm when that pads by at most 30%: one batched GEMM
+is up to ~3x faster per row there than a GEMM per small group. Otherwise one `torch._grouped_mm` per
+projection where the config allows it and the probe passes, else a GEMM per expert (`GroupedProjection`). bf16/fp32 anywhere; FP8 through `torch._scaled_mm` on GPUs of compute
 capability 8.9+ (`ops.fp8`).
 """
 
@@ -18,7 +20,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_switch.config import SwitchConfig
 from megatron_switch.experts.base import CHECKPOINT_KEYS, ExpertBank
 from megatron_switch.ops.fp8 import fp8_bank_linear, fp8_linear
-from megatron_switch.ops.projections import BankProjection, GroupedProjection
+from megatron_switch.ops.projections import (BankProjection, GroupedProjection, batched_slots, rows_to_slots,
+                                             slots_to_rows)
 
 
 class TorchExperts(ExpertBank):
@@ -87,6 +90,11 @@ class TorchExperts(ExpertBank):
         if self.switch.fp8_format:
             outputs = [self._fp8_expert(x_nh, e) for e, x_nh in enumerate(torch.split(x, tokens_per_expert))]
             return torch.cat(outputs) if outputs else x
+        if self.switch.grouped_gemm is None and x.device.type == "cpu":
+            slot_N = batched_slots(tokens_per_expert, x.device)
+            if slot_N is not None:  # the grouped rows as a batch [E_l, m, h]: the padded path's GEMMs
+                x_Emh = rows_to_slots(x, slot_N, len(tokens_per_expert), max(tokens_per_expert))
+                return slots_to_rows(self.forward(x_Emh), slot_N)
         fuse, kernel = self.config.gradient_accumulation_fusion, self._uses_grouped_mm(x)
         h = GroupedProjection.apply(x, self.weight1, self.bias1, tokens_per_expert, fuse, kernel)
         return GroupedProjection.apply(self._ffn_tail(h), self.weight2, self.bias2, tokens_per_expert, fuse, kernel)

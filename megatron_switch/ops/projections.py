@@ -5,8 +5,15 @@ Shapes: E experts of a bank, N slots (padded) or rows (grouped), in/out the proj
 - `BankProjection`: y[e] = x[e] @ w[e]^T (+ b[e]) for x [E, N, in] (one bmm / baddbmm).
 - `GroupedProjection`: y_g = x_g @ w[g]^T (+ b[g]) for consecutive row groups of x [N, in], one
   group per expert: one `torch._grouped_mm` call where it is used, else a GEMM per expert.
-Weight gradients come out in the weight's own [E, out, in] layout, or, with gradient-accumulation
-fusion and a `main_grad` buffer (Megatron's DDP), are accumulated straight into it.
+- `batched_slots` / `rows_to_slots` / `slots_to_rows`: grouped rows laid out as a batch [E, m, in]
+  (m = the largest group, zero rows below the smaller ones), so a bank can run its grouped input
+  through the batched GEMMs: on CPUs one batched GEMM is several times faster than a GEMM per small
+  group (torch 2.13's CPU `torch._grouped_mm` is such a loop), for at most `BATCHED_PAD_LIMIT` x the rows.
+Weight gradients never pass through a bank-sized temporary when there is somewhere to add them:
+with gradient-accumulation fusion and a `main_grad` buffer (Megatron's DDP) they are accumulated
+straight into it; into an existing `.grad` that autograd would add them to (gradients kept between
+steps or accumulated over micro-batches) likewise (`wgrad_destination`). Otherwise they come out in
+the weight's own [E, out, in] layout.
 
 `grouped_mm_usable(device, dtype)` probes `torch._grouped_mm` once per device type and dtype with
 exact small-integer operands in the three forms the projections use; whether a bank uses the kernel
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -32,14 +39,49 @@ def wgrad_placeholder(weight: torch.Tensor):
     return torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)  # never written
 
 
+def _grad_autograd_would_add_to(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """weight.grad, when the running backward is about to add this weight's gradient into it and
+    adding it there directly is the same thing: a plain strided `.grad` of the weight's dtype exists,
+    no graph is being built (create_graph), no hook on the weight would see the gradient first or
+    be owed a call after it, and the engine will run the weight's AccumulateGrad (not
+    `torch.autograd.grad`, not `backward(inputs=...)` without it). Else None."""
+    grad = weight.grad
+    if (grad is None or torch.is_grad_enabled() or not weight.is_leaf or type(grad) is not torch.Tensor
+            or grad.layout != torch.strided or grad.dtype != weight.dtype or grad.shape != weight.shape
+            or not grad.is_contiguous() or weight._backward_hooks or weight._post_accumulate_grad_hooks):
+        return None
+    try:
+        node = torch.autograd.graph.get_gradient_edge(weight).node
+        return grad if torch._C._will_engine_execute_node(node) else None
+    except RuntimeError:  # (torch.autograd.grad: it captures the gradient and accumulates nothing)
+        return None
+
+
+def wgrad_destination(weight: torch.Tensor, fuse_wgrad: bool, dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """Where a weight gradient computed in `dtype` can be added in place, or None (return it):
+    `main_grad` with gradient-accumulation fusion (Megatron's DDP), else an existing `.grad` that
+    autograd would add it to. Pass what was added there to `wgrad_added` for backward's return value."""
+    main_grad = getattr(weight, "main_grad", None) if fuse_wgrad else None
+    if main_grad is not None:
+        return main_grad if main_grad.dtype == dtype else None
+    return _grad_autograd_would_add_to(weight)
+
+
+def wgrad_added(weight: torch.Tensor, destination: torch.Tensor):
+    """backward's return value for a weight whose gradient was added into `destination` in place:
+    Megatron's placeholder for main_grad, None for .grad (nothing left for autograd to add)."""
+    return None if destination is weight.grad else wgrad_placeholder(weight)
+
+
 class BankProjection(torch.autograd.Function):
     """y[e] = x[e] @ w[e]^T (+ b[e]) for every expert e of a bank.
 
     Shapes: x [E, N, in], w [E, out, in], b [E, out] or None -> y [E, N, out].
-    The bias is fused into the GEMM (baddbmm). The weight gradient is produced in the weight's own
-    [E, out, in] layout (autograd's bmm backward yields a transposed view that costs a copy of the
-    whole bank), or, with gradient-accumulation fusion and a `main_grad` buffer (Megatron's DDP),
-    accumulated straight into it, so no bank-sized gradient is allocated per step.
+    The bias is fused into the GEMM (baddbmm). The weight gradient is added in place (baddbmm_) into
+    `main_grad` (gradient-accumulation fusion, Megatron's DDP) or into the `.grad` autograd would
+    add it to (`wgrad_destination`), so no bank-sized gradient is allocated per step; otherwise it
+    is produced in the weight's own [E, out, in] layout (autograd's bmm backward yields a transposed
+    view that costs a copy of the whole bank).
     """
 
     @staticmethod
@@ -54,27 +96,88 @@ class BankProjection(torch.autograd.Function):
     def backward(ctx, dy_ENo):
         x_ENi, w_Eoi = ctx.saved_tensors
         dx = torch.bmm(dy_ENo, w_Eoi) if ctx.needs_input_grad[0] else None
-        dw = None
-        if ctx.needs_input_grad[1]:
-            main_grad = getattr(w_Eoi, "main_grad", None) if ctx.fuse_wgrad else None
-            if main_grad is not None and main_grad.dtype == dy_ENo.dtype:
-                main_grad.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)  # no bank-sized temporary
-                dw = wgrad_placeholder(w_Eoi)
-            else:
-                dw = _accumulated_wgrad(w_Eoi, torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(w_Eoi)),
-                                        ctx.fuse_wgrad)
+        dw = bank_wgrad(dy_ENo, x_ENi, w_Eoi, ctx.fuse_wgrad) if ctx.needs_input_grad[1] else None
         db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
 
 
+def bank_wgrad(dy_ENo: torch.Tensor, x_ENi: torch.Tensor, weight: torch.Tensor, fuse_wgrad: bool):
+    """dW[e] = dy[e]^T @ x[e] as backward returns it: added in place where `wgrad_destination` finds
+    somewhere (one baddbmm_, no bank-sized temporary), else a new [E, out, in] tensor."""
+    destination = wgrad_destination(weight, fuse_wgrad, dy_ENo.dtype)
+    if destination is not None:
+        destination.baddbmm_(dy_ENo.transpose(1, 2), x_ENi)
+        return wgrad_added(weight, destination)
+    return _accumulated_wgrad(weight, torch.bmm(dy_ENo.transpose(1, 2), x_ENi, out=torch.empty_like(weight)),
+                              fuse_wgrad)
+
+
 def _accumulated_wgrad(weight: torch.Tensor, dw: torch.Tensor, fuse_wgrad: bool):
     """dW as backward returns it: itself, or (gradient-accumulation fusion with a `main_grad`
-    buffer, Megatron's DDP) added into main_grad, with the placeholder Megatron expects."""
+    buffer of another dtype) added into main_grad, with the placeholder Megatron expects."""
     main_grad = getattr(weight, "main_grad", None) if fuse_wgrad else None
     if main_grad is None:
         return dw
     main_grad.add_(dw)
     return wgrad_placeholder(weight)
+
+
+BATCHED_PAD_LIMIT = 1.3  # batched slots E x m may exceed the rows N by this factor at most
+
+
+def batched_slots(counts: List[int], device: torch.device) -> Optional[torch.Tensor]:
+    """[N] slot of each grouped row in a batch [E, m] (m = max(counts); group g's rows fill the first
+    counts[g] slots of batch g), or None when that batch would hold more than BATCHED_PAD_LIMIT x N
+    slots (or there are no rows): then the groups are better computed as they are.
+    Measured on CPU (2 threads, h=512, ffn=2048, ~4k rows): one batched GEMM is ~1.1x (8 groups of
+    ~500 rows) to ~3x (64 groups of ~60 rows) faster per row than a GEMM per group."""
+    num_rows, m = sum(counts), max(counts, default=0)
+    if num_rows == 0 or len(counts) * m > BATCHED_PAD_LIMIT * num_rows:
+        return None
+    counts_E = torch.tensor(counts, device=device)
+    starts_E = torch.cumsum(counts_E, 0) - counts_E
+    shift_E = torch.arange(len(counts), device=device) * m - starts_E
+    return torch.arange(num_rows, device=device) + torch.repeat_interleave(shift_E, counts_E, output_size=num_rows)
+
+
+class _RowsToSlots(torch.autograd.Function):
+    """rows [N, k], slot [N] -> [S, k]: out[slot[i]] = rows[i], zeros in the other slots.
+    Backward gathers (no scatter-add: each slot holds at most one row)."""
+
+    @staticmethod
+    def forward(ctx, rows_Nk, slot_N, num_slots):
+        ctx.save_for_backward(slot_N)
+        return rows_Nk.new_zeros(num_slots, rows_Nk.shape[1]).index_copy_(0, slot_N, rows_Nk)
+
+    @staticmethod
+    def backward(ctx, d_Sk):
+        (slot_N,) = ctx.saved_tensors
+        return d_Sk.index_select(0, slot_N), None, None
+
+
+class _SlotsToRows(torch.autograd.Function):
+    """slots [S, k], slot [N] -> rows [N, k] = slots[slot]; backward copies back (zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, slots_Sk, slot_N):
+        ctx.save_for_backward(slot_N)
+        ctx.num_slots = slots_Sk.shape[0]
+        return slots_Sk.index_select(0, slot_N)
+
+    @staticmethod
+    def backward(ctx, d_Nk):
+        (slot_N,) = ctx.saved_tensors
+        return d_Nk.new_zeros(ctx.num_slots, d_Nk.shape[1]).index_copy_(0, slot_N, d_Nk), None
+
+
+def rows_to_slots(rows_Nk: torch.Tensor, slot_N: torch.Tensor, num_experts: int, m: int) -> torch.Tensor:
+    """Grouped rows [N, k] -> batch [E, m, k] at `batched_slots`' slots (zero rows elsewhere)."""
+    return _RowsToSlots.apply(rows_Nk, slot_N, num_experts * m).view(num_experts, m, rows_Nk.shape[1])
+
+
+def slots_to_rows(slots_Emk: torch.Tensor, slot_N: torch.Tensor) -> torch.Tensor:
+    """Batch [E, m, k] -> the grouped rows [N, k] at `batched_slots`' slots."""
+    return _SlotsToRows.apply(slots_Emk.reshape(-1, slots_Emk.shape[-1]), slot_N)
 
 
 @functools.lru_cache(maxsize=None)
@@ -145,6 +248,18 @@ def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
     return torch.stack([a.t() @ b for a, b in zip(torch.split(a_NM, counts), torch.split(b_NK, counts))])
 
 
+def grouped_outer_mm_add_(out_EMK: torch.Tensor, a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
+                          use_kernel: bool = True) -> None:
+    """out[g] += a_g^T @ b_g in place (`grouped_outer_mm` accumulated): one GEMM per group adding into
+    its slice, or torch._grouped_mm's result added (the kernel has no accumulating form)."""
+    if use_kernel and grouped_mm_fits(a_NM, b_NK):
+        out_EMK.add_(grouped_outer_mm(a_NM, b_NK, counts, use_kernel))
+        return
+    for out_MK, a, b in zip(out_EMK, torch.split(a_NM, counts), torch.split(b_NK, counts)):
+        if a.shape[0]:
+            out_MK.addmm_(a.t(), b)
+
+
 class GroupedProjection(torch.autograd.Function):
     """y_g = x_g @ w[g]^T (+ b[g]) for the consecutive row groups g of x, one group per expert.
 
@@ -173,8 +288,13 @@ class GroupedProjection(torch.autograd.Function):
         dx = grouped_rows_mm(dy_No, w_Eoi, ctx.counts, ctx.use_kernel) if ctx.needs_input_grad[0] else None
         dw = db = None
         if ctx.needs_input_grad[1]:
-            dw = _accumulated_wgrad(w_Eoi, grouped_outer_mm(dy_No, x_Ni, ctx.counts, ctx.use_kernel),
-                                    ctx.fuse_wgrad)
+            destination = wgrad_destination(w_Eoi, ctx.fuse_wgrad, dy_No.dtype)
+            if destination is None:
+                dw = _accumulated_wgrad(w_Eoi, grouped_outer_mm(dy_No, x_Ni, ctx.counts, ctx.use_kernel),
+                                        ctx.fuse_wgrad)
+            else:
+                grouped_outer_mm_add_(destination, dy_No, x_Ni, ctx.counts, ctx.use_kernel)
+                dw = wgrad_added(w_Eoi, destination)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = torch.stack([dy_no.sum(0) for dy_no in torch.split(dy_No, ctx.counts)])
         return dx, dw, db, None, None, None
