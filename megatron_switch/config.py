@@ -12,7 +12,7 @@ import dataclasses
 import math
 from typing import AbstractSet, Optional
 
-ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
+ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu", "geglu_tanh")
 DROP_POLICIES = ("position", "probs")
 EXPERT_BACKENDS = ("auto", "torch", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -46,7 +46,8 @@ class SwitchConfig:
     jitter_eps: multiplicative router-input jitter U(1 - eps, 1 + eps), training only.
     init_scale: s of the truncated-normal init, sigma = sqrt(s / fan_in).
     expert_dropout: dropout inside the experts, after the activation.
-    activation: "relu", "gelu", "geglu" or "swiglu" (the last two are gated).
+    activation: "relu", "gelu", "geglu", "swiglu" or "geglu_tanh" (the last three are gated; geglu_tanh
+        is T5's gated GELU, with the tanh approximation).
     expert_bias: whether expert projections carry biases.
     expert_ffn_hidden_size: expert FFN width; None means the model's ffn_hidden_size.
     expert_backend: "auto", "torch" or "te".
@@ -119,7 +120,7 @@ class SwitchConfig:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("geglu", "swiglu")
+        return self.activation in ("geglu", "swiglu", "geglu_tanh")
 
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The capacity factor in force; None means dropless."""

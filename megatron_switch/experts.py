@@ -32,7 +32,8 @@ from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.fp8 import FP8_MULTIPLE, fp8_bank_linear, fp8_linear
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu,
+                "geglu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def expert_activation(h: torch.Tensor, switch: SwitchConfig, training: bool) -> torch.Tensor:
