@@ -26,8 +26,8 @@ _EXPORTS = {
     "initialize_parallel": "megatron_switch.parallel",
     "validate_layout": "megatron_switch.parallel",
     "SwitchRouter": "megatron_switch.router",
-    "get_switch_gpt_layer_spec": "megatron_switch.spec",
-    "get_switch_t5_layer_specs": "megatron_switch.t5",
+    "get_switch_gpt_layer_spec": "megatron_switch.specs",
+    "get_switch_t5_layer_specs": "megatron_switch.specs",
 }
 
 __all__ = list(_EXPORTS)

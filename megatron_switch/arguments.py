@@ -65,6 +65,9 @@ def _flags():
                                        help="Expert FFN width (default: --ffn-hidden-size).")),
         ("--switch-expert-backend", dict(type=str, default=None, choices=EXPERT_BACKENDS,
                                          help="Expert GEMM backend (default auto).")),
+        ("--moe-grouped-gemm", dict(action="store_true",
+                                    help="Kept tokens through torch._grouped_mm wherever its probe passes (by "
+                                         "default only where it was checked: CPUs); else a GEMM per expert.")),
         ("--fp8-format", dict(type=str, default=None, choices=FP8_FORMATS,
                               help="FP8 expert GEMMs: e4m3, or hybrid (e4m3 forward, e5m2 gradients). "
                                    "Needs a GPU of compute capability 8.9+.")),
@@ -84,6 +87,15 @@ def add_switch_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 _PATTERN_NODES = (ast.Expression, ast.BinOp, ast.Add, ast.Mult, ast.List, ast.Tuple, ast.Constant, ast.Load)
+
+
+def moe_layer_freq_expression(interval: int, num_layers: int) -> str:
+    """The placement as the compact pattern expression Megatron-LM's --moe-layer-freq reads
+    ("([0]*1+[1])*12"); `layer_freq_type` reads it back as `config.switch_layer_pattern`."""
+    k = interval
+    if k == 1:
+        return "1"
+    return f"([0]*{k - 1}+[1])*{num_layers // k}" + (f"+[0]*{num_layers % k}" if num_layers % k else "")
 
 
 def layer_freq_type(text: Union[str, int]) -> Union[int, List[int]]:

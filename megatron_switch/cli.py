@@ -22,6 +22,7 @@ def _local_rank_entry(rank: int, args) -> None:
     # Each local rank leads its own process group, so that the launcher can end it together with the
     # helper processes it starts (dist_checkpointing's writer) and nothing is left behind.
     os.setsid()
+    quiet_import_warnings()  # a spawned process starts without the launcher's filters
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
     import torch
 

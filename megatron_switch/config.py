@@ -13,10 +13,22 @@ import math
 from typing import AbstractSet, Optional
 
 ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("geglu", "swiglu", "geglu_tanh")  # act(gate) * up: the first projection is twice as wide
 DROP_POLICIES = ("position", "probs")
 EXPERT_BACKENDS = ("auto", "torch", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
+
+
+def is_switch_layer(layer_number: int, interval: int) -> bool:
+    """The placement rule, everywhere in the package: layer numbers are 1-based (Megatron's, counted
+    within a stack), and layers k, 2k, ... are Switch layers (k = 2: Switch-Base; k = 1: Switch-C)."""
+    return layer_number % interval == 0
+
+
+def switch_layer_pattern(interval: int, num_layers: int) -> list[int]:
+    """Megatron-LM's --moe-layer-freq list form of the placement: 1 marks a Switch layer."""
+    return [int(is_switch_layer(n, interval)) for n in range(1, num_layers + 1)]
 
 
 class SwitchConfigError(ValueError):
@@ -51,6 +63,9 @@ class SwitchConfig:
     expert_bias: whether expert projections carry biases.
     expert_ffn_hidden_size: expert FFN width; None means the model's ffn_hidden_size.
     expert_backend: "auto", "torch" or "te".
+    grouped_gemm: kept tokens through `torch._grouped_mm` (Megatron's --moe-grouped-gemm): None uses it
+        where it has been checked against a GEMM per expert (CPUs), True wherever its probe passes,
+        False never (a GEMM per expert).
     fp8_format: FP8 for the expert GEMMs (Megatron's --fp8-format): None, "e4m3" or "hybrid"
         (e4m3 forward, e5m2 gradients). The router and the combine never run in FP8.
     fp8_recipe: scaling recipe (Megatron's --fp8-recipe); None picks the backend's default
@@ -74,6 +89,7 @@ class SwitchConfig:
     expert_bias: bool = True
     expert_ffn_hidden_size: Optional[int] = None
     expert_backend: str = "auto"
+    grouped_gemm: Optional[bool] = None
     fp8_format: Optional[str] = None
     fp8_recipe: Optional[str] = None
     init_seed: int = 1234
@@ -120,7 +136,11 @@ class SwitchConfig:
 
     @property
     def gated(self) -> bool:
-        return self.activation in ("geglu", "swiglu", "geglu_tanh")
+        return self.activation in GATED_ACTIVATIONS
+
+    def uses_grouped_gemm(self, device_type: str) -> bool:
+        """Whether grouped projections on a device of this type may call torch._grouped_mm."""
+        return self.grouped_gemm if self.grouped_gemm is not None else device_type == "cpu"
 
     def capacity_factor_for(self, training: bool) -> Optional[float]:
         """The capacity factor in force; None means dropless."""
@@ -139,7 +159,7 @@ class SwitchConfig:
 
     def is_switch_layer(self, layer_number: int) -> bool:
         """Layer numbers are 1-based, as in Megatron; layers k, 2k, ... are Switch layers."""
-        return layer_number % self.expert_interval == 0
+        return is_switch_layer(layer_number, self.expert_interval)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace,
@@ -187,6 +207,7 @@ class SwitchConfig:
             expert_bias=not getattr(args, "switch_no_expert_bias", False),
             expert_ffn_hidden_size=get("moe_ffn_hidden_size", None),
             expert_backend=get("switch_expert_backend", cls.expert_backend),
+            grouped_gemm=True if getattr(args, "moe_grouped_gemm", False) and given("moe_grouped_gemm") else None,
             fp8_format=get("fp8_format", None),
             fp8_recipe=get("fp8_recipe", None) if get("fp8_format", None) else None,
             init_seed=cls.init_seed if getattr(args, "seed", None) is None else args.seed,

@@ -9,7 +9,9 @@ C capacity. Experts are laid out contiguously: rank p owns experts [p * E_l, (p 
 - `GroupedDispatcher` (dropless, capacity without padding, or a routing group shared by several
   ranks): kept tokens are sorted by expert, split sizes are exchanged, and an uneven all-to-all
   moves exactly the kept tokens; experts see variable counts and compute no empty slot.
-Both return the expert outputs as rows [R, h] with each token's row in `DispatchMeta.token_rows`;
+Each returns its own metadata type (`PaddedMeta`, `GroupedMeta`: what its combine needs, and the
+bank's `tokens_per_expert` argument), and combine gives the expert outputs as rows [R, h] with each
+token's row in `meta.token_rows`;
 `gather_scale` then forms y_t = gate_t * kept_t * rows[token_rows_t] in one pass. Only indices and
 [*, h] rows move: nothing of size T x E x C exists. With no expert-parallel group (P = 1) the same
 code runs with the collectives as identities.
@@ -22,20 +24,35 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megatron_switch.comm import Group, all_to_all, group_size
+from megatron_switch.ops.collectives import Group, all_to_all, group_size
 from megatron_switch.router import Routing
 
 
 @dataclasses.dataclass(frozen=True)
-class DispatchMeta:
-    """What `combine` and `gather_scale` need to put expert outputs back in token order.
+class PaddedMeta:
+    """What `CapacityDispatcher.combine` and `gather_scale` need. token_rows: [T] slot of each token
+    in this rank's [E * C, h] rows (any valid slot for a dropped token)."""
 
-    token_rows: [T] row of each token in the combined output (any valid row for a dropped token).
-    tokens_per_local_expert: counts for the grouped expert path; None for the padded one.
+    token_rows: torch.Tensor
+
+    @property
+    def tokens_per_expert(self) -> None:
+        """The bank's `tokens_per_expert` argument: None, every expert computes all its slots."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedMeta:
+    """What `GroupedDispatcher.combine` and `gather_scale` need.
+
+    token_rows: [T] row of each token among this rank's kept tokens (any valid row for a dropped one).
+    tokens_per_expert: rows each local expert receives (the bank's grouped input counts).
+    send_splits / recv_splits / regroup: the uneven all-to-all's splits and the permutation that sorts
+    received rows by local expert; None without expert parallelism.
     """
 
     token_rows: torch.Tensor
-    tokens_per_local_expert: Optional[List[int]] = None
+    tokens_per_expert: List[int]
     send_splits: Optional[List[int]] = None
     recv_splits: Optional[List[int]] = None
     regroup: Optional[torch.Tensor] = None
@@ -48,7 +65,7 @@ class CapacityDispatcher:
         self.num_experts, self.ep_group = num_experts, ep_group
         self.ep = group_size(ep_group)
 
-    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, DispatchMeta]:
+    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, PaddedMeta]:
         E, C, h = self.num_experts, routing.capacity, x_Th.shape[-1]
         trash = E * C
         slot_T = torch.where(routing.kept, routing.expert * C + routing.position,
@@ -59,9 +76,9 @@ class CapacityDispatcher:
         received = all_to_all(buffer, self.ep_group)  # [P (source), E_l, C, h]
         E_l = E // self.ep
         x_ENh = received.view(self.ep, E_l, C, h).transpose(0, 1).reshape(E_l, self.ep * C, h)
-        return x_ENh, DispatchMeta(torch.where(routing.kept, slot_T, torch.zeros_like(slot_T)))
+        return x_ENh, PaddedMeta(torch.where(routing.kept, slot_T, torch.zeros_like(slot_T)))
 
-    def combine(self, y_ENh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    def combine(self, y_ENh: torch.Tensor, meta: PaddedMeta) -> torch.Tensor:
         """[E_l, P * C, h] -> [E * C, h]: this rank's slots, back from their experts."""
         E_l, _, h = y_ENh.shape
         send = y_ENh.view(E_l, self.ep, -1, h).transpose(0, 1).reshape(-1, h)
@@ -75,7 +92,7 @@ class GroupedDispatcher:
         self.num_experts, self.ep_group = num_experts, ep_group
         self.ep = group_size(ep_group)
 
-    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, DispatchMeta]:
+    def dispatch(self, x_Th: torch.Tensor, routing: Routing) -> Tuple[torch.Tensor, GroupedMeta]:
         E, P = self.num_experts, self.ep
         E_l = E // P
         kept = routing.kept
@@ -88,7 +105,7 @@ class GroupedDispatcher:
         token_rows = torch.zeros_like(routing.expert)
         token_rows[rows] = torch.arange(num_kept, device=rows.device)
         if P == 1:
-            return x_sent, DispatchMeta(token_rows, send_counts_PE[0].tolist())
+            return x_sent, GroupedMeta(token_rows, send_counts_PE[0].tolist())
         recv_counts_PE = torch.empty_like(send_counts_PE)
         torch.distributed.all_to_all_single(recv_counts_PE, send_counts_PE, group=self.ep_group)
         send_splits = send_counts_PE.sum(1).tolist()
@@ -97,10 +114,10 @@ class GroupedDispatcher:
         local_expert = torch.repeat_interleave(
             torch.arange(E_l, device=x_Th.device).repeat(P), recv_counts_PE.flatten())
         regroup = torch.argsort(local_expert, stable=True)
-        meta = DispatchMeta(token_rows, recv_counts_PE.sum(0).tolist(), send_splits, recv_splits, regroup)
+        meta = GroupedMeta(token_rows, recv_counts_PE.sum(0).tolist(), send_splits, recv_splits, regroup)
         return received.index_select(0, regroup), meta
 
-    def combine(self, y_Nh: torch.Tensor, meta: DispatchMeta) -> torch.Tensor:
+    def combine(self, y_Nh: torch.Tensor, meta: GroupedMeta) -> torch.Tensor:
         """Expert outputs -> [kept tokens, h] in this rank's sorted send order."""
         if meta.regroup is not None:
             y_Nh = torch.empty_like(y_Nh).index_copy(0, meta.regroup, y_Nh)

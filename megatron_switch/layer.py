@@ -14,7 +14,7 @@ group is the whole micro-batch (see router.py).
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -22,10 +22,10 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_switch.comm import Group, gather_rows, group_rank, group_size, scatter_rows
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.dispatch import CapacityDispatcher, GroupedDispatcher, gather_scale
 from megatron_switch.experts import build_experts
+from megatron_switch.ops.collectives import Group, gather_rows, group_rank, group_size, scatter_rows
 from megatron_switch.router import SwitchRouter
 
 
@@ -48,25 +48,54 @@ class SwitchStats:
 FROM_PARALLEL_STATE = object()  # default: take the group from megatron.core.parallel_state
 
 
-def _default_group(getter_name: str, size_name: str) -> Group:
-    if not parallel_state.model_parallel_is_initialized():
-        return None
-    if getattr(parallel_state, size_name)() == 1:
-        return None
-    return getattr(parallel_state, getter_name)()
-
-
 def _multi_rank(group) -> Group:
     """A process group of more than one rank, else None (a single rank needs no communication)."""
     return group if group is not None and group_size(group) > 1 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class SwitchGroups:
+    """The process groups one Switch layer uses, resolved once when it is built; forward and
+    checkpointing both read them. None stands for a single rank.
+
+    tp: the ranks sharing one micro-batch's tokens (the routing group under tensor parallelism).
+    ep: the expert-parallel group (experts are split over it).
+    expert_dp: the experts' replicas (their checkpoint replica id).
+    dp_cp: the router's replicas over data (and context) parallelism (its checkpoint replica id).
+    """
+
+    tp: Group = None
+    ep: Group = None
+    expert_dp: Group = None
+    dp_cp: Group = None
+
+    @classmethod
+    def resolve(cls, pg_collection=None, ep_group=FROM_PARALLEL_STATE,
+                tp_group=FROM_PARALLEL_STATE) -> "SwitchGroups":
+        """Explicit groups win; then megatron-core's `pg_collection` (megatron-core >= 0.17 passes one to
+        every MLP it builds); then `megatron.core.parallel_state` when it is initialised; else single ranks."""
+        def pick(explicit, collection_name: str, getter):
+            if explicit is not FROM_PARALLEL_STATE:
+                return explicit
+            if pg_collection is not None and getattr(pg_collection, collection_name, None) is not None:
+                return _multi_rank(getattr(pg_collection, collection_name))
+            if parallel_state.model_parallel_is_initialized():
+                return _multi_rank(getter())
+            return None
+
+        return cls(
+            tp=pick(tp_group, "tp", parallel_state.get_tensor_model_parallel_group),
+            ep=pick(ep_group, "ep", parallel_state.get_expert_model_parallel_group),
+            expert_dp=pick(FROM_PARALLEL_STATE, "expt_dp", parallel_state.get_expert_data_parallel_group),
+            dp_cp=pick(FROM_PARALLEL_STATE, "dp_cp",
+                       lambda: parallel_state.get_data_parallel_group(with_context_parallel=True)))
+
+
 class SwitchMLP(MegatronModule):
     """A bank of E experts with top-1 routing; E / EP of them live on this rank.
 
-    ep_group / tp_group: process groups (None: a single rank); by default those of `pg_collection`
-    (megatron-core >= 0.17 passes its ProcessGroupCollection to every MLP it builds), else Megatron's
-    expert-parallel and tensor-parallel groups when megatron.core.parallel_state is initialised.
+    ep_group / tp_group: process groups (None: a single rank); by default those of `pg_collection`,
+    else Megatron's when megatron.core.parallel_state is initialised (`SwitchGroups.resolve`).
     is_mtp_layer, name: passed by megatron-core >= 0.19 to every MLP it builds (whether the layer
     is a multi-token-prediction layer; the module's dotted name); a Switch layer routes the same way.
     """
@@ -79,27 +108,27 @@ class SwitchMLP(MegatronModule):
             raise SwitchConfigError("SwitchMLP needs a SwitchConfig: build the spec with "
                                     "get_switch_gpt_layer_spec(config, switch_config)")
         self.switch = switch
-        if pg_collection is not None:
-            ep_group = _multi_rank(getattr(pg_collection, "ep", None)) if ep_group is FROM_PARALLEL_STATE else ep_group
-            tp_group = _multi_rank(getattr(pg_collection, "tp", None)) if tp_group is FROM_PARALLEL_STATE else tp_group
-        self.ep_group = (_default_group("get_expert_model_parallel_group",
-                                        "get_expert_model_parallel_world_size")
-                         if ep_group is FROM_PARALLEL_STATE else ep_group)
-        self.tp_group = (_default_group("get_tensor_model_parallel_group",
-                                        "get_tensor_model_parallel_world_size")
-                         if tp_group is FROM_PARALLEL_STATE else tp_group)
-        ep = group_size(self.ep_group)
+        self.groups = SwitchGroups.resolve(pg_collection, ep_group, tp_group)
+        ep = group_size(self.groups.ep)
         if switch.num_experts % ep:
             raise SwitchConfigError(
                 f"--num-experts {switch.num_experts} is not divisible by the expert-parallel size {ep}")
         num_local = switch.num_experts // ep
         self.layer_number = layer_number
         self.router = SwitchRouter(config, switch, layer_number)
-        self.experts = build_experts(config, switch, num_local, group_rank(self.ep_group) * num_local,
+        self.experts = build_experts(config, switch, num_local, group_rank(self.groups.ep) * num_local,
                                      layer_number)
-        self.capacity_dispatcher = CapacityDispatcher(switch.num_experts, self.ep_group)
-        self.grouped_dispatcher = GroupedDispatcher(switch.num_experts, self.ep_group)
+        self.capacity_dispatcher = CapacityDispatcher(switch.num_experts, self.groups.ep)
+        self.grouped_dispatcher = GroupedDispatcher(switch.num_experts, self.groups.ep)
         self.last_stats: Optional[SwitchStats] = None
+
+    @property
+    def ep_group(self) -> Group:
+        return self.groups.ep
+
+    @property
+    def tp_group(self) -> Group:
+        return self.groups.tp
 
     def set_layer_number(self, layer_number: int) -> None:
         """Called by TransformerLayer; re-draws the layout-independent init for that layer number."""
@@ -108,48 +137,19 @@ class SwitchMLP(MegatronModule):
             self.router.reset_parameters(layer_number)
             self.experts.reset_parameters(layer_number)
 
-    # Checkpoint keys of the expert bank (global expert axis first), as megatron-core's grouped
-    # experts name them, so a checkpoint reshards across EP/TP/PP and moves between backends.
-    EXPERT_KEYS = {"weight1": "linear_fc1.weight", "bias1": "linear_fc1.bias",
-                   "weight2": "linear_fc2.weight", "bias2": "linear_fc2.bias"}
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None):
-        """Router: replicated. Experts: [E, ...] tensors sharded over EP, replicated over expert-DP."""
+        """Router: replicated over TP and data parallelism. Experts: the bank's [E, ...] tensors,
+        sharded over EP and replicated over expert-data parallelism (see experts.base)."""
         from megatron.core.dist_checkpointing.mapping import ShardedTensor
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-        state = make_sharded_tensors_for_checkpoint(
-            {"router.weight": self.router.weight}, prefix, sharded_offsets=sharded_offsets,
-            tp_group=parallel_state.get_tensor_model_parallel_group(),
-            dp_cp_group=parallel_state.get_data_parallel_group(with_context_parallel=True))
-        ep_rank, ep = group_rank(self.ep_group), group_size(self.ep_group)
-        replica_id = (0, 0, parallel_state.get_expert_data_parallel_rank())
-        axis = len(sharded_offsets)
-        per_expert = getattr(self.experts, "checkpoint_parameters", None)
-        for name, key in self.EXPERT_KEYS.items():
-            full_key = f"{prefix}experts.{key}"
-            if per_expert is None:  # the torch bank: one [E_l, ...] block of the [E, ...] tensor
-                param = getattr(self.experts, name)
-                if param is not None:
-                    state[full_key] = ShardedTensor.from_rank_offsets(
-                        full_key, param, *sharded_offsets, (axis, ep_rank, ep),
-                        replica_id=replica_id, prepend_axis_num=axis)
-                continue
-            # A bank holding one parameter per expert (Transformer Engine): one [1, ...] block each,
-            # under the bank's own parameter name, at the expert's global index.
-            for local_name, param, local in per_expert(name):
-                state[f"{prefix}experts.{local_name}"] = ShardedTensor.from_rank_offsets(
-                    full_key, param, *sharded_offsets, (axis, self.experts.first_expert + local,
-                                                        self.switch.num_experts),
-                    replica_id=replica_id, prepend_axis_num=axis + 1)
+        g = self.groups
+        state = {f"{prefix}router.weight": ShardedTensor.from_rank_offsets(
+            f"{prefix}router.weight", self.router.weight, *sharded_offsets,
+            replica_id=(0, group_rank(g.tp), group_rank(g.dp_cp)), prepend_axis_num=len(sharded_offsets))}
+        state.update(self.experts.sharded_state_dict(
+            f"{prefix}experts.", sharded_offsets, group_rank(g.ep), group_size(g.ep),
+            replica_id=(0, 0, group_rank(g.expert_dp))))
         return state
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # Accept the checkpoint key names for the expert bank (see EXPERT_KEYS).
-        for name, key in self.EXPERT_KEYS.items():
-            if f"{prefix}experts.{key}" in state_dict:
-                state_dict[f"{prefix}experts.{name}"] = state_dict.pop(f"{prefix}experts.{key}")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def token_group(self) -> Group:
@@ -169,9 +169,7 @@ class SwitchMLP(MegatronModule):
                   and self.switch.pads_to_capacity(x_Th.device.type))
         dispatcher = self.capacity_dispatcher if padded else self.grouped_dispatcher
         expert_in, meta = dispatcher.dispatch(x_Th, routing)
-        expert_out = (self.experts.forward_padded(expert_in) if meta.tokens_per_local_expert is None
-                      else self.experts.forward_grouped(expert_in, meta.tokens_per_local_expert))
-        rows = dispatcher.combine(expert_out, meta)
+        rows = dispatcher.combine(self.experts(expert_in, meta.tokens_per_expert), meta)
         y_Th = gather_scale(rows, meta.token_rows, routing.gate * routing.kept)
 
         aux_loss = routing.aux_loss + routing.z_loss
@@ -192,3 +190,16 @@ def switch_stats(model: torch.nn.Module) -> Dict[int, SwitchStats]:
     """The last forward's statistics of every Switch layer in `model`, keyed by layer number."""
     return {m.layer_number: m.last_stats for m in model.modules()
             if isinstance(m, SwitchMLP) and m.last_stats is not None}
+
+
+def on_training_stats(layer: SwitchMLP, callback: Callable[[SwitchMLP, SwitchStats], None]
+                      ) -> torch.utils.hooks.RemovableHandle:
+    """Call `callback(layer, stats)` after every forward of `layer` that counts for training
+    statistics: training mode with autograd on. Evaluation forwards and the no-grad first pass of
+    full activation recomputation are left out, so each micro-batch counts once. The one hook the
+    trainer's report and Megatron-LM's MoE log both use."""
+    def hook(module, inputs, output):
+        if module.training and torch.is_grad_enabled() and module.last_stats is not None:
+            callback(module, module.last_stats)
+
+    return layer.register_forward_hook(hook)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 from typing import Optional
 
@@ -21,21 +22,49 @@ class LayoutError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class ParallelLayout:
-    world_size: int
+class Layout:
+    """A parallel layout, the one type the package uses for it (validation, checkpoints, planning).
+
+    tp, pp: tensor and pipeline model parallelism; ep: expert parallelism (it folds over TP x DP of a
+    pipeline stage); dp: data-parallel size (world / (tp x pp)); etp: expert tensor parallelism (1).
+    A checkpoint's layout is its (tp, pp, ep) (`as_dict`; any data-parallel size reads it).
+    """
+
     tp: int = 1
     pp: int = 1
     ep: int = 1
-    num_experts: Optional[int] = None
+    dp: int = 1
     etp: int = 1
 
     @property
-    def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
 
     @property
     def expert_dp(self) -> int:
+        """Replicas of each expert: world / (ETP x EP x PP)."""
         return self.world_size // (self.etp * self.ep * self.pp)
+
+    @property
+    def min_world_size(self) -> int:
+        """Fewest processes that run the (tp, pp, ep) part: PP x lcm(TP, EP) (experts fold over TP x DP)."""
+        return self.pp * math.lcm(self.tp, self.ep)
+
+    def coords(self) -> list[tuple[int, int, int]]:
+        """Every (tp, pp, ep) rank coordinate, pipeline stage outermost (one legacy file each)."""
+        return [(t, p, e) for p in range(self.pp) for t in range(self.tp) for e in range(self.ep)]
+
+    def as_dict(self) -> dict[str, int]:
+        """What a checkpoint records: {"tp", "pp", "ep"}."""
+        return {"tp": self.tp, "pp": self.pp, "ep": self.ep}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "Layout":
+        """A layout from a checkpoint's record (unknown keys, e.g. world_size, are ignored)."""
+        return cls(**{k: int(v) for k, v in record.items() if k in ("tp", "pp", "ep", "dp", "etp")})
+
+    def __str__(self) -> str:
+        return f"TP{self.tp} PP{self.pp} EP{self.ep}" + (f" DP{self.dp}" if self.dp > 1 else "")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -56,7 +85,7 @@ def _closest_ep(world_size: int, pp: int, etp: int, ep: int, num_experts: Option
 
 
 def validate_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1,
-                    num_experts: Optional[int] = None, etp: int = 1) -> ParallelLayout:
+                    num_experts: Optional[int] = None, etp: int = 1) -> Layout:
     """Check a layout before any process group exists; raise LayoutError with a valid alternative."""
     for name, value in (("world size", world_size), ("--tensor-model-parallel-size", tp),
                         ("--pipeline-model-parallel-size", pp), ("--expert-model-parallel-size", ep),
@@ -87,7 +116,7 @@ def validate_layout(world_size: int, tp: int = 1, pp: int = 1, ep: int = 1,
             f"{expert_model}: the expert-parallel group folds over the {world_size // pp} ranks of a "
             f"pipeline stage; use --expert-model-parallel-size "
             f"{_closest_ep(world_size, pp, etp, ep, num_experts)}")
-    return ParallelLayout(world_size, tp, pp, ep, num_experts, etp)
+    return Layout(tp, pp, ep, world_size // (tp * pp), etp)
 
 
 def local_rank() -> int:
@@ -96,7 +125,7 @@ def local_rank() -> int:
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Optional[int] = None,
-                        backend: Optional[str] = None, timeout_minutes: float = 10) -> ParallelLayout:
+                        backend: Optional[str] = None, timeout_minutes: float = 10) -> Layout:
     """Validate the layout, then create the default process group (from torchrun's or SLURM's
     environment, if not created yet) and Megatron's TP/PP/DP/EP groups.
 

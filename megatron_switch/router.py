@@ -18,7 +18,7 @@ import torch
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_switch.comm import Group, all_gather_no_grad, group_rank, group_size, sum_backward, sum_forward
+from megatron_switch.ops.collectives import Group, all_gather_no_grad, group_rank, group_size, sum_backward, sum_forward
 from megatron_switch.config import SwitchConfig
 from megatron_switch.initialization import seeded_generator, truncated_normal_
 

@@ -1,9 +1,10 @@
 import os
-import warnings
 
 import pytest
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+from megatron_switch.quiet import quiet_import_warnings
+
+quiet_import_warnings()  # (the library installs no filter itself; the entry points and this file do)
 
 
 @pytest.fixture

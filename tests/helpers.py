@@ -63,17 +63,12 @@ def dense_ffn(x, w1, w2, b1=None, b2=None, activation="relu"):
 def count_expert_rows(experts):
     """Record how many token rows the expert bank computes in each call (a list, appended to)."""
     counts = []
-    padded, grouped = experts.forward_padded, experts.forward_grouped
 
-    def forward_padded(x_ENh):
-        counts.append(x_ENh.shape[0] * x_ENh.shape[1])
-        return padded(x_ENh)
+    def hook(module, args, output):
+        x = args[0]
+        counts.append(x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0])  # padded [E, N, h] or grouped [N, h]
 
-    def forward_grouped(x_Nh, tokens_per_expert):
-        counts.append(x_Nh.shape[0])
-        return grouped(x_Nh, tokens_per_expert)
-
-    experts.forward_padded, experts.forward_grouped = forward_padded, forward_grouped
+    experts.register_forward_hook(hook)
     return counts
 
 

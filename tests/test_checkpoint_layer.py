@@ -25,9 +25,9 @@ def logits_of(model):
 def save_worker(rank, world_size, ep, ckpt_dir, out_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
 
-    apply_cpu_shims()
+    enable_cpu_support()
     initialize_parallel(ep=ep, num_experts=4, backend="gloo")
     model = build_gpt(ep)
     with torch.no_grad():  # move away from the seeded init, so loading has something to prove
@@ -45,9 +45,9 @@ def save_worker(rank, world_size, ep, ckpt_dir, out_path):
 def load_worker(rank, world_size, ep, ckpt_dir, out_path):
     from megatron.core import dist_checkpointing
 
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
 
-    apply_cpu_shims()
+    enable_cpu_support()
     initialize_parallel(ep=ep, num_experts=4, backend="gloo")
     model = build_gpt(ep)
     state = dist_checkpointing.load(model.sharded_state_dict(metadata=METADATA), ckpt_dir)

@@ -66,8 +66,9 @@ def _logits_worker(rank, world_size, jobs, out_dir):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    from megatron_switch.checkpoint.sharding import Layout, holders
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.checkpoint.sharding import holders
+    from megatron_switch.parallel import Layout
+    from megatron_switch.compat import enable_cpu_support
     from megatron_switch.data.tokenizers import build_tokenizer
     from megatron_switch.parallel import initialize_parallel
     from megatron_switch.training.arguments import parse_args
@@ -84,7 +85,7 @@ def _logits_worker(rank, world_size, jobs, out_dir):
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         initialize_parallel(tp, pp, ep, 4, backend="gloo")
-        apply_cpu_shims()
+        enable_cpu_support()
         # Padded to capacity, each expert's GEMMs have the same shapes whatever tokens it got (CPU GEMMs
         # round products of 1-3 rows differently from larger ones), so equal weights give equal logits.
         args = parse_args([*SMALL, *_vocab_flags(tp), "--tensor-model-parallel-size", str(tp),
@@ -198,12 +199,22 @@ def _leftovers(parent, name):
     return [p for p in os.listdir(parent) if p.startswith(name)]
 
 
+def _as_written_by_megatron_lm(root):
+    """Megatron-LM writes no integrity.json: drop ours so the checks that need no record are reached."""
+    for record in root.rglob("integrity.json"):
+        record.unlink()
+
+
 def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
     _, out = run
     broken = tmp_path / "broken-dist"
     shutil.copytree(out["base"][0], broken)
     shard = max((p for p in broken.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ConvertError, match=f"is corrupt: {shard.name} is shorter than recorded: bytes .* are gone"):
+        convert(str(broken), str(tmp_path / "target"), fmt="torch", progress=False, log=_quiet)
+    assert _leftovers(tmp_path, "target") == []
+    _as_written_by_megatron_lm(broken)
     with pytest.raises(ConvertError, match="truncated or corrupt"):
         convert(str(broken), str(tmp_path / "target"), fmt="torch", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
@@ -212,17 +223,25 @@ def test_corrupt_files_fail_clearly_and_leave_no_target(run, tmp_path):
     shutil.copytree(out["torch-ep4"][0], legacy)
     file = legacy / "iter_0000002" / "mp_rank_00_002" / "model_optim_rng.pt"
     file.write_bytes(file.read_bytes()[:-200])
+    with pytest.raises(ConvertError, match="is corrupt: mp_rank_00_002/model_optim_rng.pt"):
+        convert(str(legacy), str(tmp_path / "target"), fmt="torch_dist", progress=False, log=_quiet)
+    assert _leftovers(tmp_path, "target") == []
+    _as_written_by_megatron_lm(legacy)
     with pytest.raises(ConvertError, match="mp_rank_00_002.*(truncated|corrupt)"):
         convert(str(legacy), str(tmp_path / "target"), fmt="torch_dist", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
 
-    # Data changed after conversion (same shapes): the manifest written beside it catches it.
+    # Data changed after conversion (same shapes): the checksums catch it, and without them the manifest
+    # written beside the converted checkpoint does.
     edited = tmp_path / "edited-legacy"
     shutil.copytree(out["torch-ep4"][0], edited)
     file = edited / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"  # holds the copy that is read
     state = torch.load(file, weights_only=False)
     state["model"]["decoder.layers.1.mlp.router.weight"] += 1
     torch.save(state, file)
+    with pytest.raises(ConvertError, match="mp_rank_00_000/model_optim_rng.pt bytes .*do not match"):
+        convert(str(edited), str(tmp_path / "target"), progress=False, log=_quiet)
+    _as_written_by_megatron_lm(edited)
     with pytest.raises(ConvertError, match="does not match the manifest.*different.*router.weight"):
         convert(str(edited), str(tmp_path / "target"), progress=False, log=_quiet)
     assert _leftovers(tmp_path, "target") == []
@@ -233,6 +252,9 @@ def test_missing_rank_and_mismatched_shape_fail_clearly(run, tmp_path):
     legacy = tmp_path / "legacy"
     shutil.copytree(out["torch-tp1pp2ep2"][0], legacy)
     shutil.rmtree(legacy / "iter_0000002" / "mp_rank_00_001_000")
+    with pytest.raises(ConvertError, match="is corrupt: mp_rank_00_001_000/model_optim_rng.pt is missing"):
+        convert(str(legacy), str(tmp_path / "target"), progress=False, log=_quiet)
+    _as_written_by_megatron_lm(legacy)
     with pytest.raises(ConvertError, match="missing rank file .*mp_rank_00_001_000/model_optim_rng.pt"):
         convert(str(legacy), str(tmp_path / "target"), progress=False, log=_quiet)
     shutil.copytree(os.path.join(out["torch-tp1pp2ep2"][0], "iter_0000002", "mp_rank_00_001_000"),
@@ -289,7 +311,8 @@ def test_command_line(run, tmp_path):
 
 
 def test_layout_check_names_the_tensor_that_does_not_split():
-    from megatron_switch.checkpoint.sharding import Layout, check_layout
+    from megatron_switch.checkpoint.sharding import check_layout
+    from megatron_switch.parallel import Layout
 
     shapes = {"output_layer.weight": (384, 64), "decoder.layers.0.mlp.experts.linear_fc1.weight": (4, 256, 64)}
     with pytest.raises(LayoutError, match="output_layer.weight has 384 entries on axis 0, not divisible by "
@@ -308,6 +331,7 @@ def test_gated_dense_mlp_is_not_resplit_across_tensor_parallel_sizes(run, tmp_pa
         state = torch.load(file, weights_only=False)
         state["args"].swiglu = True
         torch.save(state, file)
+    _as_written_by_megatron_lm(gated)  # edited as Megatron-LM would have written it
     with pytest.raises(ConvertError, match="gated dense MLPs.*keep --target-tp 1"):
         convert(str(gated), str(tmp_path / "tp2"), target_tp=2, fmt="torch_dist", progress=False, log=_quiet)
     assert _leftovers(tmp_path, "tp2") == []

@@ -74,9 +74,9 @@ IMPLS = pytest.mark.parametrize("megatron_ddp", [True, False], ids=["megatron-dd
 @IMPLS
 @pytest.mark.parametrize("precision", [[], ["--bf16"]], ids=["fp32", "bf16"])
 def test_one_rank_sharded_is_the_plain_optimizer(single_process_groups, precision, megatron_ddp):
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
 
-    apply_cpu_shims()
+    enable_cpu_support()
     plain_model, plain = _build(_tiny_args(*precision), megatron_ddp)
     sharded_model, sharded = _build(_tiny_args(*precision, SHARDED), megatron_ddp)
     assert [(id(p), a, b) for p, a, b in sharded.pieces] == [(id(p), 0, p.numel()) for p in sharded.params]
@@ -114,13 +114,13 @@ def _gather(obj, group) -> list:
 def _ownership_worker(rank, world_size, tmp, megatron_ddp):
     from megatron.core import parallel_state
 
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
     from megatron_switch.parallel import initialize_parallel
     from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_switch.training.optimizer import Optimization
 
     initialize_parallel(ep=2, num_experts=4)  # 4 ranks: data parallel 4, expert-data parallel 2
-    apply_cpu_shims()
+    enable_cpu_support()
     # Rows of 40 elements: megatron's shard boundaries (multiples of 32 here) cut some of them.
     args = _tiny_args("--bf16", "--expert-model-parallel-size", "2", SHARDED, "--hidden-size", "40")
     model, optimization = _build(args, megatron_ddp)

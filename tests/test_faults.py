@@ -389,7 +389,7 @@ def test_other_commands_refuse_a_zero_read_as_default(tmp_path, capsys):
         (sbatch_main, ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", "x", "--time", "4h"],
          "--time '4h' is not a SLURM time: use HH:MM:SS"),
         (sbatch_main, ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", "x", "--time", "00:01:00"],
-         "leaves no room before the save-and-exit signal"),
+         "--signal-seconds 60 is not inside --time 00:01:00"),
         (sbatch_main, ["--preset", "tiny", "--cpu", "--nodes", "1", "--save", "x", "--extra-args", "--no-such-flag 3"],
          "`megatron-switch train` does not take --no-such-flag"),
     ]

@@ -15,7 +15,7 @@ from tests.helpers import tiny_config
 
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.experts import TorchExperts, build_experts, resolve_expert_backend
-from megatron_switch.fp8 import E4M3, E5M2, dequantize, fp8_dtypes, fp8_linear, quantize
+from megatron_switch.ops.fp8 import E4M3, E5M2, dequantize, fp8_dtypes, fp8_linear, quantize
 
 
 def _reference_quantize(x, dtype):
@@ -118,8 +118,8 @@ def test_fp8_expert_bank_close_to_bf16(activation):
     outs = []
     for bank in (ref, fp8):
         xr = x.clone().requires_grad_()
-        padded = bank.forward_padded(xr)
-        grouped = bank.forward_grouped(xr.reshape(48, 32), [30, 18])
+        padded = bank(xr)
+        grouped = bank(xr.reshape(48, 32), [30, 18])
         (padded.square().sum() + grouped.sum()).backward()
         outs.append((padded, grouped, xr.grad, bank.weight1.grad, bank.weight2.grad))
     # Relative error (norm): outputs pass two FP8 GEMMs (measured ~0.05), input and weight gradients
@@ -164,7 +164,7 @@ def test_transformer_engine_imported_lazily():
     """The te module imports without Transformer Engine; nothing imports TE until te is chosen."""
     for name in [m for m in sys.modules if m.startswith("transformer_engine")]:
         del sys.modules[name]
-    module = importlib.import_module("megatron_switch.experts_te")
+    module = importlib.import_module("megatron_switch.experts.te_bank")
     importlib.reload(module)
     assert set(module.TE_RECIPES) == {"delayed", "tensorwise", "blockwise", "mxfp8"}
     build_experts(tiny_config(), SwitchConfig(num_experts=2), 2, 0)
@@ -173,7 +173,7 @@ def test_transformer_engine_imported_lazily():
 
 def test_fp8_bank_projection_is_each_expert_alone():
     """The bank (per-expert scales, one pass) equals each expert's projection computed alone."""
-    from megatron_switch.fp8 import fp8_bank_linear
+    from megatron_switch.ops.fp8 import fp8_bank_linear
 
     torch.manual_seed(4)
     x = (torch.randn(3, 20, 32) * torch.tensor([1e-2, 1.0, 1e2])[:, None, None]).requires_grad_()

@@ -103,3 +103,41 @@ def test_gated_experts_map_to_wi_0_and_wi_1():
                       switch=SwitchConfig(num_experts=E, activation="geglu", expert_bias=False, init_seed=7))
     import_huggingface_sparse_mlp(other, exported)
     assert torch.equal(other.experts.weight1, layer.experts.weight1)
+
+
+def buildable_bank_types() -> list[str]:
+    """The expert backends this machine can build (Transformer Engine needs a GPU)."""
+    from megatron_switch.experts import transformer_engine_available
+
+    return ["torch"] + (["te"] if transformer_engine_available() else [])
+
+
+@pytest.mark.parametrize("backend", buildable_bank_types())
+@pytest.mark.parametrize("bias", [True, False])
+def test_hugging_face_import_writes_every_expert_of_every_bank_type(backend, bias):
+    """The import goes through the bank contract (`load_expert_weights`), so it changes the weights of
+    any bank type, not a stacked copy: every expert's weights become Hugging Face's, biases zero."""
+    torch.manual_seed(2)
+    hf_config = transformers.SwitchTransformersConfig(d_model=H, d_ff=FFN, num_experts=E, router_bias=False,
+                                                      dense_act_fn="relu")
+    hf = SwitchTransformersSparseMLP(hf_config)
+    for p in hf.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    ours = SwitchMLP(tiny_config(hidden=H, ffn=FFN), ep_group=None, tp_group=None,
+                     switch=SwitchConfig(num_experts=E, expert_bias=bias, expert_backend=backend))
+    before = [ours.experts.expert_weights(e) for e in range(E)]
+    if bias:
+        with torch.no_grad():
+            for p in ours.experts.parameters():
+                if p.dim() == 2:
+                    p.normal_()  # biases non-zero before the import
+    import_huggingface_sparse_mlp(ours, hf.state_dict())
+    state = hf.state_dict()
+    for e in range(E):
+        after = ours.experts.expert_weights(e)
+        assert not torch.equal(after["weight1"], before[e]["weight1"])
+        assert torch.equal(after["weight1"], state[f"experts.expert_{e}.wi.weight"])
+        assert torch.equal(after["weight2"], state[f"experts.expert_{e}.wo.weight"])
+        if bias:
+            assert not after["bias1"].any() and not after["bias2"].any()
+    assert torch.equal(ours.router.weight, state["router.classifier.weight"])

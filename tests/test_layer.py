@@ -138,13 +138,7 @@ def test_jitter_touches_router_input_only():
     torch.manual_seed(3)
     layer = make_layer(SwitchConfig(num_experts=4, capacity_factor=None, jitter_eps=0.5))
     seen = {}
-    original = layer.experts.forward_grouped
-
-    def spy(x, counts):
-        seen["x"] = x.detach().clone()
-        return original(x, counts)
-
-    layer.experts.forward_grouped = spy
+    layer.experts.register_forward_hook(lambda module, args, output: seen.update(x=args[0].detach().clone()))
     x = torch.randn(8, 2, 16)
     x_before = x.clone()
     y, _ = layer(x)
@@ -315,30 +309,32 @@ def test_experts_compute_kept_tokens_unless_padding_to_capacity(pad, expected):
     assert rows == [4 * switch.capacity(T, True) if expected == "slots" else kept]
 
 
-def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm(monkeypatch):
-    """Where torch._grouped_mm has no kernel the grouped projection runs one GEMM per expert:
-    both give the same outputs and gradients, empty experts included."""
-    from megatron_switch import experts as expert_module
+def test_grouped_gemm_per_expert_fallback_matches_torch_grouped_mm():
+    """Where torch._grouped_mm is not used (SwitchConfig.grouped_gemm False, or no kernel) the grouped
+    projection runs one GEMM per expert: both give the same outputs and gradients, empty experts included."""
+    import dataclasses
+
+    from megatron_switch.experts import TorchExperts
+    from megatron_switch.ops.projections import grouped_mm_fits
 
     torch.manual_seed(7)
     switch = SwitchConfig(num_experts=4, activation="swiglu")
-    bank = expert_module.TorchExperts(tiny_config(), switch, 4, 0)
+    bank = TorchExperts(tiny_config(), switch, 4, 0)
     with torch.no_grad():
         bank.bias1.normal_()
         bank.bias2.normal_()
     counts = [5, 0, 7, 3]
     x = torch.randn(15, 16, requires_grad=True)
     upstream = torch.randn(15, 16)
-    if not expert_module._grouped_mm_fits(x, bank.weight1):
+    if not grouped_mm_fits(x, bank.weight1):
         pytest.skip("this torch has no CPU kernel for torch._grouped_mm")
     results = []
     with counting_grouped_mm() as grouped_calls:
         for native in (True, False):
-            if not native:
-                monkeypatch.setattr(expert_module, "GROUPED_MM_DEVICES", set())
+            bank.switch = dataclasses.replace(switch, grouped_gemm=None if native else False)
             bank.zero_grad(set_to_none=True)
             x.grad = None
-            (bank.forward_grouped(x, counts) * upstream).sum().backward()
+            (bank(x, counts) * upstream).sum().backward()
             results.append([x.grad] + [p.grad for p in bank.parameters()])
             # the native pass runs all 6 GEMMs (2 projections: forward, input and weight gradients) grouped
             assert len(grouped_calls) == 6, grouped_calls
@@ -354,7 +350,7 @@ def test_grouped_experts_without_tokens_stay_in_the_graph():
 
     bank = TorchExperts(tiny_config(), SwitchConfig(num_experts=4), 4, 0)
     x = torch.empty(0, 16, requires_grad=True)
-    y = bank.forward_grouped(x, [0, 0, 0, 0])
+    y = bank(x, [0, 0, 0, 0])
     assert y.shape == (0, 16)
     y.sum().backward()
     for p in bank.parameters():

@@ -26,7 +26,8 @@ from megatron_switch.arguments import layer_freq_type, typed_dests
 from megatron_switch.megatron_lm import arguments as mlm_args
 from megatron_switch.megatron_lm import launch
 from megatron_switch.megatron_lm.stats import switch_log_values
-from megatron_switch.spec import SwitchTransformerLayer, get_switch_gpt_layer_spec
+from megatron_switch.megatron_lm.layer import SwitchTransformerLayer
+from megatron_switch.spec import get_switch_gpt_layer_spec
 from tests.helpers import tiny_config
 
 

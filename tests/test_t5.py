@@ -11,8 +11,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP
 
 from megatron_switch import SwitchConfig, SwitchMLP
-from megatron_switch.spec import SDPAttention
-from megatron_switch.t5 import get_switch_t5_layer_specs
+from megatron_switch.specs import SDPAttention
+from megatron_switch.specs import get_switch_t5_layer_specs
 from tests.helpers import tiny_config
 
 VOCAB = 64

@@ -1,5 +1,5 @@
-"""Switch T5 (models/t5.py) against Hugging Face's `SwitchTransformersForConditionalGeneration`, built
-offline from a config with random weights and given the same weights through models/t5_hf.py: the
+"""Switch T5 (specs/t5_model.py) against Hugging Face's `SwitchTransformersForConditionalGeneration`, built
+offline from a config with random weights and given the same weights through checkpoint/huggingface_t5.py: the
 same logits, router decisions and router losses, and the same gradients, in float32 with a capacity
 that drops nothing. Layouts: Switch layers every 2nd layer and every layer (Switch-C), tied and
 untied embeddings, ReLU and gated-GELU FFNs. Expert parallelism (EP=2, spawned gloo processes)
@@ -26,14 +26,14 @@ import torch.nn.functional as F
 
 from megatron_switch import SwitchConfig
 from megatron_switch.data.span_corruption import t5_attention_masks
-from megatron_switch.models.t5 import (
+from megatron_switch.specs.t5_model import (
     T5ConfigError,
     T5Settings,
     build_switch_t5,
     local_state_dict,
     switch_layers_by_stack,
 )
-from megatron_switch.models.t5_hf import T5WeightsError, hf_to_ours, ours_to_hf, settings_from_hf_config
+from megatron_switch.checkpoint.huggingface_t5 import T5WeightsError, hf_to_ours, ours_to_hf, settings_from_hf_config
 from tests.helpers import spawn
 
 transformers = pytest.importorskip("transformers", minversion="5.24")

@@ -219,7 +219,7 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
     master weights start from the loaded model, so the first step updates the loaded weights (not the
     fresh initialisation the masters were copied from)."""
     from megatron_switch.checkpoint.convert import convert
-    from megatron_switch.compat import apply_cpu_shims
+    from megatron_switch.compat import enable_cpu_support
     from megatron_switch.training.arguments import parse_args
     from megatron_switch.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron_switch.training.model import build_model
@@ -237,7 +237,7 @@ def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_pro
         optimization = Optimization(model, args, megatron_ddp=False)
         return model, optimization, optimization.scheduler
 
-    apply_cpu_shims()
+    enable_cpu_support()
     model, optimization, scheduler = setup(seed=1)
     save_checkpoint(str(tmp_path / "full"), 1, model, optimization.optimizer,
                     optimization.params_in_optimizer_order, scheduler,

@@ -3,10 +3,18 @@
 Directory contents:
   model.safetensors              every model tensor under its torch_dist key
   optimizer.safetensors          Adam moments and float32 master weights (omitted with --no-optim)
+  objects.safetensors            tensors inside the objects (e.g. Transformer Engine's `_extra_state`),
+                                 when there are any
   model.safetensors.index.json   {"metadata": {...}, "weight_map": {name: file}} (Hugging Face's
-                                 index layout); metadata: format, iteration, layout (the one it came
-                                 from, for reference), model_config, common (scheduler, optimizer
+                                 index layout); metadata: format, version, iteration, layout (the one it
+                                 came from, for reference), model_config, common (scheduler, optimizer
                                  hyper-parameters, progress), objects (`_extra_state` entries)
+The index holds no pickle: objects are JSON (version 2), plain JSON values as they are, other values
+tagged {"__type__": ...}: tuples, dicts with other than string keys, argparse Namespaces (as a
+dict), enums (by class and member name; the class must be on `safe_pickle`'s allow-list), torch
+dtypes, tensors (by name in objects.safetensors) and Transformer Engine 1.x states (a torch.save
+archive in a BytesIO: its contents, saved again on reading). Folders of version 1 (no version field)
+kept objects as base64 torch.save pickles: they are still read, through `safe_pickle`'s allow-list.
 Files are written tensor by tensor (the safetensors layout: 8-byte header size, JSON header, data)
 and read block by block through `safetensors.safe_open`, reopened for every read so that the
 memory-mapped pages of one tensor are released before the next is read.
@@ -14,11 +22,14 @@ memory-mapped pages of one tensor are released before the next is read.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import enum
 import io
 import json
 import os
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,46 +42,125 @@ from megatron_switch.checkpoint.contents import (
     full_index,
     is_optimizer,
 )
+from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, CheckpointCodeError, allowed_object, load
 
 INDEX = "model.safetensors.index.json"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+OBJECTS_FILE = "objects.safetensors"
 FORMAT = "megatron-switch"
+VERSION = 2  # 1 (no "version" field): objects as base64 torch.save pickles
 _CODES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
 _DTYPES = {code: dtype for dtype, code in _CODES.items()}
+_TAG = "__type__"
 
 
 def is_consolidated_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, INDEX))
 
 
-def _encode_object(value: Any) -> str:
-    data = io.BytesIO()
-    torch.save(value, data)
-    return base64.b64encode(data.getvalue()).decode()
+class _ObjectEncoder:
+    """Objects to JSON; the tensors they hold are collected in `tensors` (for objects.safetensors)."""
+
+    def __init__(self, trusted: bool):
+        self.trusted = trusted
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def encode(self, value: Any, where: str) -> Any:
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        if isinstance(value, list):
+            return [self.encode(v, f"{where}/{i}") for i, v in enumerate(value)]
+        if isinstance(value, tuple):
+            return {_TAG: "tuple", "items": [self.encode(v, f"{where}/{i}") for i, v in enumerate(value)]}
+        if isinstance(value, dict):
+            if all(isinstance(k, str) for k in value) and _TAG not in value:
+                return {k: self.encode(v, f"{where}/{k}") for k, v in value.items()}
+            return {_TAG: "dict", "items": [[self.encode(k, f"{where}/{k}"), self.encode(v, f"{where}/{k}")]
+                                            for k, v in value.items()]}
+        if isinstance(value, argparse.Namespace):
+            return {_TAG: "namespace", "items": self.encode(vars(value), where)}
+        if isinstance(value, enum.Enum):
+            cls = type(value)
+            return {_TAG: "enum", "module": cls.__module__, "class": cls.__qualname__, "member": value.name}
+        if isinstance(value, torch.dtype):
+            return {_TAG: "dtype", "name": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.Tensor):
+            if value.dtype not in _CODES:
+                raise ConvertError(f"object {where}: a {value.dtype} tensor, which safetensors files here do not "
+                                   f"hold; convert to torch or torch_dist instead")
+            self.tensors[where] = value.detach().cpu().contiguous()
+            return {_TAG: "tensor", "name": where}
+        if isinstance(value, io.BytesIO):  # Transformer Engine 1.x: a torch.save archive of its state
+            state = load(value.getvalue(), trusted=self.trusted, what=f"object {where}")
+            return {_TAG: "torch_save", "value": self.encode(state, where)}
+        raise ConvertError(f"object {where}: a {type(value).__module__}.{type(value).__qualname__}, which the "
+                           f"consolidated format (JSON and tensors) cannot hold; convert to torch or torch_dist")
 
 
-def _decode_object(text: str) -> Any:
-    return torch.load(io.BytesIO(base64.b64decode(text)), weights_only=False)
+def _decode(value: Any, tensor: Callable[[str], torch.Tensor], where: str) -> Any:
+    """The object `value` (JSON written by _ObjectEncoder) stands for; `tensor(name)` reads one tensor."""
+    if isinstance(value, list):
+        return [_decode(v, tensor, where) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if _TAG not in value:
+        return {k: _decode(v, tensor, where) for k, v in value.items()}
+    kind = value[_TAG]
+    if kind == "tuple":
+        return tuple(_decode(v, tensor, where) for v in value["items"])
+    if kind == "dict":
+        return {_decode(k, tensor, where): _decode(v, tensor, where) for k, v in value["items"]}
+    if kind == "namespace":
+        return argparse.Namespace(**_decode(value["items"], tensor, where))
+    if kind == "enum":
+        cls = allowed_object((value["module"], value["class"]), CHECKPOINT)
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            raise CheckpointCodeError(f"{where}: names {value['module']}.{value['class']} as an enum, which is not "
+                                      f"an enum class on the allow-list of checkpoint contents (an index written "
+                                      f"by megatron-switch names none other): the index was edited")
+        return cls[value["member"]]
+    if kind == "dtype":
+        dtype = getattr(torch, value["name"], None)
+        if not isinstance(dtype, torch.dtype):
+            raise ConvertError(f"{where}: {value['name']!r} is not a torch dtype")
+        return dtype
+    if kind == "tensor":
+        return tensor(value["name"])
+    if kind == "torch_save":
+        data = io.BytesIO()
+        torch.save(_decode(value["value"], tensor, where), data)
+        data.seek(0)
+        return data
+    raise ConvertError(f"{where}: unknown object type {kind!r} (written by a newer megatron-switch?)")
 
 
 def _jsonable(value: Any) -> Any:
+    """The common state as plain JSON: tensors as numbers, arguments as a dict, enums as names."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, torch.Tensor):
         return value.item()
-    return value
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, torch.dtype):
+        return str(value).removeprefix("torch.")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)  # paths and the like in Megatron-LM's args
 
 
 class ConsolidatedReader(CheckpointReader):
     format_name = "safetensors"
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, path: str, *, trusted: bool = False):
+        super().__init__(path, trusted=trusted)
         from safetensors import safe_open
 
         try:
@@ -80,6 +170,10 @@ class ConsolidatedReader(CheckpointReader):
             if meta.get("format") != FORMAT:
                 raise ConvertError(f"{path}/{INDEX}: not a megatron-switch checkpoint index (format "
                                    f"{meta.get('format')!r})")
+            version = meta.get("version", 1)
+            if not isinstance(version, int) or version > VERSION:
+                raise ConvertError(f"{path}/{INDEX}: format version {version!r}, newer than this megatron-switch "
+                                   f"reads ({VERSION}): upgrade megatron-switch")
             self._where = index["weight_map"]
             for file in sorted(set(self._where.values())):
                 with safe_open(os.path.join(path, file), framework="pt") as handle:
@@ -98,7 +192,28 @@ class ConsolidatedReader(CheckpointReader):
             raise ConvertError(f"{path}: {INDEX} lists {len(missing)} tensors the files do not hold "
                                f"({', '.join(missing[:3])}...)")
         self.common = meta["common"]
-        self.objects = {k: _decode_object(v) for k, v in meta.get("objects", {}).items()}
+        objects = meta.get("objects", {})
+        where = f"{path}/{INDEX}"
+        if version == 1:  # base64 torch.save pickles
+            self.objects = {k: load(base64.b64decode(v), trusted=trusted, what=f"{where}: objects[{k!r}]")
+                            for k, v in objects.items()}
+        else:
+            try:
+                self.objects = {k: _decode(v, self._object_tensor, f"{where}: objects[{k!r}]")
+                                for k, v in objects.items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as err:
+                raise ConvertError(f"{where}: malformed objects ({type(err).__name__}: {err}); the index was "
+                                   f"edited or not written by megatron-switch") from None
+
+    def _object_tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(os.path.join(self.path, OBJECTS_FILE), framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as err:  # noqa: BLE001
+            raise ConvertError(f"{self.path}: object tensor {name} cannot be read from {OBJECTS_FILE} "
+                               f"({type(err).__name__}: {err})") from None
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         spec = self.tensors[name]
@@ -113,10 +228,10 @@ class ConsolidatedReader(CheckpointReader):
         return tensor.contiguous()
 
 
-def _write_file(path: str, source: CheckpointReader, names, progress) -> None:
+def _write_file(path: str, tensors: list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]], progress) -> None:
+    """A safetensors file of `tensors` ((name, spec, produce) each), produced and written one at a time."""
     header, offset = {}, 0
-    for name in names:
-        spec = source.tensors[name]
+    for name, spec, _ in tensors:
         header[name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
                         "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
@@ -126,27 +241,35 @@ def _write_file(path: str, source: CheckpointReader, names, progress) -> None:
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for name in names:
-            tensor = source.read(name)
+        for _, _, produce in tensors:
+            tensor = produce()
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-            progress.update(tensor.numel() * tensor.element_size())
+            if progress is not None:
+                progress.update(tensor.numel() * tensor.element_size())
             del tensor
         f.flush()
         os.fsync(f.fileno())
 
 
 def write_consolidated(path: str, source: CheckpointReader, names, common: dict, progress) -> None:
-    """Write `names` of `source` to the new directory `path` as consolidated safetensors."""
+    """Write `names` of `source` (and its objects) to the new directory `path` as consolidated safetensors."""
+    encoder = _ObjectEncoder(source.trusted)
+    objects = {k: encoder.encode(v, k) for k, v in source.objects.items()}
     os.makedirs(path)
     files = {MODEL_FILE: [n for n in names if not is_optimizer(n)],
              OPTIMIZER_FILE: [n for n in names if is_optimizer(n)]}
     weight_map = {}
     for file, members in files.items():
         if members:
-            _write_file(os.path.join(path, file), source, members, progress)
+            _write_file(os.path.join(path, file),
+                        [(n, source.tensors[n], lambda n=n: source.read(n)) for n in members], progress)
             weight_map.update(dict.fromkeys(members, file))
-    metadata = {"format": FORMAT, "iteration": common.get("iteration"), "layout": common.get("layout"),
-                "model_config": common.get("model_config"), "common": _jsonable(common),
-                "objects": {k: _encode_object(v) for k, v in source.objects.items()}}
+    if encoder.tensors:
+        _write_file(os.path.join(path, OBJECTS_FILE),
+                    [(n, TensorSpec(tuple(t.shape), t.dtype), lambda t=t: t) for n, t in encoder.tensors.items()],
+                    None)
+    metadata = {"format": FORMAT, "version": VERSION, "iteration": common.get("iteration"),
+                "layout": common.get("layout"), "model_config": common.get("model_config"),
+                "common": _jsonable(common), "objects": objects}
     with open(os.path.join(path, INDEX), "w") as f:
         json.dump({"metadata": metadata, "weight_map": weight_map}, f, indent=1)

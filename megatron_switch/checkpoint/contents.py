@@ -80,12 +80,15 @@ class CheckpointReader:
     common: iteration, consumed_train_samples, scheduler, optimizer (param_groups),
         optimizer_step, model_config, layout ({"tp", "pp", "ep"}), as the trainer saves them.
     path: what to name in messages.
+    trusted: the checkpoint's pickles are unpickled without `safe_pickle`'s allow-list
+        (`--trust-checkpoint-code`).
     """
 
     format_name = ""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, trusted: bool = False):
         self.path = path
+        self.trusted = trusted
         self.tensors: dict[str, TensorSpec] = {}
         self.objects: dict[str, Any] = {}
         self.common: dict[str, Any] = {}

@@ -10,6 +10,7 @@ Steps, each tensor read and held one at a time (memory: the largest tensor, not 
   4. reopen what was written, recompute its manifest and compare: every tensor accounted for;
   5. write manifest.json and rename the directory to `<save>`.
 A failure at any step removes the temporary directory: `<save>` either is complete or does not exist.
+Every pickle of the source is read through `safe_pickle`'s allow-list unless `--trust-checkpoint-code`.
 """
 
 from __future__ import annotations
@@ -31,14 +32,9 @@ from megatron_switch.checkpoint.contents import (
     read_manifest,
     write_manifest,
 )
-from megatron_switch.checkpoint.sharding import (
-    EXPERTS,
-    Layout,
-    check_layout,
-    count_layers,
-)
-from megatron_switch.parallel import LayoutError
 from megatron_switch.checkpoint.integrity import record_integrity, verify_checkpoint
+from megatron_switch.checkpoint.sharding import EXPERTS, check_layout, count_layers
+from megatron_switch.parallel import Layout, LayoutError
 from megatron_switch.checkpoint.layout import (
     TRACKER,
     CheckpointError,
@@ -51,9 +47,10 @@ from megatron_switch.checkpoint.layout import (
 FORMATS = ("torch", "torch_dist", "safetensors")
 
 
-def open_checkpoint(path: str) -> CheckpointReader:
+def open_checkpoint(path: str, *, trusted: bool = False) -> CheckpointReader:
     """A checkpoint root (with latest_checkpointed_iteration.txt), an iter_XXXXXXX directory of
-    either per-rank format, or a consolidated safetensors directory."""
+    either per-rank format, or a consolidated safetensors directory; `trusted`: its pickles are read
+    without the allow-list."""
     from megatron_switch.checkpoint.consolidated import (
         ConsolidatedReader,
         is_consolidated_dir,
@@ -64,17 +61,20 @@ def open_checkpoint(path: str) -> CheckpointReader:
     if not os.path.isdir(path):
         raise ConvertError(f"--load {path}: no such directory")
     if is_consolidated_dir(path):
-        return ConsolidatedReader(path)
+        return ConsolidatedReader(path, trusted=trusted)
     iter_dir = path
     if os.path.isfile(os.path.join(path, TRACKER)):
         iter_dir = latest_checkpoint(path)[1]
     kind = checkpoint_format(iter_dir)
     if kind is not None:
-        verify_checkpoint(iter_dir)  # recorded checksums first: nothing damaged is read, let alone copied
+        try:  # recorded checksums first: nothing damaged is read, let alone copied
+            verify_checkpoint(iter_dir)
+        except CheckpointError as error:
+            raise ConvertError(str(error)) from None
     if kind == "torch_dist":
-        return DistCheckpointReader(iter_dir)
+        return DistCheckpointReader(iter_dir, trusted=trusted)
     if kind == "torch":
-        return LegacyReader(iter_dir)
+        return LegacyReader(iter_dir, trusted=trusted)
     raise ConvertError(f"--load {path}: neither a checkpoint root (with {TRACKER}), an iter_XXXXXXX "
                        f"directory (torch_dist or mp_rank_* files) nor a safetensors directory")
 
@@ -89,7 +89,7 @@ def _model_config(reader: CheckpointReader) -> dict:
 
 
 def _target_layout(reader: CheckpointReader, tp, pp, ep) -> Layout:
-    source = Layout(**reader.common["layout"]) if reader.common.get("layout") else Layout()
+    source = Layout.from_dict(reader.common["layout"]) if reader.common.get("layout") else Layout()
     return Layout(tp or source.tp, pp or source.pp, ep or source.ep)
 
 
@@ -111,11 +111,13 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
             target_ep: int | None = None, fmt: str | None = None, no_optim: bool = False,
-            progress: bool = True, log=print) -> dict:
+            progress: bool = True, log=print, trust_checkpoint_code: bool = False) -> dict:
     """Convert the checkpoint at `load` into a new checkpoint directory `save`.
 
     Target layout defaults to the source's, format to the source's. Returns the written manifest.
-    Raises ConvertError / LayoutError (nothing is written then) with the fix in the message.
+    Raises ConvertError / LayoutError (nothing is written then) with the fix in the message; a
+    pickle naming a global off `safe_pickle`'s allow-list raises CheckpointCodeError (a ConvertError)
+    unless `trust_checkpoint_code`.
     """
     from megatron_switch.checkpoint.consolidated import write_consolidated
     from megatron_switch.checkpoint.distcp import write_dist_checkpoint
@@ -133,12 +135,12 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
         raise ConvertError(f"--save {save}: the parent directory {parent} does not exist")
     if fmt is not None and fmt not in FORMATS:
         raise ConvertError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    reader = open_checkpoint(load)
+    reader = open_checkpoint(load, trusted=trust_checkpoint_code)
     try:
         fmt = fmt or reader.format_name
         config = _model_config(reader)
         layout = _target_layout(reader, target_tp, target_pp, target_ep)
-        source_tp = Layout(**reader.common["layout"]).tp if reader.common.get("layout") else 1
+        source_tp = Layout.from_dict(reader.common["layout"]).tp if reader.common.get("layout") else 1
         if (config.get("swiglu") or config.get("gated_linear_unit")) and layout.tp != source_tp:
             raise ConvertError(f"{load} has gated dense MLPs (--swiglu): Megatron shards their [gate; up] "
                                f"linear_fc1 per tensor-parallel rank, which this converter does not re-split; "
@@ -184,7 +186,7 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
                                               "converted_from": os.path.abspath(load)})
                     write_tracker(root, iteration)
                     written = root
-            result = open_checkpoint(written)
+            result = open_checkpoint(written, trusted=trust_checkpoint_code)
             try:
                 with _bar(total, "verifying", progress) as bar:
                     found = compute_manifest(result, sorted(result.tensors), bar)
@@ -241,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-optim", action="store_true",
                    help="Drop the optimizer state (Adam moments, float32 master weights). Every format "
                         "holds it otherwise.")
+    p.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="Unpickle the source's Python objects without the allow-list (the globals megatron-switch "
+                        "and Megatron-LM checkpoints hold): a crafted checkpoint then runs code. Only for a "
+                        "checkpoint whose source you trust.")
     p.add_argument("--no-progress-bar", action="store_true")
     return p
 
@@ -250,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
-                progress=not args.no_progress_bar)
+                progress=not args.no_progress_bar, trust_checkpoint_code=args.trust_checkpoint_code)
     except (ConvertError, CheckpointError, LayoutError) as err:
         print(f"megatron-switch convert: error: {err}", file=sys.stderr)
         sys.exit(1)

@@ -1,4 +1,5 @@
-"""torch_dist checkpoints (megatron `dist_checkpointing` over PyTorch Distributed Checkpoint), offline.
+"""torch_dist checkpoints (megatron `dist_checkpointing` over PyTorch Distributed Checkpoint), offline,
+and the trainer's torch_dist load, with every pickle read through `safe_pickle`'s allow-list.
 
 Reading: one block of one tensor at a time through `torch.distributed.checkpoint`'s
 `FileSystemReader` (the metadata is read once; only the stored chunks that overlap the block are read).
@@ -6,20 +7,37 @@ Writing: one process writes what a save at the target layout would: every tensor
 target layout's chunks, one `__<i>_0.distcp` file per (TP, PP, EP) rank coordinate, a chunk
 produced only when the writer reaches it; plus megatron's `metadata.json` and `common.pt`.
 The result loads with `dist_checkpointing.load` at any layout (the trainer's `--load`).
+
+The pickles of a torch_dist checkpoint: `.metadata` (torch's `FileSystemReader.read_metadata` is a
+plain `pickle.load`), the common state (`common.pt`; megatron-core >= 0.19 keeps it as an object
+inside the checkpoint), and each megatron ShardedObject (`rng_state`, `_extra_state`: a torch.save
+archive in the .distcp files, which torch's default load planner reads with
+`torch.load(weights_only=False)`). Here all of them are read through the allow-list
+(`read_metadata`, `read_common_state`, `read_objects`). For the trainer, `load_dist_checkpoint`
+wraps megatron's `dist_checkpointing.load`: the objects are taken out of the template and read
+here; megatron then reads only tensors, and reads `.metadata` and the common state again itself,
+after they were read here through the allow-list (the same bytes: what it unpickles was accepted;
+a file swapped between the two reads needs write access to the checkpoint during the load). This
+works alike with megatron-core 0.16 and 0.19, whose `load` signatures differ.
 """
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
-from torch.distributed.checkpoint.default_planner import create_default_global_save_plan
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    create_default_global_save_plan,
+)
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
+    Metadata,
     MetadataIndex,
     TensorProperties,
     TensorStorageMetadata,
@@ -44,9 +62,18 @@ from megatron_switch.checkpoint.contents import (
     TensorSpec,
     full_index,
 )
-from megatron_switch.checkpoint.sharding import Layout, distinct_parts, placement
+from megatron_switch.checkpoint.safe_pickle import (
+    DCP_METADATA,
+    CheckpointCodeError,
+    Unpickler,
+    check_extra_state,
+    load,
+)
+from megatron_switch.checkpoint.sharding import distinct_parts, placement
+from megatron_switch.parallel import Layout
 
 COMMON = "common.pt"
+METADATA = ".metadata"
 CONFIG = "metadata.json"
 RNG_KEY = "rng_state"
 COMMON_KEY = "common_state"  # megatron-core >= 0.19 keeps the common state inside the checkpoint, not in common.pt
@@ -88,17 +115,105 @@ class _BlockLoadPlanner(LoadPlanner):
         pass
 
 
+def read_metadata(path: str, *, trusted: bool) -> Metadata:
+    """The `.metadata` of the torch_dist directory `path`, unpickled through the allow-list."""
+    file = os.path.join(path, METADATA)
+    with open(file, "rb") as f:
+        return Unpickler(f, trusted=trusted, what=file, allowed=DCP_METADATA).load()
+
+
+class _KnownMetadataReader(FileSystemReader):
+    """torch's reader, given the metadata read through the allow-list (its own read is pickle.load)."""
+
+    def __init__(self, path: str, metadata: Metadata):
+        super().__init__(path)
+        self._known = metadata
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        if getattr(self._known, "storage_meta", None) is not None:
+            self._known.storage_meta.load_id = self.load_id
+        return self._known
+
+
+class _BytesPlanner(DefaultLoadPlanner):
+    """Keeps each object's bytes (torch's own planner unpickles them with weights_only=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.raw: dict[str, bytes] = {}
+
+    def load_bytes(self, read_item, value):
+        self.raw[read_item.dest_index.fqn] = value.getvalue()
+
+
+def read_objects(path: str, keys, *, trusted: bool, metadata: Metadata | None = None) -> dict[str, Any]:
+    """{key: value} for the DCP byte items `keys` (megatron ShardedObjects by unique key, each value
+    the list megatron saved: torch.save([object, ...])), unpickled through the allow-list."""
+    import torch.distributed.checkpoint as dcp
+
+    keys = list(keys)
+    if not keys:
+        return {}
+    metadata = metadata if metadata is not None else read_metadata(path, trusted=trusted)
+    planner = _BytesPlanner()
+    dcp.load(dict.fromkeys(keys), storage_reader=_KnownMetadataReader(path, metadata), planner=planner,
+             no_dist=True)
+    return {key: load(planner.raw[key], trusted=trusted, what=f"{path}: object {key}") for key in keys}
+
+
+def read_common_state(path: str, *, trusted: bool) -> dict:
+    """The common state (iteration, scheduler, model config, ...; Megatron-LM's `args`): common.pt, or
+    where megatron-core >= 0.19 keeps it, inside the checkpoint; through the allow-list."""
+    if os.path.isfile(os.path.join(path, COMMON)):
+        return load(os.path.join(path, COMMON), trusted=trusted)
+    key = _object_key(COMMON_KEY)
+    return read_objects(path, [key], trusted=trusted)[key][0]
+
+
+def load_dist_checkpoint(template: dict, path: str, *, trusted: bool) -> dict:
+    """`dist_checkpointing.load(template, path)` with every pickle read through the allow-list (see the
+    module docstring): the ShardedObjects of `template` are read here (a Transformer Engine
+    `_extra_state` checked before a model hands it to TE's pickle.loads), the rest by megatron."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.dict_utils import (
+        dict_list_map_inplace,
+        extract_matching_values,
+        merge,
+        nested_values,
+    )
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    metadata = read_metadata(path, trusted=trusted)
+    read_common_state(path, trusted=trusted)
+    objects, rest = extract_matching_values(template, lambda v: isinstance(v, ShardedObject))
+    loaded = dist_checkpointing.load(rest, path)
+    values = read_objects(path, sorted({o.unique_key for o in nested_values(objects)}), trusted=trusted,
+                          metadata=metadata)
+    taken: collections.Counter = collections.Counter()
+
+    def fill(sharded: ShardedObject) -> Any:  # megatron's order: the n-th object of a key gets item n
+        value = values[sharded.unique_key][taken[sharded.unique_key]]
+        taken[sharded.unique_key] += 1
+        if sharded.key.endswith("_extra_state"):
+            check_extra_state(value, trusted=trusted, what=f"{path}: object {sharded.unique_key}")
+        return value
+
+    return merge(loaded, dict_list_map_inplace(fill, objects))
+
+
 class DistCheckpointReader(CheckpointReader):
     """An `iter_XXXXXXX` directory written by `dist_checkpointing.save` (torch_dist)."""
 
     format_name = "torch_dist"
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, path: str, *, trusted: bool = False):
+        super().__init__(path, trusted=trusted)
         self._reader = FileSystemReader(path)
         try:
-            self._metadata = self._reader.read_metadata()
-            self.common = self._common_state(path)
+            self._metadata = read_metadata(path, trusted=trusted)
+            self.common = read_common_state(path, trusted=trusted)
+        except CheckpointCodeError:
+            raise
         except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
             raise ConvertError(f"{path}: torch_dist metadata cannot be read ({type(err).__name__}: {err}); "
                                f"the checkpoint is truncated or corrupt") from None
@@ -111,27 +226,16 @@ class DistCheckpointReader(CheckpointReader):
                 object_keys.append(key)
         self.objects = self._read_objects(object_keys)
 
-    @staticmethod
-    def _common_state(path: str) -> dict:
-        """common.pt (Megatron-LM's own may hold its argparse Namespace: not weights-only), or where
-        megatron-core >= 0.19 keeps it, inside the checkpoint (its loader reads both)."""
-        if os.path.isfile(os.path.join(path, COMMON)):
-            return torch.load(os.path.join(path, COMMON), map_location="cpu", weights_only=False)
-        from megatron.core.dist_checkpointing import load_common_state_dict
-
-        return load_common_state_dict(path)
-
     def _read_objects(self, keys) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-
-        state = dict.fromkeys(keys)
         try:
-            dcp.load(state, storage_reader=FileSystemReader(self.path), no_dist=True)
+            values = read_objects(self.path, keys, trusted=self.trusted, metadata=self._metadata)
+        except CheckpointCodeError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise ConvertError(f"{self.path}: objects cannot be read ({type(err).__name__}); the checkpoint "
                                f"is truncated or corrupt") from None
         # megatron stores a ShardedObject as torch.save([value]) under "<key>/shard_<offset>_<shape>"
-        return {key.rsplit("/shard_", 1)[0]: value[0] for key, value in state.items()}
+        return {key.rsplit("/shard_", 1)[0]: value[0] for key, value in values.items()}
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         spec = self.tensors[name]

@@ -59,14 +59,13 @@ def _sha256(path: str, start: int, length: int) -> str | None:
 def plan_entries(path: str) -> list[dict[str, Any]]:
     """The byte ranges of iteration directory `path` that get a checksum (without the checksums).
 
-    torch_dist: reads the directory's DCP storage index (`.metadata`, a pickle): call it only on a
-    checkpoint this process's job just wrote."""
+    torch_dist: reads the directory's DCP storage index (`.metadata`, through the allow-list)."""
     fmt = checkpoint_format(path)
     entries = []
     if fmt == "torch_dist":
-        from torch.distributed.checkpoint import FileSystemReader
+        from megatron_switch.checkpoint.distcp import read_metadata
 
-        storage = FileSystemReader(path).read_metadata().storage_data
+        storage = read_metadata(path, trusted=False).storage_data
         for index, info in sorted(storage.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
             offset = list(index.offset) if index.offset is not None else []
             entries.append({"what": f"{index.fqn}@{','.join(map(str, offset))}", "file": info.relative_path,

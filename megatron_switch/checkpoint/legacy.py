@@ -16,7 +16,8 @@
   opt_param_scheduler    the LR scheduler's state dict
   num_floating_point_operations_so_far
 RNG states are per-rank streams and are not written (Megatron-LM: load with --no-load-rng).
-Files are read and written one tensor at a time (`torchzip`).
+Files are read and written one tensor at a time (`torchzip`), read through `safe_pickle`'s allow-list
+unless the reader is told to trust them.
 """
 
 from __future__ import annotations
@@ -92,12 +93,13 @@ MODEL_CONFIG_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hi
 
 
 class LegacyReader(CheckpointReader):
-    """An `iter_XXXXXXX` directory of per-rank `model_optim_rng.pt` files."""
+    """An `iter_XXXXXXX` directory of per-rank `model_optim_rng.pt` files (`trusted`: unpickled
+    without the allow-list)."""
 
     format_name = "torch"
 
-    def __init__(self, path: str):
-        super().__init__(path)
+    def __init__(self, path: str, *, trusted: bool = False):
+        super().__init__(path, trusted=trusted)
         names = sorted(n for n in os.listdir(path) if _RANK_DIR.match(n))
         if not names:
             raise ConvertError(f"{path}: no mp_rank_* directories: not a legacy (--ckpt-format torch) checkpoint")
@@ -162,7 +164,7 @@ class LegacyReader(CheckpointReader):
 
     def _open_file(self, file: str) -> TorchFileReader:
         try:
-            return TorchFileReader(file)
+            return TorchFileReader(file, trusted=self.trusted)
         except FileNotFoundError:
             raise ConvertError(f"missing rank file {file}") from None
         except TorchFileError as err:

@@ -17,12 +17,11 @@ Optimizer tensors (`optimizer.state.exp_avg.<key>`, ...) live exactly where thei
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 from typing import Any
 
 from megatron_switch.checkpoint.contents import ConvertError, Index, param_key
-from megatron_switch.parallel import LayoutError, validate_layout
+from megatron_switch.parallel import Layout, LayoutError, validate_layout
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 _TP_AXIS = (("embedding.word_embeddings.weight", 0), ("output_layer.weight", 0),
@@ -34,28 +33,6 @@ _REPLICATED = ("layer_norm_weight", "layer_norm_bias", "layernorm.weight", "laye
 EXPERTS = ".mlp.experts."
 
 Coord = tuple[int, int, int]  # (tp rank, pp rank, ep rank)
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
-
-    def coords(self) -> list[Coord]:
-        """Every (tp, pp, ep) rank combination, pipeline stage outermost."""
-        return [(t, p, e) for p in range(self.pp) for t in range(self.tp) for e in range(self.ep)]
-
-    @property
-    def min_world_size(self) -> int:
-        """Fewest processes that run it: PP x lcm(TP, EP) (experts fold over TP x DP)."""
-        return self.pp * math.lcm(self.tp, self.ep)
-
-    def as_dict(self) -> dict[str, int]:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        return f"TP{self.tp} PP{self.pp} EP{self.ep}"
 
 
 @dataclasses.dataclass(frozen=True)

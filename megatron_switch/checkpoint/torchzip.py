@@ -5,7 +5,8 @@ archive with the pickled structure in `data.pkl` and each tensor storage in its 
 `data/<key>`. `torch.load` and `torch.save` hold every storage of a file in memory at once; here:
 
 - `TorchFileReader` unpickles the structure with every tensor replaced by a `TensorRef` (key,
-  dtype, offset, shape, stride) and reads one storage record on demand (`materialize`).
+  dtype, offset, shape, stride) and reads one storage record on demand (`materialize`). The
+  structure is read through `safe_pickle`'s allow-list (CHECKPOINT) unless the caller trusts the file.
 - `write_torch_file` pickles a structure whose tensors may be `PendingTensor`s (shape, dtype and a
   function that produces the data); each storage is produced, written and dropped in turn.
 
@@ -27,6 +28,8 @@ from typing import Any
 
 import torch
 from torch import serialization
+
+from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError, Unpickler
 
 
 class TorchFileError(ValueError):
@@ -60,15 +63,23 @@ def _rebuild_parameter_ref(data, *unused):
     return data
 
 
-class _RefUnpickler(pickle.Unpickler):
-    """Unpickles a `torch.save` structure, leaving tensors as `TensorRef`s."""
+def _rebuild_from_type_ref(func, new_type, args, state):
+    """A tensor with Python attributes (Megatron-LM's master weights): the data, without them."""
+    return func(*args)
+
+
+_REF_BUILDERS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_ref,
+                 ("torch._utils", "_rebuild_parameter"): _rebuild_parameter_ref,
+                 ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_ref,
+                 ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_ref}
+
+
+class _RefUnpickler(Unpickler):
+    """Unpickles a `torch.save` structure through the allow-list, leaving tensors as `TensorRef`s."""
 
     def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return _rebuild_ref
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter_ref
-        return super().find_class(module, name)
+        found = super().find_class(module, name)  # refuses what is not allowed
+        return _REF_BUILDERS.get((module, name), found)
 
     def persistent_load(self, saved_id):
         typename, storage_type, key, _location, numel = saved_id
@@ -89,17 +100,20 @@ _WHOLE = object()
 class TorchFileReader:
     """The structure of one `torch.save` file, with its tensors read one at a time.
 
-    `structure` is the unpickled object with `TensorRef`s in place of tensors.
-    Raises TorchFileError for a truncated or foreign file.
+    `structure` is the unpickled object with `TensorRef`s in place of tensors, read through the
+    allow-list unless `trusted`. Raises CheckpointCodeError for a global off the list (nothing of
+    the file has run then), TorchFileError for a truncated or foreign file.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, trusted: bool = False):
         self.path = path
         try:
             self._file = open(path, "rb")  # noqa: SIM115  (kept open for reads; closed by close())
             self._zip = torch._C.PyTorchFileReader(self._file)
-            self.structure = _RefUnpickler(io.BytesIO(self._zip.get_record("data.pkl"))).load()
-        except FileNotFoundError:
+            self.structure = _RefUnpickler(io.BytesIO(self._zip.get_record("data.pkl")), trusted=trusted,
+                                           what=path).load()
+        except (FileNotFoundError, CheckpointCodeError):
+            self.close()
             raise
         except Exception as err:  # noqa: BLE001  (miniz and pickle raise several types for a damaged archive)
             self.close()

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
-from megatron_switch.comm import comm_device
+from megatron_switch.ops.collectives import comm_device
 from megatron_switch.data.preprocess import DataError, iter_documents, write_indexed_dataset
 from megatron_switch.parallel import local_rank
 

@@ -14,7 +14,7 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_switch.comm import comm_device
+from megatron_switch.ops.collectives import comm_device
 from megatron_switch.data.check import DataError, dataset_tokens, parse_data_path, parse_split
 
 

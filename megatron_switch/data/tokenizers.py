@@ -78,7 +78,8 @@ class ByteLevelTokenizer(MegatronTokenizerBase):
 
 
 class HuggingFaceTokenizer(MegatronTokenizerBase):
-    """A Hugging Face tokenizer loaded from a local path (no download)."""
+    """A Hugging Face tokenizer loaded from a local path (no download, and never the Python code a
+    tokenizer folder may ship: trust_remote_code is off)."""
 
     def __init__(self, path: str):
         super().__init__(path=path, config={})
@@ -94,6 +95,10 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         try:  # local files only; never code from the folder
             self._tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         except Exception as err:  # noqa: BLE001  (transformers raises many types for a bad folder)
+            if "trust_remote_code" in str(err):
+                raise ValueError(f"--tokenizer-model {path}: this tokenizer needs Python code from its folder "
+                                 f"(auto_map in tokenizer_config.json), which megatron-switch never runs; use a "
+                                 f"tokenizer that loads without it (a tokenizer.json)") from None
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else ""
             raise ValueError(f"--tokenizer-model {path} is not a usable Hugging Face tokenizer ({type(err).__name__}: "
                              f"{first}); it needs the files tokenizer.save_pretrained(DIR) writes (tokenizer.json or "

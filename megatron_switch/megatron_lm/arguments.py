@@ -17,7 +17,7 @@ import sys
 from typing import Callable, FrozenSet, List, Optional, Sequence, Tuple
 
 from megatron_switch.arguments import add_switch_args, typed_dests
-from megatron_switch.config import SwitchConfig, SwitchConfigError
+from megatron_switch.config import SwitchConfig, SwitchConfigError, switch_layer_pattern
 from megatron_switch.megatron_lm.stats import SWITCH_TRACK_NAMES
 
 SPEC = ["megatron_switch.spec", "get_switch_gpt_layer_spec"]
@@ -113,7 +113,7 @@ def prepare_args(args: argparse.Namespace, typed: Optional[FrozenSet[str]] = Non
     args.switch = switch
     args.moe_router_topk = 1
     args.moe_router_pre_softmax = True  # Megatron's config demands it at top-1: softmax over all experts
-    args.moe_layer_freq = [int(switch.is_switch_layer(n)) for n in range(1, args.num_layers + 1)]
+    args.moe_layer_freq = switch_layer_pattern(switch.expert_interval, args.num_layers)
     args.moe_aux_loss_coeff = switch.aux_loss_coeff
     args.moe_z_loss_coeff = switch.z_loss_coeff or None
     if switch.pad_to_capacity:  # megatron-core's config requires a capacity factor beside the flag
@@ -131,7 +131,7 @@ def layer_settings() -> Tuple[SwitchConfig, Optional[bool], str, bool]:
     switch = prepare_args(args)
     use_te = use_transformer_engine(args)
     if use_te is None:
-        from megatron_switch.spec import transformer_engine_available
+        from megatron_switch.experts import transformer_engine_available
 
         use_te = transformer_engine_available()
     return switch, use_te, args.normalization, bool(getattr(args, "qk_layernorm", False))

@@ -5,7 +5,7 @@ Megatron-LM parses, or the first PYTHONPATH / sys.path entry holding the script)
 Switch flags against Megatron-LM's own parser before anything starts, and executes the script as
 `__main__` with `megatron.training.pretrain` wrapped: our flags are added through
 `extra_args_provider` (after the script's own provider; no Megatron-LM flag is redefined) and,
-with --moe-switch, the model provider selects the Switch spec (GPT: `--spec
+with --moe-switch, the model provider selects the Switch spec (providers.py; GPT: `--spec
 megatron_switch.spec get_switch_gpt_layer_spec`; T5: `t5_model_provider`). Without --moe-switch
 the script runs unchanged.
 """
@@ -81,41 +81,6 @@ def _with_switch_args(extra_args_provider: Optional[Callable]) -> Callable:
     return provider
 
 
-def _gpt_provider(model_provider: Callable) -> Callable:
-    """Megatron-LM's GPT model provider, with --moe-switch selecting our spec via args.spec."""
-    from megatron.training import get_args
-
-    from megatron_switch.megatron_lm.arguments import SPEC, prepare_args
-
-    @functools.wraps(model_provider)
-    def provider(*args, **kwargs):
-        margs = get_args()
-        if margs.moe_switch:
-            if margs.spec not in (None, SPEC):
-                raise SwitchConfigError(
-                    f"--moe-switch selects the Switch spec; drop --spec {' '.join(margs.spec)}")
-            prepare_args(margs)
-            margs.spec = list(SPEC)
-        return model_provider(*args, **kwargs)
-
-    return provider
-
-
-def _t5_provider(model_provider: Callable) -> Callable:
-    from megatron.training import get_args
-
-    from megatron_switch.megatron_lm.pretrain_t5 import t5_model_provider
-
-    @functools.wraps(model_provider)
-    def provider(*args, **kwargs):
-        return (t5_model_provider if get_args().moe_switch else model_provider)(*args, **kwargs)
-
-    return provider
-
-
-PROVIDERS = {"pretrain_gpt.py": _gpt_provider, "pretrain_t5.py": _t5_provider}
-
-
 def run(script: str, argv: Optional[Sequence[str]] = None) -> None:
     """Execute Megatron-LM's `script` (pretrain_gpt.py or pretrain_t5.py) with Switch support."""
     path, argv = split_megatron_path(sys.argv[1:] if argv is None else argv)
@@ -124,6 +89,8 @@ def run(script: str, argv: Optional[Sequence[str]] = None) -> None:
         sys.path.insert(0, root)
     preflight(argv)
     import megatron.training
+
+    from megatron_switch.megatron_lm.providers import PROVIDERS
 
     original = megatron.training.pretrain
     wrap_model_provider = PROVIDERS[script]

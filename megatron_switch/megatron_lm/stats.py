@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import save_to_aux_losses_tracker
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_switch.layer import on_training_stats
+
 SWITCH_TRACK_NAMES = ("switch_dropped_fraction", "switch_max_load")
 
 
@@ -39,15 +41,11 @@ def report_switch_stats(mlp, config: TransformerConfig, *, weight: float = 1.0,
 
     weight scales the values (T5: 1/2, the encoder and decoder layers of one depth share a slot).
     """
-    def hook(module, inputs, output):
-        # As megatron's router records: training forwards with autograd on (full recomputation runs
-        # each layer twice, the first time under no_grad).
-        if not module.training or not torch.is_grad_enabled() or module.last_stats is None:
-            return
+    def record(module, stats):  # as megatron's router records: each training micro-batch once
         avg_group = (parallel_state.get_data_parallel_group()
                      if parallel_state.model_parallel_is_initialized() else None)
         for name, value in switch_log_values(module).items():
             save_to_aux_losses_tracker(name, value * weight, module.layer_number,
                                        num_slots or config.num_layers, avg_group=avg_group)
 
-    return mlp.register_forward_hook(hook)
+    return on_training_stats(mlp, record)

@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 
+from megatron_switch.config import ACTIVATIONS
 from megatron_switch.parallel import LayoutError
 from megatron_switch.planning.memory import GIB, TrainingSetup
 from megatron_switch.planning.model import (
@@ -57,7 +58,7 @@ def _model_flags(parser: argparse.ArgumentParser) -> None:
                  "--moe-layer-freq", "--vocab-size", "--seq-length", "--decoder-seq-length",
                  "--max-position-embeddings"):
         g.add_argument(flag, type=int, default=None)
-    g.add_argument("--switch-expert-activation", choices=("relu", "gelu", "geglu", "swiglu"), default=None)
+    g.add_argument("--switch-expert-activation", choices=ACTIVATIONS, default=None)
     g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
 
@@ -321,14 +322,8 @@ def sbatch_main(argv: list[str] | None = None) -> None:
                                   args.cpus_per_task, args.overcommit)
             args.gpus_per_node, args.cpus_per_task = cpu_fit.tasks_per_node, cpu_fit.cpus_per_task
         extra_args = shlex.split(args.extra_args)
-        time_limit = slurm_time_seconds(args.time)
+        slurm_time_seconds(args.time)  # a malformed --time fails here (render_sbatch checks the signal fits)
         signal_seconds = args.signal_seconds if args.signal_seconds is not None else (60 if args.cpu else 300)
-        if signal_seconds < 1:
-            raise SbatchError(f"--signal-seconds must be >= 1, got {signal_seconds}")
-        if time_limit is not None and time_limit <= signal_seconds + 60:
-            raise SbatchError(f"--time {args.time} leaves no room before the save-and-exit signal, sent "
-                              f"{signal_seconds} s before the limit (--signal-seconds; SLURM checks it every 30 s): "
-                              f"give a --time longer than {signal_seconds + 60} s, or a smaller --signal-seconds")
         if args.megatron_lm is None:
             _check_extra_train_args(extra_args)
         distributed_optimizer = None

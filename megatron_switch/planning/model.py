@@ -31,8 +31,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from megatron_switch.config import ACTIVATIONS, GATED_ACTIVATIONS, is_switch_layer
+from megatron_switch.parallel import padded_vocab_size
+
 ARCHITECTURES = ("gpt", "encoder-decoder")
-GATED = ("geglu", "swiglu")
 
 
 class ModelSpecError(ValueError):
@@ -93,8 +95,8 @@ class ModelSpec:
         need(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
              f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
              f"{self.num_attention_heads}: set kv_channels")
-        need(self.activation in ("relu", "gelu") + GATED,
-             f"activation must be relu, gelu, geglu or swiglu, got {self.activation!r}")
+        need(self.activation in ACTIVATIONS,
+             f"activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}")
         need(self.normalization in ("LayerNorm", "RMSNorm"),
              f"normalization must be LayerNorm or RMSNorm, got {self.normalization!r}")
         need(math.isfinite(self.capacity_factor),
@@ -120,7 +122,7 @@ class ModelSpec:
 
     @property
     def expert_gated(self) -> bool:
-        return self.activation in GATED
+        return self.activation in GATED_ACTIVATIONS
 
     @property
     def dense_is_gated(self) -> bool:
@@ -144,7 +146,7 @@ class ModelSpec:
 
     def is_switch_layer(self, layer_number: int) -> bool:
         """1-based within its stack: layers k, 2k, ... (SwitchConfig.is_switch_layer)."""
-        return layer_number % self.expert_interval == 0
+        return is_switch_layer(layer_number, self.expert_interval)
 
     def switch_layers(self, first: int = 1, last: int | None = None) -> int:
         """Switch layers among layer numbers first..last of one stack."""
@@ -163,8 +165,7 @@ class ModelSpec:
         """Megatron pads to a multiple of make_vocab_size_divisible_by x TP (GPT); T5's is padded."""
         if self.encoder_decoder:
             return self.vocab_size
-        multiple = self.make_vocab_size_divisible_by * tp
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
+        return padded_vocab_size(self.vocab_size, self.make_vocab_size_divisible_by, tp)
 
 
 @dataclasses.dataclass(frozen=True)

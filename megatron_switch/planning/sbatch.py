@@ -15,6 +15,7 @@ import string
 import sys
 from pathlib import Path
 
+from megatron_switch.arguments import moe_layer_freq_expression
 from megatron_switch.planning.model import ModelSpec
 from megatron_switch.planning.search import Candidate
 
@@ -111,11 +112,8 @@ def template_path(explicit: str | None = None) -> Path:
 
 
 def _moe_layer_pattern(spec: ModelSpec, layers: int) -> str:
-    """Megatron-LM's --moe-layer-freq list form: 1 marks a Switch layer (layers k, 2k, ...)."""
-    k = spec.expert_interval
-    if k == 1:
-        return "1"
-    return f"([0]*{k - 1}+[1])*{layers // k}" + (f"+[0]*{layers % k}" if layers % k else "")
+    """Megatron-LM's --moe-layer-freq list form of the placement (arguments.moe_layer_freq_expression)."""
+    return moe_layer_freq_expression(spec.expert_interval, layers)
 
 
 def _switch_flags(spec: ModelSpec, megatron_lm: bool) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-from megatron_switch.parallel import LayoutError, validate_layout
+from megatron_switch.parallel import Layout, LayoutError, validate_layout
 from megatron_switch.planning.memory import (
     GIB,
     MemoryEstimate,
@@ -61,23 +61,19 @@ class Cluster:
 class Candidate:
     """One valid layout with its memory estimate and the reasons for its rank."""
 
-    tp: int
-    pp: int
-    ep: int
-    dp: int
+    layout: Layout
     recompute: bool
     memory: MemoryEstimate
     fits: bool
     reasons: tuple[str, ...]
     gpus_per_node: int
 
-    @property
-    def world_size(self) -> int:
-        return self.tp * self.pp * self.dp
-
-    @property
-    def expert_dp(self) -> int:
-        return self.world_size // (self.ep * self.pp)
+    tp = property(lambda self: self.layout.tp)
+    pp = property(lambda self: self.layout.pp)
+    ep = property(lambda self: self.layout.ep)
+    dp = property(lambda self: self.layout.dp)
+    world_size = property(lambda self: self.layout.world_size)
+    expert_dp = property(lambda self: self.layout.expert_dp)
 
     def sort_key(self) -> tuple:
         return (not self.fits, self.recompute, self.tp * self.pp, self.pp, self.ep > self.gpus_per_node,
@@ -142,14 +138,14 @@ def _reasons(spec: ModelSpec, cluster: Cluster, setup: TrainingSetup, tp: int, p
 def evaluate(spec: ModelSpec, cluster: Cluster, setup: TrainingSetup, tp: int, pp: int, ep: int,
              recompute: bool = False) -> Candidate:
     """One layout on `cluster` (validated first: raises LayoutError if it cannot work)."""
-    validate_layout(cluster.world_size, tp, pp, ep, spec.num_experts)
-    dp = cluster.world_size // (tp * pp)
+    layout = validate_layout(cluster.world_size, tp, pp, ep, spec.num_experts)
+    dp = layout.dp
     if setup.global_batch_size % (setup.micro_batch_size * dp):
         raise LayoutError(f"global batch {setup.global_batch_size} is not divisible by micro batch "
                           f"{setup.micro_batch_size} x DP {dp}")
     run = dataclasses.replace(setup, recompute=recompute)
     memory = estimate_memory(spec, run, tp, pp, ep, dp)
-    return Candidate(tp, pp, ep, dp, recompute, memory, memory.total <= cluster.usable_memory,
+    return Candidate(layout, recompute, memory, memory.total <= cluster.usable_memory,
                      _reasons(spec, cluster, run, tp, pp, ep, dp, memory, recompute), cluster.gpus_per_node)
 
 

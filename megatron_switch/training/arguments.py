@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
                    help="On resume, keep the checkpoint's learning-rate schedule whatever the flags say. Without "
                         "either flag, a schedule that differs from the checkpoint's is an error.")
+    g.add_argument("--trust-checkpoint-code", action="store_true",
+                   help="--load: unpickle the checkpoint's Python objects without the allow-list (the globals "
+                        "megatron-switch and Megatron-LM checkpoints hold): a crafted checkpoint then runs "
+                        "code. Only for a checkpoint whose source you trust.")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="On SIGTERM or SIGUSR1, save a checkpoint and exit cleanly.")
     g.add_argument("--exit-duration-in-mins", type=float, default=None)

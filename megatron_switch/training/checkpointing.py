@@ -21,6 +21,8 @@ rank reading its own pieces.
 Loading detects the format of the iteration directory, as Megatron-LM does: torch_dist (any layout:
 it reshards) or legacy `mp_rank_*` files (the layout they were written for). A checkpoint without
 optimizer state (`convert --no-optim`) restores the model and scheduler; Adam starts from zero.
+Every pickle a load reads goes through `checkpoint.safe_pickle`'s allow-list unless
+`trust_checkpoint_code` (`--trust-checkpoint-code`).
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def _load_pieces(optimizer, loaded: dict, step: float) -> None:
 def _optimizer_step(optimizer) -> float:
     """Collective: Adam's step count, the same on every rank, also one whose optimizer holds no
     parameter (a data-parallel rank that owns none)."""
-    from megatron_switch.comm import comm_device
+    from megatron_switch.ops.collectives import comm_device
 
     steps = [float(s["step"]) for s in optimizer.state.values() if "step" in s]
     step = torch.tensor([max(steps, default=0.0)], dtype=torch.float64, device=comm_device())
@@ -369,34 +371,42 @@ def on_every_rank(err: Exception) -> Exception:
 
 
 def load_checkpoint(root: str, model, optimizer, params_in_optimizer_order, scheduler, step: int | None = None,
-                    schedule_check=None) -> dict:
+                    schedule_check=None, trust_checkpoint_code: bool = False) -> dict:
     """Collective. Verifies the checkpoint's checksums, then restores model, optimizer (when the
     checkpoint has its state), scheduler (and RNG when the world size matches); returns the
     checkpoint's common entries (iteration, consumed samples, ...). Reads torch_dist at any layout and
     legacy per-rank files at their own. `step`: that iteration instead of the tracker's (--ckpt-step).
     `schedule_check(saved scheduler state)` returns an error message when the run's learning-rate
-    schedule conflicts with the checkpoint's (`training.resume`), raised before anything is restored."""
+    schedule conflicts with the checkpoint's (`training.resume`), raised before anything is restored.
+    Pickled objects are read through `checkpoint.safe_pickle`'s allow-list unless `trust_checkpoint_code`."""
     _, path = latest_checkpoint(root, step)
     verify_collectively(path)
     fault_point("load", dist.get_rank())
     init_optimizer_state(optimizer)
     if checkpoint_format(path) == "torch":
-        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler, schedule_check)
-    from megatron.core import dist_checkpointing
+        return _load_legacy(path, model, optimizer, params_in_optimizer_order, scheduler, schedule_check,
+                            trust_checkpoint_code)
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+    from megatron_switch.checkpoint.distcp import load_dist_checkpoint, read_common_state
+    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError
+
     try:
-        common = dist_checkpointing.load_common_state_dict(path)
+        common = read_common_state(path, trusted=trust_checkpoint_code)
+    except CheckpointCodeError:
+        raise
     except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
         raise CheckpointError(f"checkpoint {path}: its common state cannot be read ({type(err).__name__}); it may "
                               f"be truncated: load an earlier iteration (--ckpt-step N) or start without --load"
                               ) from None
-    check_same_model(path, common.get("model_config") or {}, model)
+    check_same_model(path, common.get("model_config") or {}, model, trust_checkpoint_code)
     try:
         template = _state(model, optimizer, params_in_optimizer_order, scheduler, {},
                           with_optimizer="optimizer" in common,
                           with_rng=common.get("world_size") == dist.get_world_size())
-        loaded = dist_checkpointing.load(template, path)
+        loaded = load_dist_checkpoint(template, path, trusted=trust_checkpoint_code)
+    except CheckpointCodeError:
+        raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001  (several types; say which checkpoint and why)
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason}); "
@@ -433,16 +443,17 @@ def _check_schedule(schedule_check, saved: dict | None, path: str) -> None:
         raise on_every_rank(CheckpointError(f"resuming from {path}: {problem}"))
 
 
-def check_same_model(path: str, saved: dict, model) -> None:
+def check_same_model(path: str, saved: dict, model, trust_checkpoint_code: bool = False) -> None:
     """CheckpointError naming each flag whose value differs between the checkpoint and this run's model
     (shape, experts, padded vocabulary): megatron would otherwise pad or cut some tensors silently."""
     current, layout = model_description(model)
     saved = dict(saved)
     if "padded_vocab_size" not in saved and "padded_vocab_size" in current:  # written before it was recorded
-        from megatron.core import dist_checkpointing
+        from megatron_switch.checkpoint.distcp import read_metadata
 
-        shapes = {k: v.global_shape for k, v in dist_checkpointing.load_tensors_metadata(path).items()
-                  if k in ("embedding.word_embeddings.weight", "output_layer.weight")}
+        stored = read_metadata(path, trusted=trust_checkpoint_code).state_dict_metadata
+        shapes = {k: tuple(stored[k].size) for k in ("embedding.word_embeddings.weight", "output_layer.weight")
+                  if k in stored}
         if shapes:
             saved["padded_vocab_size"] = next(iter(shapes.values()))[0]
     differences = model_differences(saved, current, layout["tp"])
@@ -475,28 +486,30 @@ def _restore_rng(rng: dict) -> None:
         get_cuda_rng_tracker().set_states(rng["tracker"])
 
 
-def load_model_weights(root: str, model) -> int:
+def load_model_weights(root: str, model, trust_checkpoint_code: bool = False) -> int:
     """Collective. Only the model's weights (inference, evaluation) from a checkpoint root or an
     iter_XXXXXXX directory of either format; returns its iteration."""
     path = root if checkpoint_format(root) else latest_checkpoint(root)[1]
     if checkpoint_format(path) == "torch":
-        return int(_load_legacy_model(path, model)[0]["iteration"])
-    from megatron.core import dist_checkpointing
+        return int(_load_legacy_model(path, model, trust_checkpoint_code)[0]["iteration"])
+    from megatron_switch.checkpoint.distcp import load_dist_checkpoint, read_common_state
 
-    common = dist_checkpointing.load_common_state_dict(path)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict(metadata=model_metadata())}, path)
+    common = read_common_state(path, trusted=trust_checkpoint_code)
+    loaded = load_dist_checkpoint({"model": model.sharded_state_dict(metadata=model_metadata())}, path,
+                                  trusted=trust_checkpoint_code)
     model.load_state_dict(loaded["model"])
     return int(common["iteration"])
 
 
-def _load_legacy_model(path: str, model):
+def _load_legacy_model(path: str, model, trust_checkpoint_code: bool = False):
     """(file contents, file name, localize) after copying this rank's legacy file into `model`."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from megatron_switch.checkpoint.legacy import layout_of_args, rank_file
-    from megatron_switch.checkpoint.sharding import Layout, local_name
+    from megatron_switch.checkpoint.sharding import local_name
+    from megatron_switch.parallel import Layout
 
     layout = Layout(parallel_state.get_tensor_model_parallel_world_size(),
                     parallel_state.get_pipeline_model_parallel_world_size(),
@@ -504,7 +517,7 @@ def _load_legacy_model(path: str, model):
     coord = (parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_pipeline_model_parallel_rank(),
              parallel_state.get_expert_model_parallel_rank())
     file = rank_file(path, layout, coord)
-    state = _read_legacy_file(path, file, layout)
+    state = _read_legacy_file(path, file, layout, trust_checkpoint_code)
     saved = layout_of_args(state["args"])
     if saved != layout:
         raise CheckpointError(f"legacy checkpoint {path} was written for {saved}, this run is {layout}: convert "
@@ -526,7 +539,8 @@ def _load_legacy_model(path: str, model):
                 value = state["model"].get("output_layer.weight")
                 if value is None:
                     first_stage = first_stage or _read_legacy_file(path, rank_file(path, layout, (coord[0], 0,
-                                                                                                  coord[2])), layout)
+                                                                                                  coord[2])), layout,
+                                                              trust_checkpoint_code)
                     value = first_stage["model"].get(TIED_EMBEDDING)
                     state["tied_from_first_stage"] = first_stage
             if value is None or tuple(value.shape) != tuple(sharded.data.shape):
@@ -540,22 +554,27 @@ def _load_legacy_model(path: str, model):
 TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def _read_legacy_file(path: str, file: str, layout) -> dict:
+def _read_legacy_file(path: str, file: str, layout, trust_checkpoint_code: bool = False) -> dict:
+    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError, load
+
     try:
-        return torch.load(file, map_location="cpu", weights_only=False)
+        return load(file, trusted=trust_checkpoint_code)
     except FileNotFoundError:
         raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
                               f"{layout}; convert it to this layout with `megatron-switch convert "
                               f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
+    except CheckpointCodeError:
+        raise
     except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
         raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
                               f"truncated: load an earlier iteration or start without --load") from None
 
 
-def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler, schedule_check=None) -> dict:
+def _load_legacy(path: str, model, optimizer, params_in_optimizer_order, scheduler, schedule_check=None,
+                 trust_checkpoint_code: bool = False) -> dict:
     """This rank's `mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt`: model by checkpoint key, Adam's
     state and float32 masters by parameter name, scheduler, progress."""
-    state, file, localize = _load_legacy_model(path, model)
+    state, file, localize = _load_legacy_model(path, model, trust_checkpoint_code)
     _check_schedule(schedule_check, state.get("opt_param_scheduler"), path)
     if "optimizer" in state:
         tied_source = state.get("tied_from_first_stage", {}).get("optimizer")

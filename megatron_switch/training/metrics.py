@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_switch.comm import comm_device
-from megatron_switch.layer import SwitchMLP
+from megatron_switch.ops.collectives import comm_device
+from megatron_switch.layer import SwitchMLP, SwitchStats, on_training_stats
 
 
 def is_reporting_rank() -> bool:
@@ -34,17 +34,14 @@ class SwitchStatsAccumulator:
         self.num_layers, self.num_experts = num_layers, max(num_experts, 1)
         self.reset()
         for layer in self.layers:
-            layer.register_forward_hook(self._record)
+            on_training_stats(layer, self._record)
 
     def reset(self) -> None:
         # rows: global layer number - 1; columns: aux, z, dropped fraction, count, then E loads.
         # Kept where the statistics are (the GPU under NCCL): recording never waits for the device.
         self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64, device=comm_device())
 
-    def _record(self, layer, inputs, output) -> None:
-        if not layer.training or not torch.is_grad_enabled():
-            return
-        stats = layer.last_stats
+    def _record(self, layer: SwitchMLP, stats: SwitchStats) -> None:
         row = self.table[layer.layer_number - 1]
         row[:3] += torch.stack([stats.aux_loss, stats.z_loss, stats.dropped_fraction]).double()
         row[3] += 1

@@ -20,7 +20,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_switch.initialization import seeded_generator, switch_init_method, truncated_normal_
 from megatron_switch.layer import SwitchMLP
 from megatron_switch.parallel import padded_vocab_size
-from megatron_switch.spec import get_switch_gpt_layer_spec
+from megatron_switch.specs import get_switch_gpt_layer_spec
 
 
 def transformer_config(args) -> TransformerConfig:
@@ -96,11 +96,7 @@ def init_dense_parameters(model: torch.nn.Module, args) -> None:
 
 def build_model(args, vocab_size: int) -> torch.nn.Module:
     config = transformer_config(args)
-    switch = args.switch
-    if switch is None:  # a dense GPT: no Switch layer anywhere
-        from megatron_switch.config import SwitchConfig
-
-        switch = SwitchConfig(num_experts=1, expert_interval=args.num_layers + 1)
+    switch = args.switch  # None: a dense GPT
     model = _GPTModel(
         config=config, transformer_layer_spec=get_switch_gpt_layer_spec(config, switch),
         vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by,

@@ -5,7 +5,7 @@
   float32 buffers (`main_grad`); `finalize_model_grads` reduces dense gradients over data parallel and
   expert gradients over expert-data parallel, both scaled by 1 / DP, with the layer-norm (sequence
   parallel) and embedding (pipeline) reductions Megatron-LM does; `--overlap-grad-reduce` starts each
-  bucket's reduction during backward. On CPU `compat.apply_cpu_shims` puts its buffers on the CPU.
+  bucket's reduction during backward. On CPU `compat.enable_cpu_support` puts its buffers on the CPU.
 - `--ddp-impl local`: `gradients.reduce_gradients`, the same arithmetic by hand: a cross-check of
   megatron's. Micro-batches accumulate in float32 here too: a bf16 parameter's `.grad` is added into
   a float32 `main_grad` as soon as autograd has produced it (a post-accumulate hook), then dropped.
@@ -37,7 +37,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-from megatron_switch.comm import comm_device
+from megatron_switch.ops.collectives import comm_device
 from megatron_switch.training.gradients import reduce_gradients
 from megatron_switch.training.ownership import ParameterOwners, ddp_shard_pieces, piece_of
 

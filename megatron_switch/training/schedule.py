@@ -4,7 +4,7 @@
 no pipelining (PP = 1: each micro-batch forward then backward, its graph freed before the next) or
 1F1B (PP > 1: warm-up forwards, steady one-forward-one-backward, cool-down backwards, activations
 exchanged with the neighbouring stages by point-to-point sends). The same code runs on GPUs (NCCL)
-and on CPUs (gloo; `compat.apply_cpu_shims` maps the schedules' few CUDA-only allocations to the CPU).
+and on CPUs (gloo; `compat.enable_cpu_support` maps the schedules' few CUDA-only allocations to the CPU).
 
 Loss per micro-batch: the sum of its unmasked tokens' losses and their count; the schedule divides
 by the count and by the number of micro-batches (Megatron's per-micro-batch mean), and

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_switch.comm import comm_device
+from megatron_switch.ops.collectives import comm_device
 from megatron_switch.checkpoint.layout import CheckpointError
-from megatron_switch.compat import apply_cpu_shims, seed_parallel_rng
+from megatron_switch.compat import enable_cpu_support, seed_parallel_rng
 from megatron_switch.data.check import DataError
 from megatron_switch.data.sampler import TokenOutOfRange, collate, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
@@ -64,7 +64,7 @@ def _micro_batches(dataset, consumed: int, args) -> List[Dict[str, torch.Tensor]
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
         start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
-        batch = collate(dataset, start, micro, vocab_size=args.tokenizer_vocab_size)
+        batch = collate(dataset, start, micro, vocab_size=getattr(args, "tokenizer_vocab_size", None))
         batches.append({k: v.to(comm_device()) for k, v in batch.items()})
     return batches
 
@@ -84,10 +84,9 @@ def _start_checkpoint_writer_ignoring(signals) -> None:
     """SLURM delivers a job's signals to every process of a task. dist_checkpointing keeps a spawned
     multiprocessing Manager alive between saves; killed by SIGUSR1/SIGTERM (their default action), it
     breaks the save the signal asks for. Start it now with the signals ignored (SIG_IGN survives exec)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron_switch.compat.megatron_core import checkpoint_write_results_queue
 
-    # (megatron-core 0.16 names it _get_write_results_queue, 0.19 get_write_results_queue)
-    start = getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    start = checkpoint_write_results_queue()
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
     try:
         start()
@@ -138,7 +137,7 @@ def train(args) -> None:
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.expert_model_parallel_size, args.num_experts if args.switch else None,
                         timeout_minutes=args.distributed_timeout_minutes)
-    apply_cpu_shims()
+    enable_cpu_support()
     try:
         _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model))
     except _REPORTED as err:
@@ -188,7 +187,8 @@ def _train(args, tokenizer) -> None:
             print(f" removed {name} from {args.save}: an earlier run was stopped while saving it", flush=True)
     if args.load:
         common = load_checkpoint(args.load, model, optimizer, model_params_in_optimizer_order, scheduler,
-                                 step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args))
+                                 step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args),
+                                 trust_checkpoint_code=args.trust_checkpoint_code)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)

@@ -36,11 +36,10 @@ import subprocess
 import sys
 import time
 import traceback
-from contextlib import contextmanager
 
 import torch
 
-from megatron_switch import experts as expert_module
+from megatron_switch.ops.projections import GroupedProjection, grouped_mm_fits
 from tests.helpers import counting_grouped_mm
 
 PEAK_BF16_TFLOPS = 790.0
@@ -142,24 +141,12 @@ def fp8_vs_bf16():
             "same_routing": same_routing}
 
 
-@contextmanager
-def _grouped_kernel_on(*devices):
-    """The grouped projections use torch._grouped_mm on these devices (none: a GEMM per expert)."""
-    default = expert_module.GROUPED_MM_DEVICES
-    expert_module.GROUPED_MM_DEVICES = set(devices)
-    try:
-        yield
-    finally:
-        expert_module.GROUPED_MM_DEVICES = default
-
-
 @check
 def kept_tokens_vs_padded():
     """The kept-tokens expert path (grouped GEMMs, torch._grouped_mm on) against the padded one
     (every capacity slot, batched GEMM): same outputs and gradients up to bf16 GEMM round-off."""
-    with _grouped_kernel_on("cuda"):
-        padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
-                                         {"pad_to_capacity": False, "capacity_factor": 1.0})
+    padded, kept = _same_input_twice({"pad_to_capacity": True, "capacity_factor": 1.0},
+                                     {"pad_to_capacity": False, "capacity_factor": 1.0, "grouped_gemm": True})
     errors = {name: _rel(kept[name], padded[name]) for name in ("y", "dx", "w1", "w2", "b1", "b2", "router")}
     if max(errors.values()) > 0.02 or not kept["dropped"] > 0:
         raise AssertionError(f"kept-tokens vs padded: relative errors {errors} (bound 0.02), dropped "
@@ -174,33 +161,32 @@ def grouped_mm_cuda():
     empty groups included; and the time of each."""
     hidden, ffn, counts = 2048, 8192, [2900, 0, 1, 2047, 3333, 17, 4000, 4086]
     torch.manual_seed(0)
-    with _grouped_kernel_on("cuda"):
-        native = expert_module._grouped_mm_fits(torch.empty(16, 16, device="cuda", dtype=torch.bfloat16),
-                                                torch.empty(2, 16, 16, device="cuda", dtype=torch.bfloat16))
+    native = grouped_mm_fits(torch.empty(16, 16, device="cuda", dtype=torch.bfloat16),
+                             torch.empty(2, 16, 16, device="cuda", dtype=torch.bfloat16))
     x = torch.randn(sum(counts), hidden, device="cuda", dtype=torch.bfloat16)
     w = (torch.randn(len(counts), ffn, hidden, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
     b = torch.randn(len(counts), ffn, device="cuda", dtype=torch.bfloat16).requires_grad_()
     upstream = torch.randn(sum(counts), ffn, device="cuda", dtype=torch.bfloat16)
 
-    def step(xr):
-        y = expert_module._GroupedProjection.apply(xr, w, b, counts, False)
+    def step(xr, kernel):
+        y = GroupedProjection.apply(xr, w, b, counts, False, kernel)
         (y * upstream).sum().backward()
         return y
 
     outcomes, times = [], {}
     with counting_grouped_mm() as calls:
         for name in ("grouped", "per_expert"):
-            with _grouped_kernel_on() if name == "per_expert" else _grouped_kernel_on("cuda"):
-                w.grad = b.grad = None
-                xr = x.clone().requires_grad_()
-                y = step(xr)
-                outcomes.append(dict(y=y.detach(), dx=xr.grad, dw=w.grad.clone(), db=b.grad.clone()))
-                kernel_calls = len(calls)
-                w.grad = b.grad = None
-                times[name + "_ms"] = round(_time(lambda: step(x.clone().requires_grad_())) * 1e3, 3)
-                if name == "grouped" and kernel_calls != 3:  # forward, input and weight gradients
-                    raise AssertionError(f"torch._grouped_mm ran {kernel_calls} times, not 3: the kernel "
-                                         f"was not used on this GPU (probe: {native})")
+            kernel = name == "grouped"
+            w.grad = b.grad = None
+            xr = x.clone().requires_grad_()
+            y = step(xr, kernel)
+            outcomes.append(dict(y=y.detach(), dx=xr.grad, dw=w.grad.clone(), db=b.grad.clone()))
+            kernel_calls = len(calls)
+            w.grad = b.grad = None
+            times[name + "_ms"] = round(_time(lambda: step(x.clone().requires_grad_(), kernel)) * 1e3, 3)
+            if name == "grouped" and kernel_calls != 3:  # forward, input and weight gradients
+                raise AssertionError(f"torch._grouped_mm ran {kernel_calls} times, not 3: the kernel "
+                                     f"was not used on this GPU (probe: {native})")
     errors = {k: _rel(outcomes[0][k], outcomes[1][k]) for k in ("y", "dx", "dw", "db")}
     empty_grad = float(outcomes[0]["dw"][1].abs().max())
     if max(errors.values()) > 0.01 or empty_grad != 0:
@@ -385,13 +371,12 @@ def throughput():
     w2 = torch.randn(hidden, ffn, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     measure("dense_ffn", lambda x: torch.nn.functional.linear(torch.relu(torch.nn.functional.linear(x, w1)), w2))
     kept = {"pad_to_capacity": False}
-    for name, switch, grouped_on in (("switch_bf16", {}, ()), ("switch_bf16_kept_tokens", kept, ("cuda",)),
-                                     ("switch_bf16_kept_tokens_gemm_per_expert", kept, ()),
-                                     ("switch_fp8", {"fp8_format": "hybrid"}, ())):
+    for name, switch in (("switch_bf16", {}), ("switch_bf16_kept_tokens", {**kept, "grouped_gemm": True}),
+                         ("switch_bf16_kept_tokens_gemm_per_expert", {**kept, "grouped_gemm": False}),
+                         ("switch_fp8", {"fp8_format": "hybrid"})):
         try:
-            with _grouped_kernel_on(*grouped_on):
-                layer = _switch_layer(hidden, ffn, num_experts, capacity_factor=cf, expert_bias=False, **switch)
-                measure(name, layer)
+            layer = _switch_layer(hidden, ffn, num_experts, capacity_factor=cf, expert_bias=False, **switch)
+            measure(name, layer)
             del layer
         except Exception as err:
             rows[name] = {"error": f"{type(err).__name__}: {err}"}

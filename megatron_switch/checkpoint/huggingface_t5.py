@@ -1,7 +1,7 @@
 """Switch T5 <-> Hugging Face's `SwitchTransformersForConditionalGeneration`: configs and weights.
 
 The one place that knows how the two name and lay out the same model. Pure functions over configs
-and full, one-process tensors (every expert, no tensor-parallel split; `t5.local_state_dict` cuts a
+and full, one-process tensors (every expert, no tensor-parallel split; `specs.t5_model.local_state_dict` cuts a
 full state dict to a rank's experts).
 
 Ours <- Hugging Face, for stack S (encoder, decoder), layer i (0-based in both), FFN sublayer F
@@ -49,7 +49,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from megatron_switch.config import SwitchConfig
-from megatron_switch.models.t5 import FFN_ACTIVATIONS, STACKS, T5ConfigError, T5Settings
+from megatron_switch.specs.t5_model import FFN_ACTIVATIONS, STACKS, T5ConfigError, T5Settings
 
 
 class T5WeightsError(ValueError):

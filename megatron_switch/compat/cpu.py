@@ -1,4 +1,5 @@
-"""Shims for megatron-core 0.16.1 code paths that assume CUDA where nothing needs it.
+"""CPU support: shims for megatron-core code paths that assume CUDA where nothing needs it, and
+megatron's named RNG streams on the CPU.
 
 Applied once, and only when CUDA is absent, so GPU behaviour is untouched:
 - megatron's `dist_checkpointing` (torch_dist) save path stages tensors with `non_blocking=True`
@@ -143,6 +144,22 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outside)
 
 
+def install_cpu_rng_tracker() -> None:
+    """Without CUDA, make a `CpuRNGStatesTracker` megatron's RNG tracker (once; later calls keep it)."""
+    if torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    if isinstance(megatron_random._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+        return
+    # Activation recomputation saves and restores the CPU state, the CUDA state and the
+    # tracker's streams; there is no CUDA generator here, so its part is nothing.
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+    megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True  # megatron keeps this tracker
+
+
 def seed_parallel_rng(seed: int) -> None:
     """Seed megatron-core's named RNG streams (data-, tensor- and expert-parallel) with megatron's
     own `model_parallel_cuda_manual_seed`, as Megatron-LM does. Without CUDA a `CpuRNGStatesTracker`
@@ -150,13 +167,5 @@ def seed_parallel_rng(seed: int) -> None:
     Call after the parallel groups exist."""
     from megatron.core import tensor_parallel
 
-    if not torch.cuda.is_available():
-        from megatron.core.tensor_parallel import random as megatron_random
-
-        # Activation recomputation saves and restores the CPU state, the CUDA state and the
-        # tracker's streams; there is no CUDA generator here, so its part is nothing.
-        megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
-        megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
-        megatron_random._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
-        megatron_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True  # megatron keeps this tracker
+    install_cpu_rng_tracker()
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

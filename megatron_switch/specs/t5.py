@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig
-from megatron_switch.spec import layer_norms, layer_spec_for, transformer_engine_available, with_sdp_attention
+from megatron_switch.experts import transformer_engine_available
+from megatron_switch.specs.gpt import layer_norms, layer_spec_for, with_sdp_attention
 
 
 def _dense_t5_layer_specs(use_transformer_engine: bool) -> Tuple[ModuleSpec, ModuleSpec]:
@@ -40,7 +41,7 @@ def _stack(dense: ModuleSpec, switch: SwitchConfig, num_layers: int,
 def get_switch_t5_layer_specs(
     encoder_config: TransformerConfig,
     decoder_config: TransformerConfig,
-    switch: SwitchConfig,
+    switch: Optional[SwitchConfig],
     *,
     use_transformer_engine: Optional[bool] = None,
 ) -> Tuple[TransformerBlockSubmodules, TransformerBlockSubmodules]:
@@ -48,7 +49,7 @@ def get_switch_t5_layer_specs(
     transformer_encoder_layer_spec=encoder, transformer_decoder_layer_spec=decoder, ...)`.
 
     Each stack has its config's num_layers layers; layers k, 2k, ... of each are Switch layers
-    (k = switch.expert_interval). use_transformer_engine: None picks TE when it is usable.
+    (k = switch.expert_interval; switch None: every layer dense). use_transformer_engine: None picks TE when it is usable.
     Megatron's T5 has no pipeline split of a stack, so every layer of a stack is built here.
     """
     if use_transformer_engine is None:

@@ -6,7 +6,7 @@ Hugging Face's `SwitchTransformersForConditionalGeneration`) computes, and where
 - relative position bias: T5Model's own `RelativePositionEmbedding` (`position_embedding_type=
   'relative'`): bucketed, one table per stack shared by the stack's layers, bidirectional in the
   encoder, causal in the decoder, none in cross-attention. Megatron-LM asserts Transformer Engine
-  for it; here the attention cores are `SDPAttention` (spec.py), which adds the bias to the scores
+  for it; here the attention cores are `SDPAttention` (specs/gpt.py), which adds the bias to the scores
   on CPU and GPU alike;
 - unscaled dot-product attention: `softmax_scale=1.0` (no 1/sqrt(d_kv));
 - `T5LayerNorm` for every norm (RMS, no mean, no bias, variance in float32, eps 1e-6);
@@ -41,7 +41,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig
 from megatron_switch.layer import SwitchMLP
-from megatron_switch.t5 import get_switch_t5_layer_specs
+from megatron_switch.experts.base import CHECKPOINT_KEYS
+from megatron_switch.specs.t5 import get_switch_t5_layer_specs
 
 STACKS = ("encoder", "decoder")
 
@@ -142,11 +143,11 @@ class T5Settings:
         k = self.expert_interval(stack)
         return list(range(k, self.num_layers(stack) + 1, k)) if k else []
 
-    def stack_switch_config(self, stack: str) -> SwitchConfig:
-        """The SwitchConfig that places this stack's Switch layers (one with none when k = 0)."""
+    def stack_switch_config(self, stack: str) -> Optional[SwitchConfig]:
+        """The SwitchConfig that places this stack's Switch layers; None when it has none."""
         k = self.expert_interval(stack)
-        if k == 0:  # layers k, 2k, ... with k past the last layer: none
-            return SwitchConfig(num_experts=1, expert_interval=self.num_layers(stack) + 1, expert_bias=False)
+        if k == 0:
+            return None
         seed = self.switch.init_seed + (DECODER_INIT_SEED_OFFSET if stack == "decoder" else 0)
         return dataclasses.replace(self.switch, expert_interval=k, init_seed=seed)
 
@@ -299,7 +300,7 @@ def local_state_dict(model: torch.nn.Module, full_state: Mapping[str, torch.Tens
     for name, module in model.named_modules():
         if isinstance(module, SwitchMLP):
             first, count = module.experts.first_expert, module.experts.num_local_experts
-            for key in SwitchMLP.EXPERT_KEYS:
+            for key in CHECKPOINT_KEYS:
                 full_key = f"{name}.experts.{key}"
                 if full_key in state:
                     state[full_key] = state[full_key][first:first + count]

@@ -1,10 +1,11 @@
 """The `te` expert backend: Transformer Engine's GroupedLinear, bf16 or FP8, behind the bank interface.
 
 Imported only when `--switch-expert-backend te` is asked for (CUDA and Transformer Engine present).
-`TEExperts` has the interface of `experts.TorchExperts` (`forward_padded`, `forward_grouped`,
-`reset_parameters`), the same checkpoint keys and global shapes in sharded (torch_dist) checkpoints
-(one block per expert), and the stacked names (weight1 [E_l, f', h], weight2 [E_l, h, f], bias1, bias2)
-in plain state dicts, so a checkpoint written by one backend loads into the other. Transformer
+`TEExperts` keeps the bank contract (`experts.base`): the same checkpoint keys and global shapes in
+sharded (torch_dist) checkpoints (one block per expert), and the stacked names (weight1 [E_l, f', h],
+weight2 [E_l, h, f], bias1, bias2) in plain state dicts, so a checkpoint written by one backend loads
+into the other; `expert_weights` / `load_expert_weights` read and write the per-expert parameters
+themselves. Transformer
 Engine's own FP8 metadata (`_extra_state`: delayed-scaling amax history) is not checkpointed; it
 restarts after a load. This backend has not been run: Transformer Engine could not be installed on
 any machine the project is tested on.
@@ -16,13 +17,13 @@ combine are outside, in float32/bf16.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Dict, List, Optional
 
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_switch.config import SwitchConfig, SwitchConfigError
-from megatron_switch.experts import ExpertBank
+from megatron_switch.experts.base import CHECKPOINT_KEYS, ExpertBank
 
 # --fp8-recipe -> (Transformer Engine class in transformer_engine.common.recipe, minimum TE version,
 # minimum compute capability), as megatron-core's fp8_utils gates them.
@@ -92,25 +93,29 @@ class TEExperts(ExpertBank):
             return
         for tensor_id, name in ((1, "weight1"), (2, "weight2")):
             for local, weight in enumerate(self._per_expert(name)):
-                self._draw(weight, layer_number, tensor_id, local)
+                self.draw(weight, layer_number, tensor_id, local)
         with torch.no_grad():
             for bias in self._per_expert("bias1") + self._per_expert("bias2"):
                 bias.zero_()
 
-    def checkpoint_parameters(self, name: str):
-        """(state-dict name, parameter, local expert) of each expert's `name` (weight1, bias1, ...):
-        SwitchMLP.sharded_state_dict places each at its global expert index, so the parameters
-        themselves are saved and loaded (the optimizer state maps onto them by identity)."""
-        module, kind = self.STACKED[name]
-        return [(f"{module}.{kind}{e}", param, e) for e, param in enumerate(self._per_expert(name))]
+    def _expert_parameters(self, local: int) -> Dict[str, torch.nn.Parameter]:
+        return {name: params[local] for name in CHECKPOINT_KEYS if (params := self._per_expert(name))}
 
-    # Stacked copies of the per-expert TE parameters, for plain state dicts (not for training).
-    weight1 = property(lambda self: torch.stack(self._per_expert("weight1")).detach())
-    weight2 = property(lambda self: torch.stack(self._per_expert("weight2")).detach())
-    bias1 = property(lambda self: torch.stack(self._per_expert("bias1")).detach()
-                     if self.switch.expert_bias else None)
-    bias2 = property(lambda self: torch.stack(self._per_expert("bias2")).detach()
-                     if self.switch.expert_bias else None)
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), ep_rank: int = 0, ep_size: int = 1,
+                           replica_id=(0, 0, 0)) -> dict:
+        """One [1, ...] block per expert parameter at its global expert index (the parameters
+        themselves are saved and loaded, so the optimizer state maps onto them by identity)."""
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+        axis, num_experts = len(sharded_offsets), self.num_local_experts * ep_size
+        state = {}
+        for name, key in CHECKPOINT_KEYS.items():
+            module, kind = self.STACKED[name]
+            for local, param in enumerate(self._per_expert(name)):
+                state[f"{prefix}{module}.{kind}{local}"] = ShardedTensor.from_rank_offsets(
+                    f"{prefix}{key}", param, *sharded_offsets, (axis, self.first_expert + local, num_experts),
+                    replica_id=replica_id, prepend_axis_num=axis + 1)
+        return state
 
     @staticmethod
     def _stack_state(module, state_dict, prefix, local_metadata):
@@ -145,11 +150,8 @@ class TEExperts(ExpertBank):
             y = self.fc2(h, padded)
         return self.unpad(y, tokens_per_expert)
 
-    def forward_padded(self, x_ENh: torch.Tensor) -> torch.Tensor:
-        """[E_l, N, h] -> [E_l, N, h]."""
-        experts, n, h = x_ENh.shape
-        return self._run(x_ENh.reshape(experts * n, h), [n] * experts).view(experts, n, h)
-
-    def forward_grouped(self, x_Nh: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
-        """[N, h] sorted by local expert, with counts per expert -> [N, h]."""
-        return self._run(x_Nh, list(tokens_per_expert))
+    def forward(self, x: torch.Tensor, tokens_per_expert: Optional[List[int]] = None) -> torch.Tensor:
+        if tokens_per_expert is None:  # padded [E_l, N, h]
+            experts, n, h = x.shape
+            return self._run(x.reshape(experts * n, h), [n] * experts).view(experts, n, h)
+        return self._run(x, list(tokens_per_expert))
