@@ -229,15 +229,27 @@ class SwitchT5Model(T5Model):
 
     Build it with `build_switch_t5`; forward is T5Model's: (encoder ids [b, s_e], decoder ids
     [b, s_d], encoder mask, decoder mask, encoder-decoder mask, lm_labels=None) -> logits
-    [b, s_d, V / TP] (labels None) or the per-token loss [b, s_d].
+    [b, s_d, V / TP] (labels None) or the per-token loss [b, s_d]. `settings`: what it was built from.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, settings: T5Settings, **kwargs):
         super().__init__(*args, **kwargs)
+        self.settings = settings
         if self.post_process and self.share_embeddings_and_output_weights:
             self.lm_head = TiedT5LMHead(self.config, self.parallel_output, self.vocab_size, self.pre_process,
                                         tp_group=self.tp_group)
             self.output_layer = self.lm_head.output_layer
+
+    def description(self) -> Dict[str, object]:
+        """What a checkpoint records of the encoder-decoder beyond the shared model fields (the
+        trainer's flag names: `--model t5`, `--encoder-num-layers`, ...)."""
+        s = self.settings
+        return {"model": "t5", "encoder_num_layers": s.encoder_layers, "decoder_num_layers": s.decoder_layers,
+                "kv_channels": s.d_kv, "feed_forward_proj": s.activation,
+                "relative_attention_num_buckets": s.relative_attention_num_buckets,
+                "relative_attention_max_distance": s.relative_attention_max_distance,
+                "encoder_expert_interval": s.expert_interval("encoder"),
+                "decoder_expert_interval": s.expert_interval("decoder")}
 
 
 def _with_t5_norms(layer: ModuleSpec) -> ModuleSpec:
@@ -276,7 +288,7 @@ def build_switch_t5(settings: T5Settings, *, parallel_output: bool = True, pg_co
                             "--pipeline-model-parallel-size 1")
     encoder_spec, decoder_spec = switch_t5_layer_specs(settings, encoder_config, decoder_config)
     return SwitchT5Model(
-        config=decoder_config, encoder_config=encoder_config, transformer_encoder_layer_spec=encoder_spec,
+        settings=settings, config=decoder_config, encoder_config=encoder_config, transformer_encoder_layer_spec=encoder_spec,
         transformer_decoder_layer_spec=decoder_spec, vocab_size=settings.vocab_size,
         max_sequence_length=0,  # read only by learned absolute positions; relative ones have no limit
         parallel_output=parallel_output, share_embeddings_and_output_weights=settings.tie_word_embeddings,
