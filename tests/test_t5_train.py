@@ -86,6 +86,36 @@ def test_t5_resume_is_bit_identical(tmp_path, precision):
             assert a[key] == b[key], (key, a, b)
 
 
+def test_t5_checkpoint_converts_across_layouts_then_resumes(tmp_path, capsys):
+    """Saved at EP=2, converted to TP=2 (torch_dist) and to TP=2 x EP=2 (Megatron-LM's legacy files),
+    resumed there: the run continues as the unconverted one does, to float32 round-off."""
+    from megatron_switch.checkpoint.convert import main as convert
+
+    common = [*T5, *EXACT, "--global-batch-size", "4", "--lr-decay-iters", "4", "--make-vocab-size-divisible-by", "256"]
+    ep2 = ["--nproc-per-node", "2", "--expert-model-parallel-size", "2"]
+    run_train([*ep2, *common, "--train-iters", "4", "--plots-dir", str(tmp_path / "straight")], tmp_path)
+    run_train([*ep2, *common, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--plots-dir",
+               str(tmp_path / "first")], tmp_path)
+    targets = {"tp2": (["--target-tp", "2", "--target-ep", "1"], ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2"]),
+               "tp2xep2-legacy": (["--target-tp", "2", "--format", "torch"],
+                                  ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", *ep2[2:]])}
+    straight = metrics(tmp_path / "straight")
+    for name, (target, layout) in targets.items():
+        convert(["--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / name), "--no-progress-bar", *target])
+        resumed = run_train([*layout, *common, "--train-iters", "4", "--load", str(tmp_path / name),
+                             "--plots-dir", str(tmp_path / f"resumed-{name}")], tmp_path)
+        assert "at iteration 2" in resumed.stdout
+        second = metrics(tmp_path / f"resumed-{name}")
+        assert [r["iteration"] for r in second] == [3, 4]
+        for a, b in zip(straight[2:], second):
+            for key in ("lm_loss", "aux_loss", "z_loss", "dropped_fraction", "grad_norm", "lr"):
+                assert b[key] == pytest.approx(a[key], rel=2e-5, abs=1e-6), (name, key, a, b)
+    with pytest.raises(SystemExit):
+        convert(["--load", str(tmp_path / "ckpt"), "--save", str(tmp_path / "pp2"), "--target-pp", "2"])
+    assert "megatron-core's T5 splits no stack over pipeline stages: use --target-pp 1" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "pp2")
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--model", "t5", "--pipeline-model-parallel-size", "2", "--nproc-per-node", "2"],
      "megatron-core's T5 splits no stack over pipeline stages"),
