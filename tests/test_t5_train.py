@@ -131,9 +131,10 @@ def test_t5_checkpoint_converts_across_layouts_then_resumes(tmp_path, capsys):
     (["--model", "t5", "--moe-switch", "--num-experts", "2", "--switch-expert-activation", "swiglu"],
      "T5's experts compute its FFN (relu)"),
     (["--model", "t5", "--hidden-dropout", "0.1"], "T5 has one dropout rate"),
+    (["--model", "t5", "--recompute-granularity", "selective"], "reuses T5's relative position bias"),
     (["--model", "t5", "--hidden-size", "30", "--num-attention-heads", "4"], "pass --kv-channels"),
 ], ids=["pp", "t5-flag-on-gpt", "t5-rope", "gpt-relative", "t5-layernorm", "few-sentinels", "short-decoder",
-        "dali", "freq-past-decoder", "expert-activation", "two-dropouts", "heads"])
+        "dali", "freq-past-decoder", "expert-activation", "two-dropouts", "recompute", "heads"])
 def test_bad_t5_flags_fail_before_any_process_starts(tmp_path, flags, message):
     proc = run_train(["--train-iters", "1", *flags], tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

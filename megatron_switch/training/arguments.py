@@ -256,9 +256,13 @@ def checkpoint_bytes(args) -> int:
     output_copies = 2 if args.untie_embeddings_and_output_weights else 1
     embeddings = vocab * h * output_copies + args.max_position_embeddings * h
     dense_ffn, attention = 2 * h * f, 4 * h * h
+    stacks = (args.encoder_num_layers, args.decoder_num_layers) if args.model == "t5" else (layers,)
+    if args.model == "t5":  # two stacks; the decoder's layers also attend to the encoder
+        layers = sum(stacks)
+        attention = (4 * h * h * layers + 4 * h * h * args.decoder_num_layers) / layers
     switch_layers = 0
     if args.switch is not None:
-        switch_layers = layers // args.switch.expert_interval
+        switch_layers = sum(n // args.switch.expert_interval for n in stacks)
         expert_f = args.switch.expert_ffn_hidden_size or f
         experts = args.switch.num_experts
         expert_ffn = (3 if args.switch.gated else 2) * h * expert_f * experts + h * experts

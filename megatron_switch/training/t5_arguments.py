@@ -93,6 +93,10 @@ def check_model_flags(args, fail) -> None:
     if args.dataloader_type == "dali":
         fail("--dataloader-type dali reads GPT samples; span corruption (--model t5) reads through "
              "--dataloader-type single")
+    if args.recompute_granularity:
+        fail(f"--recompute-granularity {args.recompute_granularity} with --model t5: megatron-core's recomputed "
+             "forward (layers or attention core) reuses T5's relative position bias from outside the recomputed "
+             "region, and its gradient cannot pass twice; drop the flag (or lower --micro-batch-size)")
     if args.hidden_dropout != args.attention_dropout:
         fail(f"--hidden-dropout {args.hidden_dropout} and --attention-dropout {args.attention_dropout}: T5 has one "
              "dropout rate (dropout_rate) for both; give them the same value")
