@@ -12,8 +12,8 @@ import dataclasses
 import math
 from typing import AbstractSet, Optional
 
-ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu")
-GATED_ACTIVATIONS = ("geglu", "swiglu")  # act(gate) * up: the first projection is twice as wide
+ACTIVATIONS = ("relu", "gelu", "geglu", "swiglu", "geglu_tanh")
+GATED_ACTIVATIONS = ("geglu", "swiglu", "geglu_tanh")  # act(gate) * up: the first projection is twice as wide
 DROP_POLICIES = ("position", "probs")
 EXPERT_BACKENDS = ("auto", "torch", "te")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -58,7 +58,8 @@ class SwitchConfig:
     jitter_eps: multiplicative router-input jitter U(1 - eps, 1 + eps), training only.
     init_scale: s of the truncated-normal init, sigma = sqrt(s / fan_in).
     expert_dropout: dropout inside the experts, after the activation.
-    activation: "relu", "gelu", "geglu" or "swiglu" (the last two are gated).
+    activation: "relu", "gelu", "geglu", "swiglu" or "geglu_tanh" (the last three are gated; geglu_tanh
+        is T5's gated GELU, with the tanh approximation).
     expert_bias: whether expert projections carry biases.
     expert_ffn_hidden_size: expert FFN width; None means the model's ffn_hidden_size.
     expert_backend: "auto", "torch" or "te".

@@ -224,9 +224,28 @@ def test_plan_errors_say_what_to_change(capsys):
         plan_main(["--preset", "no-such-model", "--nodes", "1"])
     err = capsys.readouterr().err
     assert "choose one of" in err and "switch-c-2048" in err
-    with pytest.raises(SystemExit):
-        sbatch_main(["--preset", "switch-base-128", "--nodes", "1", "--save", "ckpt"])
-    assert "switch-base-128-gpt" in capsys.readouterr().err  # ours trains decoder-only models
+
+
+def test_sbatch_encoder_decoder_presets_train_t5_with_our_trainer():
+    """Without --megatron-lm, an encoder-decoder preset runs `megatron-switch train --model t5`, whose
+    parser takes every flag of the command."""
+    import shlex
+
+    from megatron_switch.training.arguments import build_parser
+    from megatron_switch.training.t5_arguments import check_model_flags
+
+    script = _run(sbatch_main, ["--preset", "switch-base-128", "--nodes", "1", "--save", "ckpt"])
+    block = script[script.index("TRAIN=(\n"):]
+    words = shlex.split(block[:block.index("${LOAD")].split("megatron_switch.cli train", 1)[1])
+    args = build_parser().parse_args(words)
+
+    def fail(message):
+        raise AssertionError(message)
+
+    check_model_flags(args, fail)
+    assert (args.model, args.encoder_num_layers, args.decoder_num_layers, args.kv_channels) == ("t5", 12, 12, 64)
+    assert (args.encoder_seq_length, args.decoder_seq_length, args.feed_forward_proj) == (512, 114, "relu")
+    assert args.moe_switch and args.num_experts == 128 and args.moe_layer_freq == 2
 
 
 def test_sbatch_megatron_lm_command():

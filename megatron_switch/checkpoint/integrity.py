@@ -183,7 +183,12 @@ def last_good_iteration(path: str, check=None) -> int | None:
 MODEL_FLAGS = {"num_layers": "--num-layers", "hidden_size": "--hidden-size",
                "num_attention_heads": "--num-attention-heads", "ffn_hidden_size": "--ffn-hidden-size",
                "gated_linear_unit": "--swiglu", "num_experts": "--num-experts", "expert_interval": "--moe-layer-freq",
-               "padded_vocab_size": "--make-vocab-size-divisible-by"}
+               "padded_vocab_size": "--make-vocab-size-divisible-by",
+               # the encoder-decoder (--model t5)
+               "encoder_num_layers": "--encoder-num-layers", "decoder_num_layers": "--decoder-num-layers",
+               "kv_channels": "--kv-channels", "feed_forward_proj": "--feed-forward-proj",
+               "relative_attention_num_buckets": "--relative-attention-num-buckets",
+               "relative_attention_max_distance": "--relative-attention-max-distance"}
 
 
 def model_differences(saved: dict[str, Any], current: dict[str, Any], tp: int = 1,
@@ -192,6 +197,9 @@ def model_differences(saved: dict[str, Any], current: dict[str, Any], tp: int = 
     only settings both record are compared. `tp` and `vocab_size` (the tokenizer's, unpadded) let
     the padded-vocabulary phrase say which --make-vocab-size-divisible-by matches the checkpoint."""
     differences = []
+    if saved and current and saved.get("model", "gpt") != current.get("model", "gpt"):  # GPT records none
+        return [f"the checkpoint is a {saved.get('model', 'gpt').upper()} model, this run builds "
+                f"{current.get('model', 'gpt').upper()}: pass --model {saved.get('model', 'gpt')}"]
     for key, flag in MODEL_FLAGS.items():
         if key not in saved or key not in current or saved[key] == current[key]:
             continue

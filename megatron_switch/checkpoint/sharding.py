@@ -1,16 +1,18 @@
-"""Where each logical tensor of a Switch GPT lives in a (TP, PP, EP) layout.
+"""Where each logical tensor of a Switch GPT or Switch T5 lives in a (TP, PP, EP) layout.
 
-The rules are those of the model's `sharded_state_dict` (megatron-core's GPT layers and
+The rules are those of the model's `sharded_state_dict` (megatron-core's GPT and T5 layers and
 `SwitchMLP`); tests check them against the model itself:
-- tensor parallel, split along one axis into TP equal blocks: column-parallel `linear_qkv` and
-  dense `linear_fc1` (weight and bias, axis 0), row-parallel `linear_proj` and dense `linear_fc2`
-  weights (axis 1), the vocabulary axis of `embedding.word_embeddings.weight` and `output_layer.weight`;
+- tensor parallel, split along one axis into TP equal blocks: column-parallel `linear_qkv`, T5's
+  cross-attention `linear_q` and `linear_kv`, and dense `linear_fc1` (weight and bias, axis 0),
+  row-parallel `linear_proj` and dense `linear_fc2` weights (axis 1), the vocabulary axis of
+  `embedding.word_embeddings.weight` and `output_layer.weight` (T5: also `lm_head.output_layer.weight`);
 - expert parallel: `mlp.experts.*` banks `[E, ...]` split along the expert axis into EP blocks
   (expert tensor parallelism is 1: experts are never split over TP);
-- everything else (norms, row-parallel biases, position embeddings, routers, `_extra_state`) is
-  replicated.
+- everything else (norms, row-parallel biases, position embeddings, T5's relative position bias
+  tables, routers, `_extra_state`) is replicated.
 Pipeline stage p of PP holds layers [p L/PP, (p+1) L/PP) (Megatron numbers them from 0 on each
 stage in legacy files), the embeddings on stage 0 and the final norm and output layer on the last.
+T5 (model_config "model": "t5") has one stage: megatron-core's T5 splits no stack over pipeline stages.
 Optimizer tensors (`optimizer.state.exp_avg.<key>`, ...) live exactly where their parameter lives.
 """
 
@@ -24,12 +26,15 @@ from megatron_switch.checkpoint.contents import ConvertError, Index, param_key
 from megatron_switch.parallel import Layout, LayoutError, validate_layout
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_T5_FIRST_STAGE = ("encoder.layers.", "encoder.final_layernorm.", "encoder_relative_pos_emb.",
+                   "decoder_relative_pos_emb.")  # T5 has one stage
 _TP_AXIS = (("embedding.word_embeddings.weight", 0), ("output_layer.weight", 0),
-            (".linear_qkv.weight", 0), (".linear_qkv.bias", 0), (".linear_fc1.weight", 0),
+            (".linear_qkv.weight", 0), (".linear_qkv.bias", 0), (".linear_q.weight", 0),
+            (".linear_kv.weight", 0), (".linear_fc1.weight", 0),
             (".linear_fc1.bias", 0), (".linear_proj.weight", 1), (".linear_fc2.weight", 1))
 _REPLICATED = ("layer_norm_weight", "layer_norm_bias", "layernorm.weight", "layernorm.bias",
                ".linear_proj.bias", ".linear_fc2.bias", "embedding.position_embeddings.weight",
-               ".router.weight", "._extra_state")
+               ".router.weight", "._extra_state", ".relative_attention_bias.weight")
 EXPERTS = ".mlp.experts."
 
 Coord = tuple[int, int, int]  # (tp rank, pp rank, ep rank)
@@ -64,12 +69,12 @@ def placement(name: str, layout: Layout, num_layers: int) -> Placement:
     layer = layer_number(key)
     if layer is not None:
         stage = layer // (num_layers // layout.pp)
-    elif key.startswith("embedding."):
+    elif key.startswith(("embedding.", *_T5_FIRST_STAGE)):
         stage = 0
-    elif key.startswith(("decoder.final_layernorm.", "output_layer.")):
+    elif key.startswith(("decoder.final_layernorm.", "output_layer.", "lm_head.")):
         stage = layout.pp - 1
     else:
-        raise ConvertError(f"unknown checkpoint key {name!r}: not part of a Switch GPT, so its placement "
+        raise ConvertError(f"unknown checkpoint key {name!r}: not part of a Switch GPT or T5, so its placement "
                            f"across layouts is unknown")
     if EXPERTS in key:
         return Placement(stage, 0, "ep")
@@ -146,6 +151,9 @@ def check_layout(layout: Layout, shapes: dict[str, tuple[int, ...]], model_confi
         validate_layout(layout.min_world_size, layout.tp, layout.pp, layout.ep, num_experts)
     except LayoutError as err:
         raise LayoutError(f"target layout {layout}: {err}") from None
+    if model_config.get("model") == "t5" and layout.pp > 1:
+        raise LayoutError(f"target layout {layout}: megatron-core's T5 splits no stack over pipeline stages: "
+                          f"use --target-pp 1")
     if num_layers % layout.pp:
         fits = [d for d in range(1, num_layers + 1) if num_layers % d == 0 and d <= layout.pp]
         raise LayoutError(f"target layout {layout}: {num_layers} layers do not split into {layout.pp} equal "

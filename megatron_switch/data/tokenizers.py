@@ -1,7 +1,10 @@
 """Tokenizers for preprocessing and training: a built-in byte-level tokenizer, and Hugging Face
 tokenizers (a local tokenizer directory or file) when `transformers` is installed.
 
-Both follow megatron.core's MegatronTokenizerBase, which its GPTDataset expects (`eod`, `pad`).
+Both follow megatron.core's MegatronTokenizerBase, which its GPTDataset expects (`eod`, `pad`), and
+give T5's sentinels as `sentinel_ids` (index i: the id of `<extra_id_i>`): the byte-level tokenizer
+appends `vocab_extra_ids` of them to its vocabulary (Megatron-LM's --vocab-extra-ids, `<extra_id_0>`
+the highest id, as in T5's vocabularies); a Hugging Face tokenizer has its own `<extra_id_N>` tokens.
 """
 
 from __future__ import annotations
@@ -18,17 +21,37 @@ TOKENIZER_TYPES = ("ByteLevelTokenizer", "HuggingFaceTokenizer")
 
 
 class ByteLevelTokenizer(MegatronTokenizerBase):
-    """UTF-8 bytes 0-255 are tokens 0-255; 256 ends a document (eod), 257 pads."""
+    """UTF-8 bytes 0-255 are tokens 0-255; 256 ends a document (eod), 257 pads; with vocab_extra_ids
+    N, ids 258 .. 258+N-1 are T5's sentinels, `<extra_id_0>` = 258+N-1 (the highest id) down to
+    `<extra_id_{N-1}>` = 258."""
 
-    def __init__(self):
+    def __init__(self, vocab_extra_ids: int = 0):
         super().__init__(path="", config={})
+        if not isinstance(vocab_extra_ids, int) or vocab_extra_ids < 0:
+            raise ValueError(f"--vocab-extra-ids must be an integer >= 0, got {vocab_extra_ids!r}")
+        self.vocab_extra_ids = vocab_extra_ids
         self.unique_identifiers = {"class": type(self).__name__}  # keys megatron's dataset cache
+        if vocab_extra_ids:
+            self.unique_identifiers["vocab_extra_ids"] = vocab_extra_ids
 
     def tokenize(self, text: str) -> numpy.ndarray:
         return numpy.frombuffer(text.encode("utf-8"), dtype=numpy.uint8).astype(numpy.int64)
 
     def detokenize(self, ids) -> str:
-        return bytes(int(i) for i in ids if int(i) < 256).decode("utf-8", errors="replace")
+        """Bytes as text, sentinels as `<extra_id_i>`; eod and padding are left out."""
+        pieces, run = [], bytearray()
+        for i in (int(i) for i in ids):
+            if i < 256:
+                run.append(i)
+            elif i >= BYTE_LEVEL_VOCAB_SIZE:
+                pieces += [run.decode("utf-8", errors="replace"), f"<extra_id_{self.vocab_size - 1 - i}>"]
+                run = bytearray()
+        return "".join(pieces) + run.decode("utf-8", errors="replace")
+
+    @property
+    def sentinel_ids(self) -> list:
+        """[id of <extra_id_0>, id of <extra_id_1>, ...]: from the top of the vocabulary down."""
+        return list(range(self.vocab_size - 1, BYTE_LEVEL_VOCAB_SIZE - 1, -1))
 
     def apply_chat_template(self, *args, **kwargs):
         raise NotImplementedError("ByteLevelTokenizer has no chat template")
@@ -43,7 +66,7 @@ class ByteLevelTokenizer(MegatronTokenizerBase):
 
     @property
     def vocab_size(self) -> int:
-        return BYTE_LEVEL_VOCAB_SIZE
+        return BYTE_LEVEL_VOCAB_SIZE + self.vocab_extra_ids
 
     @property
     def eod(self) -> int:
@@ -105,6 +128,14 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         return max(len(self._tokenizer), self._eod + 1)
 
     @property
+    def sentinel_ids(self) -> list:
+        """[id of <extra_id_0>, id of <extra_id_1>, ...]: the tokenizer's own, up to the first missing."""
+        vocab, ids = self._tokenizer.get_vocab(), []
+        while f"<extra_id_{len(ids)}>" in vocab:
+            ids.append(vocab[f"<extra_id_{len(ids)}>"])
+        return ids
+
+    @property
     def eod(self) -> int:
         return self._eod
 
@@ -114,10 +145,15 @@ class HuggingFaceTokenizer(MegatronTokenizerBase):
         return self._eod if pad is None else pad
 
 
-def build_tokenizer(tokenizer_type: str = "ByteLevelTokenizer", tokenizer_model: str | None = None):
+def build_tokenizer(tokenizer_type: str = "ByteLevelTokenizer", tokenizer_model: str | None = None,
+                    vocab_extra_ids: int = 0):
+    """vocab_extra_ids: sentinel ids appended to the byte-level tokenizer (--vocab-extra-ids)."""
     if tokenizer_type == "ByteLevelTokenizer":
-        return ByteLevelTokenizer()
+        return ByteLevelTokenizer(vocab_extra_ids)
     if tokenizer_type == "HuggingFaceTokenizer":
+        if vocab_extra_ids:
+            raise ValueError(f"--vocab-extra-ids {vocab_extra_ids} adds sentinel ids to the byte-level tokenizer; a "
+                             f"Hugging Face tokenizer brings its own <extra_id_N> tokens: drop --vocab-extra-ids")
         if not tokenizer_model:
             raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model PATH "
                              "(a local tokenizer directory)")

@@ -23,6 +23,7 @@ Every backend implements:
 from __future__ import annotations
 
 import abc
+import functools
 from collections.abc import Mapping
 from typing import Dict, List, Optional
 
@@ -37,7 +38,8 @@ from megatron_switch.initialization import seeded_generator, truncated_normal_
 # bank tensor -> its checkpoint key (under the layer's `experts.` prefix), as megatron-core names grouped experts
 CHECKPOINT_KEYS = {"weight1": "linear_fc1.weight", "bias1": "linear_fc1.bias",
                    "weight2": "linear_fc2.weight", "bias2": "linear_fc2.bias"}
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu}
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "geglu": F.gelu, "swiglu": F.silu,
+                "geglu_tanh": functools.partial(F.gelu, approximate="tanh")}
 
 
 def expert_activation(h: torch.Tensor, switch: SwitchConfig, training: bool) -> torch.Tensor:

@@ -1,8 +1,9 @@
 """sbatch scripts: a planned layout and training settings, rendered through a template of launch/.
 
-`training_command(job)` is the command one srun task runs: `megatron-switch train` (ours), or the
-user's Megatron-LM through `python -m megatron_switch.megatron_lm.pretrain_gpt` (`pretrain_t5` for
-encoder-decoder models) with Megatron-LM's flags plus the Switch flags. `render_sbatch(job)` fills
+`training_command(job)` is the command one srun task runs: `megatron-switch train` (ours; `--model t5`
+for encoder-decoder presets), or the user's Megatron-LM through `python -m
+megatron_switch.megatron_lm.pretrain_gpt` (`pretrain_t5` for encoder-decoder models) with
+Megatron-LM's flags plus the Switch flags. `render_sbatch(job)` fills
 the template (`launch/switch.sbatch.template`; placeholders `@{name}`, `@@` for a literal `@`); the
 template holds everything that runs per node (ranks, rendezvous, scratch, signal, requeue, dry run).
 """
@@ -111,6 +112,10 @@ def template_path(explicit: str | None = None) -> Path:
                       "(a copy of launch/switch.sbatch.template from the source tree)")
 
 
+# `megatron-switch train --model t5`: the planner's activation -> --feed-forward-proj
+T5_FFN = {"relu": "relu", "geglu_tanh": "gated-gelu"}
+
+
 def _moe_layer_pattern(spec: ModelSpec, layers: int) -> str:
     """Megatron-LM's --moe-layer-freq list form of the placement (arguments.moe_layer_freq_expression)."""
     return moe_layer_freq_expression(spec.expert_interval, layers)
@@ -131,11 +136,15 @@ def training_command(job: SbatchJob) -> list[str]:
     """argv of one training process (without --load, which the script adds once a checkpoint exists)."""
     spec, c = job.spec, job.layout
     megatron_lm = job.megatron_lm is not None
-    if spec.encoder_decoder and not megatron_lm:
-        raise SbatchError(f"{job.name} is an encoder-decoder model, and `megatron-switch train` trains decoder-only "
-                          f"GPT models: use {job.name}-gpt (or another decoder-only preset), or --megatron-lm PATH "
-                          "to run Megatron-LM's pretrain_t5 with the Switch flags")
-    if not megatron_lm and spec.kv_channels and spec.kv_channels * spec.num_attention_heads != spec.hidden_size:
+    t5 = spec.encoder_decoder and not megatron_lm  # `megatron-switch train --model t5`
+    if t5 and spec.activation not in T5_FFN:
+        raise SbatchError(f"{job.name}: `megatron-switch train --model t5` has {' or '.join(T5_FFN.values())} FFNs "
+                          f"(--feed-forward-proj), not {spec.activation}; use --megatron-lm PATH")
+    if t5 and c.recompute:
+        raise SbatchError(f"{job.name} needs activation recomputation to fit this cluster, which `megatron-switch "
+                          "train --model t5` does not offer: give more nodes, or use --megatron-lm PATH")
+    if not spec.encoder_decoder and not megatron_lm and spec.kv_channels and \
+            spec.kv_channels * spec.num_attention_heads != spec.hidden_size:
         raise SbatchError("`megatron-switch train` has no --kv-channels: heads x kv channels must equal the "
                           "hidden size, or use --megatron-lm PATH")
     if megatron_lm:
@@ -143,6 +152,8 @@ def training_command(job: SbatchJob) -> list[str]:
         argv = [job.python, "-m", f"megatron_switch.megatron_lm.{entry}"]
     else:
         argv = [job.python, "-m", "megatron_switch.cli", "train"]
+    if t5:
+        argv += ["--model", "t5", "--feed-forward-proj", T5_FFN[spec.activation]]
     if spec.encoder_decoder:
         argv += ["--encoder-num-layers", str(spec.num_layers), "--decoder-num-layers", str(spec.decoder_layers),
                  "--kv-channels", str(spec.head_dim), "--encoder-seq-length", str(spec.seq_length),
@@ -159,7 +170,7 @@ def training_command(job: SbatchJob) -> list[str]:
     argv += _switch_flags(spec, megatron_lm)
     argv += ["--tensor-model-parallel-size", str(c.tp), "--pipeline-model-parallel-size", str(c.pp),
              "--expert-model-parallel-size", str(c.ep)]
-    if c.tp > 1 and not job.cpu:
+    if c.tp > 1 and not job.cpu and not (spec.encoder_decoder and spec.decoder_tokens % c.tp):
         argv += ["--sequence-parallel"]
     argv += ["--micro-batch-size", str(job.micro_batch_size), "--global-batch-size", str(job.global_batch_size),
              "--train-iters", str(job.train_iters), "--lr", f"{job.lr:g}", "--lr-warmup-iters",

@@ -39,6 +39,8 @@ class SDPAttention(DotProductAttention):
 
     Inputs [s, b, n, d] (n heads on this TP rank, GQA groups expanded here); output [s, b, n * d].
     `attention_mask` follows Megatron: True marks a position that must not be attended.
+    `attention_bias` (T5's relative position bias, [1 or b, n, s_q, s_k]) is added to the scaled
+    scores; masked (and, for a causal core without a mask, future) positions get -inf.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
@@ -51,8 +53,8 @@ class SDPAttention(DotProductAttention):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("SDPAttention supports neither packed sequences nor attention bias")
+        if packed_seq_params is not None:
+            raise NotImplementedError("SDPAttention does not support packed sequences")
         repeat = self.num_attention_heads_per_partition // self.num_query_groups_per_partition
         if repeat > 1:
             key = key.repeat_interleave(repeat, dim=2)
@@ -61,6 +63,12 @@ class SDPAttention(DotProductAttention):
         mask_type = attn_mask_type or self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal
         mask = None if attention_mask is None else ~attention_mask
+        if attention_bias is not None:  # a float mask: the bias where attending is allowed, else -inf
+            if causal:
+                mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+                causal = False
+            bias = attention_bias.to(q.dtype)
+            mask = bias if mask is None else torch.where(mask, bias, float("-inf"))
         context = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, scale=self.sdpa_scale,
             dropout_p=self.dropout_p if self.training else 0.0)

@@ -21,12 +21,15 @@ from typing import Any, List, Optional
 from megatron_switch.arguments import add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.parallel import LayoutError, validate_layout
+from megatron_switch.training.t5_arguments import (
+    add_t5_args, check_model_flags, check_t5_objective, t5_model_config, t5_switch_config)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-switch train",
-        description="Megatron-style GPT pretraining with Switch layers (--moe-switch --num-experts N).")
+        description="Megatron-style pretraining with Switch layers (--moe-switch --num-experts N): GPT, or the "
+                    "paper's T5 encoder-decoder on span corruption (--model t5).")
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=4)
     g.add_argument("--hidden-size", type=int, default=128)
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="Default: 4 x hidden size.")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="Default: --seq-length.")
-    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default=None,
+                   help="Default: LayerNorm for GPT; T5 has its own RMS norm.")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--hidden-dropout", type=float, default=0.0)
@@ -129,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plots-dir", default=None, help="Default: <save>/plots, or ./plots without --save.")
     g.add_argument("--no-progress-bar", action="store_true")
     add_switch_args(p)
+    add_t5_args(p)
     return p
 
 
@@ -268,13 +273,17 @@ def checkpoint_bytes(args) -> int:
     from megatron_switch.parallel import padded_vocab_size
 
     h, f, layers = args.hidden_size, args.ffn_hidden_size, args.num_layers
-    vocab = padded_vocab_size(BYTE_LEVEL_VOCAB_SIZE, args.make_vocab_size_divisible_by, 1)
+    vocab = padded_vocab_size(BYTE_LEVEL_VOCAB_SIZE + args.vocab_extra_ids, args.make_vocab_size_divisible_by, 1)
     output_copies = 2 if args.untie_embeddings_and_output_weights else 1
     embeddings = vocab * h * output_copies + args.max_position_embeddings * h
     dense_ffn, attention = 2 * h * f, 4 * h * h
+    stacks = (args.encoder_num_layers, args.decoder_num_layers) if args.model == "t5" else (layers,)
+    if args.model == "t5":  # two stacks; the decoder's layers also attend to the encoder
+        layers = sum(stacks)
+        attention = (4 * h * h * layers + 4 * h * h * args.decoder_num_layers) / layers
     switch_layers = 0
     if args.switch is not None:
-        switch_layers = layers // args.switch.expert_interval
+        switch_layers = sum(n // args.switch.expert_interval for n in stacks)
         expert_f = args.switch.expert_ffn_hidden_size or f
         experts = args.switch.num_experts
         expert_ffn = (3 if args.switch.gated else 2) * h * expert_f * experts + h * experts
@@ -302,12 +311,14 @@ def _check_load(args, fail) -> None:
         return
     current = {"num_layers": args.num_layers, "hidden_size": args.hidden_size,
                "num_attention_heads": args.num_attention_heads, "ffn_hidden_size": args.ffn_hidden_size}
-    vocab = BYTE_LEVEL_VOCAB_SIZE if args.tokenizer_type == "ByteLevelTokenizer" else None
+    vocab = BYTE_LEVEL_VOCAB_SIZE + args.vocab_extra_ids if args.tokenizer_type == "ByteLevelTokenizer" else None
     if vocab is not None:
         current["padded_vocab_size"] = padded_vocab_size(vocab, args.make_vocab_size_divisible_by,
                                                          args.tensor_model_parallel_size)
     if args.switch is not None:
         current.update(num_experts=args.switch.num_experts, expert_interval=args.switch.expert_interval)
+    if args.model == "t5":
+        current.update(t5_model_config(args))
     differences = model_differences(writer.get("model_config", {}), current, args.tensor_model_parallel_size, vocab)
     if differences:
         fail(f"--load {path} holds another model than these flags build: {'; '.join(differences)}")
@@ -339,6 +350,7 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
     except LaunchEnvironmentError as err:
         fail(str(err))
     _check_numbers(args, fail)
+    check_model_flags(args, fail)
     tp, pp, ep = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.expert_model_parallel_size
     args.ffn_hidden_size = args.ffn_hidden_size or 4 * args.hidden_size
     args.max_position_embeddings = args.max_position_embeddings or args.seq_length
@@ -362,7 +374,9 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
         validate_layout(world, tp, pp, ep, args.num_experts if args.moe_switch else None)
     except (SwitchConfigError, LayoutError) as err:
         fail(str(err))
-    if args.switch is not None and args.switch.expert_interval > args.num_layers:
+    if args.switch is not None and args.model == "t5":
+        args.switch = t5_switch_config(args, fail)
+    elif args.switch is not None and args.switch.expert_interval > args.num_layers:
         fail(f"--moe-layer-freq {args.switch.expert_interval} puts Switch layers at {args.switch.expert_interval}, "
              f"{2 * args.switch.expert_interval}, ..., but --num-layers is {args.num_layers}: no layer would be a "
              f"Switch layer; use --moe-layer-freq {args.num_layers} or less (or drop --moe-switch for a dense model)")
@@ -376,7 +390,7 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
              f"{args.micro_batch_size * dp}")
     if args.num_layers % pp:
         fail(f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
-    if args.num_attention_heads % tp or args.hidden_size % args.num_attention_heads:
+    if args.num_attention_heads % tp or (args.hidden_size % args.num_attention_heads and args.model == "gpt"):
         fail(f"--num-attention-heads {args.num_attention_heads} must divide --hidden-size "
              f"{args.hidden_size} and be divisible by --tensor-model-parallel-size {tp}")
     if args.ffn_hidden_size % tp:
@@ -413,7 +427,7 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
 
     try:
         split = parse_split(args.split)
-        if args.data_path:
+        if args.data_path and args.model == "gpt":  # T5's windows are checked with its objective (below)
             check_enough_tokens(parse_data_path(args.data_path)[0], args.seq_length)
     except DataError as err:
         fail(str(err))
@@ -449,6 +463,8 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
                              args.switch)
         except SwitchConfigError as err:
             fail(str(err))
+    if args.model == "t5":
+        check_t5_objective(args, fail)
     if args.dataloader_type == "dali":
         from megatron_switch.data.dali import DaliUnavailableError, require_dali
 
@@ -460,7 +476,7 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
         from megatron_switch.data.tokenizers import build_tokenizer
 
         try:
-            build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+            build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_extra_ids)
         except ValueError as err:
             fail(str(err))
     return TrainingConfig(**vars(args))

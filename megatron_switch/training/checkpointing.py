@@ -78,6 +78,7 @@ def model_description(model) -> tuple[dict, dict]:
     from megatron.core import parallel_state
 
     from megatron_switch.layer import SwitchMLP
+    from megatron_switch.specs.t5_model import SwitchT5Model
 
     config = model.config
     # The whole model's Switch settings (a pipeline stage may hold no Switch layer): recorded on the
@@ -92,6 +93,9 @@ def model_description(model) -> tuple[dict, dict]:
         described["padded_vocab_size"] = vocab
     if switch is not None:
         described.update(num_experts=switch.num_experts, expert_interval=switch.expert_interval)
+    encoder_decoder = next((m for m in model.modules() if isinstance(m, SwitchT5Model)), None)
+    if encoder_decoder is not None:
+        described.update(encoder_decoder.description())
     layout = {"tp": parallel_state.get_tensor_model_parallel_world_size(),
               "pp": parallel_state.get_pipeline_model_parallel_world_size(),
               "ep": parallel_state.get_expert_model_parallel_world_size()}

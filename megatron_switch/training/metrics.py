@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -16,6 +16,7 @@ from megatron.core import parallel_state
 
 from megatron_switch.ops.collectives import comm_device
 from megatron_switch.layer import SwitchMLP, SwitchStats, on_training_stats
+from megatron_switch.specs.t5_model import STACKS, SwitchT5Model, switch_layers_by_stack
 
 
 def is_reporting_rank() -> bool:
@@ -24,25 +25,42 @@ def is_reporting_rank() -> bool:
             and parallel_state.get_data_parallel_rank() == 0)
 
 
+def layer_rows(model: torch.nn.Module, num_layers: int) -> Tuple[Dict[int, int], List[str]]:
+    """({id(Switch layer): its row}, a label per row): GPT's rows are its global layers (the same on
+    every pipeline stage); an encoder-decoder's are the encoder's layers, then the decoder's (their
+    layer numbers restart in each stack)."""
+    t5 = next((m for m in model.modules() if isinstance(m, SwitchT5Model)), None)
+    if t5 is None:
+        return ({id(m): m.layer_number - 1 for m in model.modules() if isinstance(m, SwitchMLP)},
+                [str(n) for n in range(1, num_layers + 1)])
+    offsets = {"encoder": 0, "decoder": t5.settings.encoder_layers}
+    rows = {id(layer): offsets[stack] + number - 1
+            for stack, layers in switch_layers_by_stack(t5).items() for number, layer in layers.items()}
+    labels = [f"{stack[:3]} {n}" for stack in STACKS for n in range(1, t5.settings.num_layers(stack) + 1)]
+    return rows, labels
+
+
 class SwitchStatsAccumulator:
     """Sums each Switch layer's statistics over every training micro-batch of a logging interval
     (a forward hook on each Switch layer; evaluation forwards and the no-grad first pass of activation
-    recomputation are not counted, so each micro-batch counts once)."""
+    recomputation are not counted, so each micro-batch counts once). One row per layer (`layer_rows`)."""
 
     def __init__(self, model: torch.nn.Module, num_layers: int, num_experts: int):
         self.layers = [m for m in model.modules() if isinstance(m, SwitchMLP)]
-        self.num_layers, self.num_experts = num_layers, max(num_experts, 1)
+        self.rows, self.row_labels = layer_rows(model, num_layers)
+        self.num_experts = max(num_experts, 1)
         self.reset()
         for layer in self.layers:
             on_training_stats(layer, self._record)
 
     def reset(self) -> None:
-        # rows: global layer number - 1; columns: aux, z, dropped fraction, count, then E loads.
+        # rows: see layer_rows; columns: aux, z, dropped fraction, count, then E loads.
         # Kept where the statistics are (the GPU under NCCL): recording never waits for the device.
-        self.table = torch.zeros(self.num_layers, 4 + self.num_experts, dtype=torch.float64, device=comm_device())
+        self.table = torch.zeros(len(self.row_labels), 4 + self.num_experts, dtype=torch.float64,
+                                 device=comm_device())
 
     def _record(self, layer: SwitchMLP, stats: SwitchStats) -> None:
-        row = self.table[layer.layer_number - 1]
+        row = self.table[self.rows[id(layer)]]
         row[:3] += torch.stack([stats.aux_loss, stats.z_loss, stats.dropped_fraction]).double()
         row[3] += 1
         row[4:] += stats.tokens_per_expert.double()
@@ -56,8 +74,9 @@ class SwitchStatsAccumulator:
 
 
 class Reporter:
-    def __init__(self, args):
+    def __init__(self, args, row_labels: Optional[List[str]] = None):
         self.args = args
+        self.row_labels = row_labels
         self.enabled = is_reporting_rank()
         self.history: List[Dict] = []
         self.load = None
@@ -79,7 +98,8 @@ class Reporter:
         dropped = float(per_layer[:, 2].mean()) if len(per_layer) else 0.0
         load = switch_rows[:, 4:]
         self.load = load if self.load is None else self.load + load
-        self.load_layers = [int(i) + 1 for i in torch.nonzero(table[:, 3] > 0).flatten()]
+        self.load_layers = [self.row_labels[int(i)] if self.row_labels else str(int(i) + 1)
+                            for i in torch.nonzero(table[:, 3] > 0).flatten()]
         record = dict(iteration=iteration, lm_loss=lm_loss, aux_loss=aux, z_loss=z, dropped_fraction=dropped,
                       lr=lr, tokens_per_s=tokens_per_s, grad_norm=grad_norm)
         if valid_loss is not None:
@@ -123,7 +143,7 @@ class Reporter:
             ax.plot(*zip(*valid), "o-", label="valid lm loss")
         ax.set_xlabel("iteration")
         ax.set_ylabel("loss")
-        ax.set_title("Switch GPT training")
+        ax.set_title(f"Switch {getattr(self.args, 'model', 'gpt').upper()} training")
         ax.legend()
         fig.tight_layout()
         fig.savefig(os.path.join(self.plots_dir, "loss.png"), dpi=120)
@@ -134,7 +154,7 @@ class Reporter:
             image = ax.imshow(share, aspect="auto", cmap="viridis")
             ax.set_xlabel("expert")
             ax.set_ylabel("layer")
-            ax.set_yticks(range(len(self.load_layers)), [str(n) for n in self.load_layers])
+            ax.set_yticks(range(len(self.load_layers)), self.load_layers)
             ax.set_title("share of routed tokens (uniform = %.3f)" % (1.0 / share.shape[1]))
             fig.colorbar(image, ax=ax)
             fig.tight_layout()

@@ -22,7 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
 
-def _loss(loss_mask: torch.Tensor, loss_per_token: torch.Tensor):
+def masked_loss(loss_mask: torch.Tensor, loss_per_token: torch.Tensor):
     """Megatron's three-value loss: (sum over unmasked tokens, their count, values to report)."""
     mask = loss_mask.float()
     total = (loss_per_token.float() * mask).sum()
@@ -30,21 +30,23 @@ def _loss(loss_mask: torch.Tensor, loss_per_token: torch.Tensor):
     return total, count.int(), {"lm_loss": (total / count.clamp(min=1)).detach()}
 
 
-def _forward_step(batches, model):
+def gpt_forward_step(batches, model):
     batch = next(batches)
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
-    return output, partial(_loss, batch["loss_mask"])
+    return output, partial(masked_loss, batch["loss_mask"])
 
 
-def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forward_only: bool = False
-                     ) -> Optional[torch.Tensor]:
+def forward_backward(model, batches: List[Dict[str, torch.Tensor]], args, forward_only: bool = False,
+                     forward_step=gpt_forward_step) -> Optional[torch.Tensor]:
     """Runs every micro-batch of one step on this stage; returns the mean of the micro-batches'
-    losses on the last pipeline stage, None on the others."""
+    losses on the last pipeline stage, None on the others. forward_step: the model's
+    (`training.objectives`; GPT's by default)."""
     num_micro = len(batches)
-    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro, device=batches[0]["tokens"].device))
+    loss_mask = batches[0]["loss_mask"]
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / num_micro, device=loss_mask.device))
     reported = get_forward_backward_func()(
-        forward_step_func=_forward_step, data_iterator=iter(batches), model=[model],
-        num_microbatches=num_micro, seq_length=args.seq_length, micro_batch_size=batches[0]["tokens"].shape[0],
+        forward_step_func=forward_step, data_iterator=iter(batches), model=[model],
+        num_microbatches=num_micro, seq_length=args.seq_length, micro_batch_size=loss_mask.shape[0],
         forward_only=forward_only)
     if not parallel_state.is_pipeline_last_stage():
         return None

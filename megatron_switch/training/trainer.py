@@ -25,12 +25,13 @@ from megatron_switch.ops.collectives import comm_device
 from megatron_switch.checkpoint.layout import CheckpointError
 from megatron_switch.compat import enable_cpu_support, seed_parallel_rng
 from megatron_switch.data.check import DataError
-from megatron_switch.data.sampler import TokenOutOfRange, collate, rank_micro_batch_start
+from megatron_switch.data.sampler import TokenOutOfRange, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
 from megatron_switch.training.checkpointing import load_checkpoint, remove_incomplete_saves, save_checkpoint
 from megatron_switch.training.faults import fault_point
 from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
 from megatron_switch.training.model import build_model
+from megatron_switch.training.objectives import OBJECTIVES
 from megatron_switch.training.optimizer import Optimization
 from megatron_switch.training.resume import schedule_conflict, schedule_of_args
 from megatron_switch.training.schedule import forward_backward
@@ -46,14 +47,14 @@ def _datasets(args, tokenizer):
     """Every rank's datasets. The default corpus appears on every node (built once per filesystem);
     the index cache must be one directory for all ranks (megatron-core fills it on rank 0)."""
     from megatron_switch.data.corpus import cache_dir, default_corpus_on_every_node
-    from megatron_switch.data.datasets import build_gpt_datasets, check_cache_shared
+    from megatron_switch.data.datasets import check_cache_shared
 
     data_path = args.data_path or [default_corpus_on_every_node(tokenizer, args.tokenizer_type)]
     eval_batches = (args.train_iters // args.eval_interval + 1) * args.eval_iters if args.eval_interval else 0
     sizes = (args.train_iters * args.global_batch_size, eval_batches * args.global_batch_size, 0)
     cache = args.data_cache_path or os.path.join(cache_dir(), "index-cache")
     check_cache_shared(cache)
-    return build_gpt_datasets(data_path, args.split, args.seq_length, args.seed, sizes, tokenizer, cache)
+    return OBJECTIVES[args.model].datasets(args, tokenizer, data_path, sizes, cache)
 
 
 def _micro_batches(dataset, consumed: int, args, vocab_size: int | None = None) -> List[Dict[str, torch.Tensor]]:
@@ -65,7 +66,7 @@ def _micro_batches(dataset, consumed: int, args, vocab_size: int | None = None) 
     batches = []
     for m in range(args.global_batch_size // (micro * dp)):
         start = rank_micro_batch_start(consumed // (micro * dp) + m, micro, dp, dp_rank)
-        batch = collate(dataset, start, micro, vocab_size=vocab_size)
+        batch = OBJECTIVES[args.model].micro_batch(dataset, start, micro, vocab_size)
         batches.append({k: v.to(comm_device()) for k, v in batch.items()})
     return batches
 
@@ -141,7 +142,7 @@ def train(args) -> None:
                         timeout_minutes=args.distributed_timeout_minutes)
     enable_cpu_support()
     try:
-        _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model))
+        _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_extra_ids))
     except _REPORTED as err:
         if dist.get_rank() == 0 or not getattr(err, "on_every_rank", False):
             where = "" if getattr(err, "on_every_rank", False) else f" (rank {dist.get_rank()})"
@@ -202,7 +203,7 @@ def _train(args, tokenizer) -> None:
 
     num_experts = args.switch.num_experts if args.switch else 1
     stats = SwitchStatsAccumulator(model, args.num_layers, num_experts)
-    reporter = Reporter(args)
+    reporter = Reporter(args, stats.row_labels)
     exit_signal = _ExitSignal(args.exit_signal_handler)
     train_batches = _batches(train_ds, consumed, args, tokenizer.vocab_size)
     if args.dataloader_type == "dali" and is_print_rank():
@@ -213,7 +214,7 @@ def _train(args, tokenizer) -> None:
     while iteration < args.train_iters:
         batches = next(train_batches)
         optimization.zero_grad()
-        loss = forward_backward(optimization.model, batches, args)
+        loss = forward_backward(optimization.model, batches, args, forward_step=OBJECTIVES[args.model].forward_step)
         fault_point("step", dist.get_rank(), iteration + 1)
         grad_norm = optimization.gradient_norm()
         bad_loss, bad_norm = _nonfinite(loss, grad_norm)
@@ -247,7 +248,8 @@ def _train(args, tokenizer) -> None:
                 valid = evaluate(model, valid_ds, iteration, args, tokenizer.vocab_size)
             elapsed = time.perf_counter() - interval_start
             steps = len(interval_losses) or args.log_interval
-            tokens_per_s = steps * args.global_batch_size * args.seq_length / max(elapsed, 1e-9)
+            tokens_per_s = (steps * args.global_batch_size * OBJECTIVES[args.model].tokens_per_sample(args)
+                            / max(elapsed, 1e-9))
             reporter.log(iteration, float(lm[0] / lm[1]) if lm[1] else float("nan"), table,
                          optimizer.param_groups[0]["lr"], tokens_per_s, grad_norm, valid)
             stats.reset()
@@ -277,7 +279,8 @@ def evaluate(model, dataset, iteration: int, args, vocab_size: int) -> float:
         for k in range(args.eval_iters):
             fault_point("eval", dist.get_rank(), iteration)
             batches = next(eval_batches)
-            loss = forward_backward(model, batches, args, forward_only=True)
+            loss = forward_backward(model, batches, args, forward_only=True,
+                                    forward_step=OBJECTIVES[args.model].forward_step)
             if loss is not None:
                 losses.append(float(loss))
     model.train()
