@@ -164,7 +164,8 @@ class _GatherScale(torch.autograd.Function):
         d_rows = d_weight = None
         if ctx.needs_input_grad[0]:
             if row_tokens_R is not None:  # d rows[r] = dy[t] * weight[t] for the token t of row r
-                d_rows = dy_Th.index_select(0, row_tokens_R).float().mul_(weight_T.index_select(0, row_tokens_R)[:, None])
+                d_rows = dy_Th.index_select(0, row_tokens_R).float()
+                d_rows.mul_(weight_T.index_select(0, row_tokens_R)[:, None])
                 d_rows = d_rows.to(rows_Rh.dtype)
             else:
                 scaled = (dy_Th.float() * weight_T[:, None]).to(rows_Rh.dtype)

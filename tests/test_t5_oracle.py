@@ -182,7 +182,8 @@ def test_router_losses_equal_hugging_face_where_the_definitions_meet(single_proc
     switch = switch_layers_by_stack(ours)
     for stack in ("encoder", "decoder"):
         stats = switch[stack][2].last_stats
-        torch.testing.assert_close(stats.aux_loss, ALPHA * getattr(out, f"{stack}_aux_loss").detach(), rtol=1e-5, atol=0)
+        torch.testing.assert_close(stats.aux_loss, ALPHA * getattr(out, f"{stack}_aux_loss").detach(),
+                                   rtol=1e-5, atol=0)
         torch.testing.assert_close(stats.z_loss, BETA * getattr(out, f"{stack}_z_loss").detach(), rtol=1e-5, atol=0)
 
 

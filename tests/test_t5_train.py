@@ -96,7 +96,8 @@ def test_t5_checkpoint_converts_across_layouts_then_resumes(tmp_path, capsys):
     run_train([*ep2, *common, "--train-iters", "4", "--plots-dir", str(tmp_path / "straight")], tmp_path)
     run_train([*ep2, *common, "--train-iters", "2", "--save", str(tmp_path / "ckpt"), "--plots-dir",
                str(tmp_path / "first")], tmp_path)
-    targets = {"tp2": (["--target-tp", "2", "--target-ep", "1"], ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2"]),
+    targets = {"tp2": (["--target-tp", "2", "--target-ep", "1"],
+                       ["--nproc-per-node", "2", "--tensor-model-parallel-size", "2"]),
                "tp2xep2-legacy": (["--target-tp", "2", "--format", "torch"],
                                   ["--nproc-per-node", "4", "--tensor-model-parallel-size", "2", *ep2[2:]])}
     straight = metrics(tmp_path / "straight")

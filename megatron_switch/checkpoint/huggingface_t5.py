@@ -181,7 +181,8 @@ def hf_to_ours(hf_state: Mapping[str, torch.Tensor], settings: T5Settings) -> Di
     def take(key: str) -> torch.Tensor:
         if key not in hf_state:
             raise T5WeightsError(f"missing Hugging Face key {key!r} (T5Settings: {settings.encoder_layers}+"
-                                 f"{settings.decoder_layers} layers, Switch layers {settings.switch_layer_numbers('encoder')}"
+                                 f"{settings.decoder_layers} layers, Switch layers "
+                                 f"{settings.switch_layer_numbers('encoder')}"
                                  f" / {settings.switch_layer_numbers('decoder')}, {settings.activation} FFNs)")
         used.add(key)
         return hf_state[key]
@@ -228,7 +229,8 @@ def ours_to_hf(state: Mapping[str, torch.Tensor], settings: T5Settings,
     for entry in _entries(settings):
         tensor = take(entry.ours)
         if tensor.dim() == 3 and tensor.shape[0] != settings.switch.num_experts:
-            raise T5WeightsError(f"{entry.ours} holds {tensor.shape[0]} experts, the model {settings.switch.num_experts}: "
+            raise T5WeightsError(f"{entry.ours} holds {tensor.shape[0]} experts, the model "
+                                 f"{settings.switch.num_experts}: "
                                  "gather every expert (one process, or a consolidated checkpoint) first")
         hf.update(zip(entry.hf, (t.clone() for t in entry.split(tensor))))
     return hf
@@ -259,7 +261,10 @@ def settings_from_hf_config(hf_config, vocab_size: Optional[int] = None, **switc
     switch_overrides: SwitchConfig fields beyond what the config says (capacity factors, drop policy,
     backend, ...). Hugging Face's capacity is an integer per sequence; ours is a factor per micro-batch.
     """
-    get = hf_config.get if isinstance(hf_config, Mapping) else (lambda key, default=None: getattr(hf_config, key, default))
+    def attribute(key, default=None):
+        return getattr(hf_config, key, default)
+
+    get = hf_config.get if isinstance(hf_config, Mapping) else attribute
     activation = get("dense_act_fn", "relu")
     if activation != "relu":
         raise T5ConfigError(f"Hugging Face's SwitchTransformers applies dense_act_fn {activation!r} ungated; "

@@ -5,7 +5,8 @@ Padded input runs one bmm per projection (`ops.projections.BankProjection`). Gro
 by default (`SwitchConfig.grouped_gemm` None), runs as a batch padded to the largest group
 (`ops.projections.batched_slots`) through the same bmm when that pads by at most 30%: one batched GEMM
 is up to ~3x faster per row there than a GEMM per small group. Otherwise one `torch._grouped_mm` per
-projection where the config allows it and the probe passes, else a GEMM per expert (`GroupedProjection`). bf16/fp32 anywhere; FP8 through `torch._scaled_mm` on GPUs of compute
+projection where the config allows it and the probe passes, else a GEMM per expert (`GroupedProjection`).
+bf16/fp32 anywhere; FP8 through `torch._scaled_mm` on GPUs of compute
 capability 8.9+ (`ops.fp8`).
 """
 

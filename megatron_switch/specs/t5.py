@@ -49,7 +49,8 @@ def get_switch_t5_layer_specs(
     transformer_encoder_layer_spec=encoder, transformer_decoder_layer_spec=decoder, ...)`.
 
     Each stack has its config's num_layers layers; layers k, 2k, ... of each are Switch layers
-    (k = switch.expert_interval; switch None: every layer dense). use_transformer_engine: None picks TE when it is usable.
+    (k = switch.expert_interval; switch None: every layer dense). use_transformer_engine: None picks TE
+    when it is usable.
     Megatron's T5 has no pipeline split of a stack, so every layer of a stack is built here.
     """
     if use_transformer_engine is None:

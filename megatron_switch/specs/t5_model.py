@@ -288,7 +288,8 @@ def build_switch_t5(settings: T5Settings, *, parallel_output: bool = True, pg_co
                             "--pipeline-model-parallel-size 1")
     encoder_spec, decoder_spec = switch_t5_layer_specs(settings, encoder_config, decoder_config)
     return SwitchT5Model(
-        settings=settings, config=decoder_config, encoder_config=encoder_config, transformer_encoder_layer_spec=encoder_spec,
+        settings=settings, config=decoder_config, encoder_config=encoder_config,
+        transformer_encoder_layer_spec=encoder_spec,
         transformer_decoder_layer_spec=decoder_spec, vocab_size=settings.vocab_size,
         max_sequence_length=0,  # read only by learned absolute positions; relative ones have no limit
         parallel_output=parallel_output, share_embeddings_and_output_weights=settings.tie_word_embeddings,
