@@ -383,3 +383,38 @@ def test_cpu_job_fits_the_partition_or_names_the_fix():
         fit_cpu_job(mixed, 2, 2, 8)
     unchecked = fit_cpu_job(None, 1, None, None)
     assert (unchecked.tasks_per_node, unchecked.cpus_per_task) == (2, 1) and "not checked" in unchecked.note
+
+
+def test_encoder_decoder_presets_count_the_t5_the_trainer_builds(single_process_groups, tmp_path, monkeypatch):
+    """An encoder-decoder preset (shrunk to a tiny width, its structure kept: layer counts, Switch
+    placement, tied embeddings, FFN kind) planned by the planner and built by `megatron-switch train
+    --model t5` from the command its sbatch script runs: the same parameters, total and in experts."""
+    from megatron.core import parallel_state
+
+    from megatron_switch.compat import enable_cpu_support
+    from megatron_switch.parallel import initialize_parallel
+    from megatron_switch.training.arguments import parse_args
+    from megatron_switch.training.model import build_model
+
+    shrink = {"num_layers": 4, "decoder_num_layers": 4, "hidden_size": 32, "num_attention_heads": 2,
+              "kv_channels": 16, "ffn_hidden_size": 64, "num_experts": 4, "vocab_size": 512, "seq_length": 64,
+              "decoder_seq_length": 16}
+    monkeypatch.chdir(tmp_path)
+    parallel_state.destroy_model_parallel()
+    for preset in ("switch-base-128", "switch-c-2048"):
+        flags = [f"--{name.replace('_', '-')}={value}" for name, value in shrink.items()]
+        script = _run(sbatch_main, ["--preset", preset, *flags, "--nodes", "1", "--cpu", "--save", "ckpt"])
+        block = script[script.index("TRAIN=(\n"):]
+        words = shlex.split(block[:block.index("${LOAD")].split("megatron_switch.cli train", 1)[1])
+        args = parse_args([*words, "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size", "1",
+                           "--expert-model-parallel-size", "1"])
+        initialize_parallel(1, 1, 1, args.num_experts, backend="gloo")
+        enable_cpu_support()
+        try:
+            model = build_model(args, shrink["vocab_size"])
+            params = list(model.parameters())
+            experts = sum(p.numel() for p in params if getattr(p, "allreduce", True) is False)
+            planned = count_parameters(dataclasses.replace(get_preset(preset).model, **shrink))
+            assert (sum(p.numel() for p in params), experts) == (planned.total, planned.experts), preset
+        finally:
+            parallel_state.destroy_model_parallel()
