@@ -57,7 +57,7 @@ def _loader_worker(rank, world, prefix, cache):
     from megatron_switch.training.trainer import _micro_batches
 
     initialize_parallel(backend="gloo")
-    args = SimpleNamespace(micro_batch_size=MICRO, global_batch_size=GLOBAL, data_parallel_size=DP)
+    args = SimpleNamespace(model="gpt", micro_batch_size=MICRO, global_batch_size=GLOBAL, data_parallel_size=DP)
 
     def dali(dataset, consumed=0, state=None):
         return DaliLoader(dataset, consumed, MICRO, GLOBAL, DP, rank, state=state)
