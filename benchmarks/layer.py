@@ -150,8 +150,6 @@ def build_dense(x, mode, tokens, hidden, ffn, experts) -> Built:
 
 
 def build_switch(x, mode, tokens, hidden, ffn, experts, main_grad: bool = False) -> Built:
-    import torch
-
     sys.path.insert(0, ROOT)
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -435,9 +433,11 @@ def wait_for_idle(threshold: float, max_wait_s: float) -> Dict:
                 cpu_busy_1s_before_start=cpu_busy_fraction())
 
 
-def spawn_case(case: Dict) -> Dict:
+def spawn_case(case: Dict, script: str = __file__) -> Dict:
+    """Run `case` in a fresh `script --child CASE` process (this benchmark's, or the profile's); its
+    last JSON line, or the case with the error."""
     env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", OMP_NUM_THREADS=str(case["threads"]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)],
+    proc = subprocess.run([sys.executable, os.path.abspath(script), "--child", json.dumps(case)],
                           capture_output=True, text=True, env=env, cwd=ROOT)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode or not lines:

@@ -29,7 +29,6 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -109,7 +108,6 @@ def _ancestors(event):
 
 def attribute(events) -> Dict:
     """{direction: {phase: microseconds}} and {phase: {op: microseconds}} from profiler events."""
-    direction_of = {}
     forward_phase_of_seq = {}  # sequence number -> phase of the forward op that created that node
     last_start = {}
     per_phase = collections.defaultdict(lambda: collections.defaultdict(float))
@@ -227,16 +225,6 @@ def child(case: Dict) -> None:
     print(json.dumps(result), flush=True)
 
 
-def spawn(case: Dict) -> Dict:
-    env = dict(os.environ, THP_MEM_ALLOC_ENABLE="1", OMP_NUM_THREADS=str(case["threads"]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(case)],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    if proc.returncode or not lines:
-        return dict(case, error=f"exit {proc.returncode}: {proc.stderr[-2000:]}")
-    return json.loads(lines[-1])
-
-
 def print_table(result: Dict) -> None:
     print(f"\nE={result['experts']} grads {result['mode']} (T={result['tokens']}): "
           f"{result['attributed_ms_per_step']} ms attributed per step, profiled step "
@@ -275,7 +263,7 @@ def main() -> None:
         for mode in args.modes:
             case = dict(experts=experts, mode=mode, tokens=args.tokens, hidden=args.hidden, ffn=args.ffn,
                         threads=args.threads, warmup=args.warmup, steps=args.steps)
-            result = spawn(case)
+            result = load_layer_benchmark().spawn_case(case, script=__file__)
             result["load_at_start"] = [round(v, 2) for v in os.getloadavg()]
             results.append(result)
             if "error" in result:
