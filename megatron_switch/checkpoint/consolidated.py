@@ -228,8 +228,10 @@ class ConsolidatedReader(CheckpointReader):
         return tensor.contiguous()
 
 
-def _write_file(path: str, tensors: list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]], progress) -> None:
-    """A safetensors file of `tensors` ((name, spec, produce) each), produced and written one at a time."""
+def write_safetensors_file(path: str, tensors: list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]],
+                           progress) -> None:
+    """A safetensors file of `tensors` ((name, spec, produce) each), produced and written one at a time
+    (safetensors' own `save_file` takes every tensor at once)."""
     header, offset = {}, 0
     for name, spec, _ in tensors:
         header[name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
@@ -261,11 +263,11 @@ def write_consolidated(path: str, source: CheckpointReader, names, common: dict,
     weight_map = {}
     for file, members in files.items():
         if members:
-            _write_file(os.path.join(path, file),
+            write_safetensors_file(os.path.join(path, file),
                         [(n, source.tensors[n], lambda n=n: source.read(n)) for n in members], progress)
             weight_map.update(dict.fromkeys(members, file))
     if encoder.tensors:
-        _write_file(os.path.join(path, OBJECTS_FILE),
+        write_safetensors_file(os.path.join(path, OBJECTS_FILE),
                     [(n, TensorSpec(tuple(t.shape), t.dtype), lambda t=t: t) for n, t in encoder.tensors.items()],
                     None)
     metadata = {"format": FORMAT, "version": VERSION, "iteration": common.get("iteration"),

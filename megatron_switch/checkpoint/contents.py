@@ -114,21 +114,41 @@ def tensor_entry(spec: TensorSpec, digest: str) -> dict[str, Any]:
     return {"shape": list(spec.shape), "dtype": str(spec.dtype).removeprefix("torch."), "sha256": digest}
 
 
+BLOCK_BYTES = 64 * 2**20  # what one read of a manifest holds (a row at least)
+
+
+def row_blocks(spec: TensorSpec, limit: int = BLOCK_BYTES) -> Iterable[Index]:
+    """Consecutive blocks of whole rows (axis 0) of at most `limit` bytes (one row at least): in
+    C order each block's bytes follow the previous block's."""
+    if not spec.shape or spec.shape[0] == 0:
+        yield full_index(spec.shape)
+        return
+    rows = max(1, limit // max(1, spec.nbytes // spec.shape[0]))
+    for start in range(0, spec.shape[0], rows):
+        yield ((start, min(start + rows, spec.shape[0])), *full_index(spec.shape[1:]))
+
+
 def compute_manifest(reader: CheckpointReader, names: Iterable[str], progress) -> dict[str, dict[str, Any]]:
-    """Read each named tensor in full (one at a time) and describe it; `progress.update(bytes)`."""
+    """Read each named tensor (in blocks of rows, one at a time: memory is BLOCK_BYTES, not the
+    largest tensor) and describe it; `progress.update(bytes)`. The digest is that of the whole
+    tensor's C-contiguous bytes."""
     manifest = {}
     for name in names:
         spec = reader.tensors[name]
-        tensor = reader.read(name)
-        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-            raise ConvertError(f"{reader.path}: {name} reads as {tuple(tensor.shape)} {tensor.dtype}, its "
-                               f"metadata says {spec.shape} {spec.dtype}: the checkpoint is inconsistent")
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ConvertError(f"{reader.path}: {name} holds NaN or infinite values: the checkpoint was saved from "
-                               f"a diverged run; convert an earlier iteration")
-        manifest[name] = tensor_entry(spec, checksum(tensor))
-        progress.update(spec.nbytes)
-        del tensor
+        digest = hashlib.sha256()
+        for index in row_blocks(spec):
+            tensor = reader.read(name, index) if spec.shape else reader.read(name)
+            expected = tuple(b - a for a, b in index)
+            if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
+                raise ConvertError(f"{reader.path}: {name} reads as {tuple(tensor.shape)} {tensor.dtype} at {index}, "
+                                   f"its metadata says {expected} {spec.dtype}: the checkpoint is inconsistent")
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ConvertError(f"{reader.path}: {name} holds NaN or infinite values: the checkpoint was saved "
+                                   f"from a diverged run; convert an earlier iteration")
+            digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            progress.update(tensor.numel() * tensor.element_size())
+            del tensor
+        manifest[name] = tensor_entry(spec, digest.hexdigest())
     return manifest
 
 

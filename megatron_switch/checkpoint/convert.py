@@ -45,6 +45,7 @@ from megatron_switch.checkpoint.layout import (
 )
 
 FORMATS = ("torch", "torch_dist", "safetensors")
+DEFAULT_SHARD_BYTES = 5 * 10**9  # Hugging Face's former save_pretrained default, "5GB"
 
 
 def open_checkpoint(path: str, *, trusted: bool = False) -> CheckpointReader:
@@ -119,88 +120,115 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     pickle naming a global off `safe_pickle`'s allow-list raises CheckpointCodeError (a ConvertError)
     unless `trust_checkpoint_code`.
     """
+    save = check_new_directory(save, "--save")
+    check_target_flags(target_tp, target_pp, target_ep, fmt)
+    reader = open_checkpoint(load, trusted=trust_checkpoint_code)
+    try:
+        return write_converted(reader, save, target_tp, target_pp, target_ep, fmt, no_optim, progress, log)
+    finally:
+        reader.close()
+
+
+def check_new_directory(path: str, flag: str) -> str:
+    """`path` made absolute; ConvertError if it exists or its parent does not."""
+    path = os.path.abspath(path)
+    if os.path.lexists(path):
+        raise ConvertError(f"{flag} {path} already exists: convert never overwrites a checkpoint; choose "
+                           f"a new directory, or remove that one first to replace it")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ConvertError(f"{flag} {path}: the parent directory {parent} does not exist")
+    return path
+
+
+def check_target_flags(target_tp: int | None, target_pp: int | None, target_ep: int | None,
+                       fmt: str | None) -> None:
+    for flag, value in (("--target-tp", target_tp), ("--target-pp", target_pp), ("--target-ep", target_ep)):
+        if value is not None and value < 1:
+            raise ConvertError(f"{flag} must be >= 1, got {value} (leave it out to keep the source's)")
+    if fmt is not None and fmt not in FORMATS:
+        raise ConvertError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+
+
+def write_converted(reader: CheckpointReader, save: str, target_tp: int | None = None,
+                    target_pp: int | None = None, target_ep: int | None = None, fmt: str | None = None,
+                    no_optim: bool = False, progress: bool = True, log=print,
+                    extra_files: dict[str, str] | None = None) -> dict:
+    """Write what `reader` holds as the new checkpoint `save` (absolute, checked by the caller):
+    manifest, temporary directory, verification, atomic rename (see the module docstring).
+    `extra_files`: {name: text} written into the checkpoint root beside it. Returns the manifest."""
     from megatron_switch.checkpoint.consolidated import write_consolidated
     from megatron_switch.checkpoint.distcp import write_dist_checkpoint
     from megatron_switch.checkpoint.legacy import write_legacy
 
-    save = os.path.abspath(save)
-    for flag, value in (("--target-tp", target_tp), ("--target-pp", target_pp), ("--target-ep", target_ep)):
-        if value is not None and value < 1:
-            raise ConvertError(f"{flag} must be >= 1, got {value} (leave it out to keep the source's)")
-    if os.path.lexists(save):
-        raise ConvertError(f"--save {save} already exists: convert never overwrites a checkpoint; choose "
-                           f"a new directory, or remove that one first to replace it")
+    load = reader.path
     parent = os.path.dirname(save)
-    if not os.path.isdir(parent):
-        raise ConvertError(f"--save {save}: the parent directory {parent} does not exist")
-    if fmt is not None and fmt not in FORMATS:
-        raise ConvertError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
-    reader = open_checkpoint(load, trusted=trust_checkpoint_code)
-    try:
-        fmt = fmt or reader.format_name
-        config = _model_config(reader)
-        layout = _target_layout(reader, target_tp, target_pp, target_ep)
-        source_tp = Layout.from_dict(reader.common["layout"]).tp if reader.common.get("layout") else 1
-        if (config.get("swiglu") or config.get("gated_linear_unit")) and layout.tp != source_tp:
-            raise ConvertError(f"{load} has gated dense MLPs (--swiglu): Megatron shards their [gate; up] "
-                               f"linear_fc1 per tensor-parallel rank, which this converter does not re-split; "
-                               f"keep --target-tp {source_tp}")
-        model_names = sorted(n for n in reader.tensors if not is_optimizer(n))
-        check_layout(layout, {n: reader.tensors[n].shape for n in model_names}, config)
-        names = sorted(reader.tensors) if not no_optim else model_names
-        dropped = len(reader.tensors) - len(names)
-        if dropped:
-            log(f" --no-optim: dropping {dropped} optimizer tensors (Adam moments, float32 master weights); "
-                f"a run that loads the result starts Adam from zero")
-        elif no_optim:
-            log(" --no-optim: the source has no optimizer state")
-        log(f" converting {reader.format_name} {load} -> {fmt} {save} at {layout} "
-            f"({len(names)} tensors, {sum(reader.tensors[n].nbytes for n in names) / 2**20:.1f} MiB); "
-            f"per-rank RNG states are not carried over")
-        common = {k: v for k, v in reader.common.items() if k != "world_size"}
-        common.update(layout=layout.as_dict(), model_config=config)
-        if no_optim:
-            common = {k: v for k, v in common.items() if k not in ("optimizer", "optimizer_step")}
-        total = sum(reader.tensors[n].nbytes for n in names)
-        with _bar(total, "checking source", progress) as bar:
-            manifest = compute_manifest(reader, names, bar)
+    fmt = fmt or reader.format_name
+    config = _model_config(reader)
+    layout = _target_layout(reader, target_tp, target_pp, target_ep)
+    source_tp = Layout.from_dict(reader.common["layout"]).tp if reader.common.get("layout") else 1
+    if (config.get("swiglu") or config.get("gated_linear_unit")) and layout.tp != source_tp:
+        raise ConvertError(f"{load} has gated dense MLPs (--swiglu): Megatron shards their [gate; up] "
+                           f"linear_fc1 per tensor-parallel rank, which this converter does not re-split; "
+                           f"keep --target-tp {source_tp}")
+    model_names = sorted(n for n in reader.tensors if not is_optimizer(n))
+    check_layout(layout, {n: reader.tensors[n].shape for n in model_names}, config)
+    names = sorted(reader.tensors) if not no_optim else model_names
+    dropped = len(reader.tensors) - len(names)
+    if dropped:
+        log(f" --no-optim: dropping {dropped} optimizer tensors (Adam moments, float32 master weights); "
+            f"a run that loads the result starts Adam from zero")
+    elif no_optim:
+        log(" --no-optim: the source has no optimizer state")
+    log(f" converting {reader.format_name} {load} -> {fmt} {save} at {layout} "
+        f"({len(names)} tensors, {sum(reader.tensors[n].nbytes for n in names) / 2**20:.1f} MiB); "
+        f"per-rank RNG states are not carried over")
+    common = {k: v for k, v in reader.common.items() if k != "world_size"}
+    common.update(layout=layout.as_dict(), model_config=config)
+    if no_optim:
+        common = {k: v for k, v in common.items() if k not in ("optimizer", "optimizer_step")}
+    total = sum(reader.tensors[n].nbytes for n in names)
+    with _bar(total, "checking source", progress) as bar:
+        manifest = compute_manifest(reader, names, bar)
+    if reader.format_name in FORMATS:
         _check_recorded_manifest(reader, manifest, load)
-        tmp = tempfile.mkdtemp(prefix=os.path.basename(save) + ".tmp.", dir=parent)
-        try:
-            iteration = int(common.get("iteration") or 0)
-            with _bar(total, f"writing {fmt}", progress) as bar:
-                if fmt == "safetensors":
-                    write_consolidated(os.path.join(tmp, "data"), reader, names, common, bar)
-                    written = os.path.join(tmp, "data")
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(save) + ".tmp.", dir=parent)
+    try:
+        iteration = int(common.get("iteration") or 0)
+        with _bar(total, f"writing {fmt}", progress) as bar:
+            if fmt == "safetensors":
+                write_consolidated(os.path.join(tmp, "data"), reader, names, common, bar)
+                written = os.path.join(tmp, "data")
+            else:
+                root = os.path.join(tmp, "data")
+                os.makedirs(root)
+                target = checkpoint_dir(root, iteration)
+                num_layers = int(config["num_layers"])
+                if fmt == "torch":
+                    write_legacy(target, reader, names, common, layout, num_layers, bar)
                 else:
-                    root = os.path.join(tmp, "data")
-                    os.makedirs(root)
-                    target = checkpoint_dir(root, iteration)
-                    num_layers = int(config["num_layers"])
-                    if fmt == "torch":
-                        write_legacy(target, reader, names, common, layout, num_layers, bar)
-                    else:
-                        write_dist_checkpoint(target, reader, names, common, layout, num_layers, bar)
-                    record_integrity(target, {"iteration": iteration, "format": fmt, "model_config": config,
-                                              "layout": layout.as_dict(), "written_by": "megatron-switch convert",
-                                              "converted_from": os.path.abspath(load)})
-                    write_tracker(root, iteration)
-                    written = root
-            result = open_checkpoint(written, trusted=trust_checkpoint_code)
-            try:
-                with _bar(total, "verifying", progress) as bar:
-                    found = compute_manifest(result, sorted(result.tensors), bar)
-            finally:
-                result.close()
-            compare_manifests(manifest, found, f"the converted checkpoint {save}")
-            write_manifest(written, manifest, {"format": fmt, "layout": layout.as_dict(), "iteration": iteration})
-            _sync_tree(written)  # on disk before the name says "complete": a power loss cannot half-write it
-            os.rename(written, save)
-            _sync_tree(os.path.dirname(os.path.abspath(save)), recursive=False)
+                    write_dist_checkpoint(target, reader, names, common, layout, num_layers, bar)
+                record_integrity(target, {"iteration": iteration, "format": fmt, "model_config": config,
+                                          "layout": layout.as_dict(), "written_by": "megatron-switch convert",
+                                          "converted_from": os.path.abspath(load)})
+                write_tracker(root, iteration)
+                written = root
+        result = open_checkpoint(written, trusted=reader.trusted)
+        try:
+            with _bar(total, "verifying", progress) as bar:
+                found = compute_manifest(result, sorted(result.tensors), bar)
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            result.close()
+        compare_manifests(manifest, found, f"the converted checkpoint {save}")
+        write_manifest(written, manifest, {"format": fmt, "layout": layout.as_dict(), "iteration": iteration})
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(written, name), "w") as f:
+                f.write(text)
+        _sync_tree(written)  # on disk before the name says "complete": a power loss cannot half-write it
+        os.rename(written, save)
+        _sync_tree(os.path.dirname(os.path.abspath(save)), recursive=False)
     finally:
-        reader.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     log(f" wrote {save}: {len(manifest)} tensors, each checked against the source")
     return manifest
 
@@ -223,23 +251,53 @@ def _sync_tree(path: str, recursive: bool = True) -> None:
         sync(path, os.O_RDONLY)
 
 
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (Hugging Face's decimal units), '512MiB', '1000000' -> bytes."""
+    number = text.strip().upper().rstrip("BIKMGT ")
+    unit = text.strip().upper()[len(number):].strip()
+    try:
+        value = float(number) * _SIZE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size: use e.g. 5GB, 500MB or 512MiB") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a shard size must be positive")
+    return int(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="megatron-switch convert",
         description="Convert a checkpoint between layouts (TP/PP/EP) and formats, offline on CPU, one tensor "
-                    "in memory at a time. The output is written to a temporary sibling directory, verified "
-                    "against a manifest of the source (shape, dtype, SHA-256 of every tensor) and only then "
-                    "renamed to --save. An existing --save is refused, never overwritten: remove it first to "
-                    "replace it.")
-    p.add_argument("--load", required=True, help="Checkpoint root (with latest_checkpointed_iteration.txt), an "
+                    "in memory at a time; import a Hugging Face Switch Transformers folder (--from-hf) or export "
+                    "a Switch T5 checkpoint as one (--to-hf). The output is written to a temporary sibling "
+                    "directory, verified against a manifest of the source (shape, dtype, SHA-256 of every tensor) "
+                    "and only then renamed into place. An existing target is refused, never overwritten: remove "
+                    "it first to replace it.")
+    p.add_argument("--load", default=None, help="Checkpoint root (with latest_checkpointed_iteration.txt), an "
                    "iter_XXXXXXX directory, or a safetensors directory.")
-    p.add_argument("--save", required=True, help="New directory to create (must not exist).")
+    p.add_argument("--save", default=None, help="New checkpoint directory to create (must not exist).")
+    p.add_argument("--from-hf", default=None, metavar="DIR",
+                   help="A Hugging Face Switch Transformers folder (config.json and model.safetensors, its shards "
+                        "and index, or pytorch_model*.bin) to import as a --model t5 checkpoint at --save; the "
+                        "train flags that load it are written beside it.")
+    p.add_argument("--to-hf", default=None, metavar="DIR",
+                   help="New folder to export the Switch T5 checkpoint --load to, as Hugging Face's "
+                        "SwitchTransformersForConditionalGeneration.from_pretrained reads it.")
+    p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_SHARD_BYTES, metavar="SIZE",
+                   help="--to-hf: largest safetensors shard (default 5GB).")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="--from-hf: pad the vocabulary as the trainer will with this flag (default 128, as Megatron).")
     p.add_argument("--target-tp", type=int, default=None, help="Tensor-parallel size (default: the source's).")
     p.add_argument("--target-pp", type=int, default=None, help="Pipeline-parallel size (default: the source's).")
     p.add_argument("--target-ep", type=int, default=None, help="Expert-parallel size (default: the source's).")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="torch: Megatron-LM's legacy mp_rank_* files; torch_dist: dist_checkpointing; "
-                        "safetensors: one consolidated file + JSON index (default: the source's format).")
+                        "safetensors: one consolidated file + JSON index (default: the source's format; "
+                        "torch_dist for --from-hf).")
     p.add_argument("--no-optim", action="store_true",
                    help="Drop the optimizer state (Adam moments, float32 master weights). Every format "
                         "holds it otherwise.")
@@ -251,12 +309,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_flag_combination(args, parser: argparse.ArgumentParser) -> None:
+    """Which flags each kind of conversion takes: parser.error names the one that does not fit."""
+    layout_flags = [f for f, v in (("--target-tp", args.target_tp), ("--target-pp", args.target_pp),
+                                   ("--target-ep", args.target_ep), ("--format", args.format),
+                                   ("--no-optim", args.no_optim)) if v]
+    if args.from_hf and args.to_hf:
+        parser.error("--from-hf imports and --to-hf exports: give one of them")
+    if args.from_hf:
+        if args.load or not args.save:
+            parser.error("--from-hf DIR takes --save CKPT (the new checkpoint), not --load")
+    elif args.to_hf:
+        if not args.load:
+            parser.error("--to-hf DIR needs --load CKPT, the Switch T5 checkpoint to export")
+        extra = [*(["--save"] if args.save else []), *layout_flags]
+        if extra:
+            parser.error(f"--to-hf DIR takes --load CKPT only (a Hugging Face folder has no layout): drop "
+                         f"{', '.join(extra)}")
+    elif not args.load or not args.save:
+        parser.error("give --load CKPT and --save NEW (or --from-hf DIR --save NEW, or --load CKPT --to-hf DIR)")
+
+
 def main(argv: list[str] | None = None) -> None:
+    from megatron_switch.checkpoint.huggingface_convert import export_huggingface, import_huggingface
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_flag_combination(args, parser)
+    progress, trusted = not args.no_progress_bar, args.trust_checkpoint_code
     try:
-        convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
-                progress=not args.no_progress_bar, trust_checkpoint_code=args.trust_checkpoint_code)
+        if args.from_hf:
+            import_huggingface(args.from_hf, args.save, args.target_tp, args.target_pp, args.target_ep, args.format,
+                               args.make_vocab_size_divisible_by, progress=progress, trust_checkpoint_code=trusted)
+        elif args.to_hf:
+            export_huggingface(args.load, args.to_hf, args.max_shard_size, progress=progress,
+                               trust_checkpoint_code=trusted)
+        else:
+            convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
+                    progress=progress, trust_checkpoint_code=trusted)
     except (ConvertError, CheckpointError, LayoutError) as err:
         print(f"megatron-switch convert: error: {err}", file=sys.stderr)
         sys.exit(1)

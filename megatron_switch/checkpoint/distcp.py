@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import os
 from typing import Any
 
@@ -56,6 +57,7 @@ from torch.distributed.checkpoint.planner_helpers import (
 )
 
 from megatron_switch.checkpoint.contents import (
+    BLOCK_BYTES,
     CheckpointReader,
     ConvertError,
     Index,
@@ -275,10 +277,22 @@ class _StreamingSavePlanner(SavePlanner):
         return self.produce(write_item)
 
 
+def _pieces(part: Index, spec: TensorSpec) -> list[Index]:
+    """`part` of a tensor cut along its first axis into pieces of at most BLOCK_BYTES (a row at least)."""
+    if not part:
+        return [part]
+    (start, stop), rest = part[0], part[1:]
+    row = math.prod(b - a for a, b in rest) * spec.nbytes // max(1, math.prod(spec.shape))
+    rows = max(1, BLOCK_BYTES // max(1, row))
+    return [((a, min(a + rows, stop)), *rest) for a in range(start, stop, rows)] or [part]
+
+
 def write_dist_checkpoint(path: str, source: CheckpointReader, names, common: dict, layout: Layout,
                           num_layers: int, progress) -> None:
     """Write `names` of `source` (and its objects) to the new directory `path` as torch_dist,
-    chunked as a save at `layout` would chunk them."""
+    chunked as a save at `layout` would chunk them; a part over BLOCK_BYTES (a whole expert bank at
+    EP=1, say) is stored as several chunks of whole rows, so that no read or write holds more
+    (dist_checkpointing reads any chunking back at any layout)."""
     from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
     os.makedirs(path)
@@ -287,14 +301,15 @@ def write_dist_checkpoint(path: str, source: CheckpointReader, names, common: di
     blocks: dict[tuple[str, tuple[int, ...]], Index] = {}
     for name in names:
         spec = source.tensors[name]
-        for coord, index in distinct_parts(name, spec.shape, layout, num_layers):
-            offsets = torch.Size([a for a, _ in index])
-            chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([b - a for a, b in index]))
-            plans[coords.index(coord)].append(WriteItem(
-                index=MetadataIndex(name, offsets), type=WriteItemType.SHARD,
-                tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=spec.dtype),
-                                            size=torch.Size(spec.shape))))
-            blocks[(name, tuple(offsets))] = index
+        for coord, part in distinct_parts(name, spec.shape, layout, num_layers):
+            for index in _pieces(part, spec):
+                offsets = torch.Size([a for a, _ in index])
+                chunk = ChunkStorageMetadata(offsets=offsets, sizes=torch.Size([b - a for a, b in index]))
+                plans[coords.index(coord)].append(WriteItem(
+                    index=MetadataIndex(name, offsets), type=WriteItemType.SHARD,
+                    tensor_data=TensorWriteData(chunk=chunk, properties=TensorProperties(dtype=spec.dtype),
+                                                size=torch.Size(spec.shape))))
+                blocks[(name, tuple(offsets))] = index
     for key in source.objects:
         stage = placement(key, layout, num_layers).stage
         plans[coords.index((0, stage, 0))].append(

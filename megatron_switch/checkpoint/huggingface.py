@@ -7,8 +7,9 @@ Hugging Face keys (per MoE block, under any prefix):
   experts.expert_{i}.wo.weight        [h, f]
 Hugging Face experts have no biases: importing zeroes ours, exporting refuses non-zero ones.
 Under expert parallelism each rank imports or exports its own experts (global indices).
-`read_huggingface_weights` reads a model folder's tensors: safetensors, or `pytorch_model*.bin`
-through `safe_pickle` (tensors only): a crafted .bin runs no code.
+`HuggingFaceFolder` lists a model folder's tensors from the files' headers (safetensors, or
+`pytorch_model*.bin` unpickled through `safe_pickle`'s allow-list: a crafted .bin runs no code) and
+reads them one at a time; `read_huggingface_weights` reads them all.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
+from megatron_switch.checkpoint.contents import TensorSpec
 from megatron_switch.layer import SwitchMLP
 
 
@@ -27,45 +29,123 @@ class WeightMappingError(ValueError):
 
 
 _INDEX = "{}.index.json"
+SAFETENSORS, BIN = "model.safetensors", "pytorch_model.bin"
 
 
-def _weight_files(folder: str, single: str) -> list[str] | None:
-    """`single` in `folder`, or the shards its index names; None when neither is there."""
+def _weight_files(folder: str, single: str) -> dict[str, list[str]] | None:
+    """{file: the tensor names its index gives it (None: no index)} for `single` in `folder`, or for
+    the shards its index names; None when neither is there."""
     if os.path.isfile(os.path.join(folder, single)):
-        return [os.path.join(folder, single)]
+        return {os.path.join(folder, single): None}
     index = os.path.join(folder, _INDEX.format(single))
     if not os.path.isfile(index):
         return None
     try:
         with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise WeightMappingError(f"{index} is not a weight index ({type(err).__name__}: {err})") from None
-    if any(os.path.basename(s) != s for s in shards):
+    if any(os.path.basename(f) != f for f in files):
         raise WeightMappingError(f"{index} names files outside its folder")
-    return [os.path.join(folder, s) for s in shards]
+    missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
+    if missing:
+        raise WeightMappingError(f"{index} names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "
+                                 f"not in {folder}: the download is incomplete; fetch the missing shards")
+    return {os.path.join(folder, f): names for f, names in sorted(files.items())}
+
+
+class HuggingFaceFolder:
+    """The tensors of a Hugging Face model folder as `save_pretrained` writes it: `model.safetensors`
+    (or the shards of its index), else `pytorch_model.bin` (or its shards). Listed from the files'
+    headers (`specs`: name -> TensorSpec, `files`: name -> file), checked against the index, and
+    read one at a time (`read`): memory is the tensor read. A .bin's pickle is read through
+    `safe_pickle`'s allow-list unless `trusted`. Raises WeightMappingError naming the file for a
+    missing, truncated or foreign file, or a tensor the index and the files disagree on."""
+
+    def __init__(self, folder: str, *, trusted: bool = False):
+        self.folder = folder
+        self.trusted = trusted
+        self.specs: dict[str, TensorSpec] = {}
+        self.files: dict[str, str] = {}
+        self._bins: dict = {}
+        files = _weight_files(folder, SAFETENSORS)
+        self.format = "safetensors" if files is not None else "bin"
+        files = files if files is not None else _weight_files(folder, BIN)
+        if files is None:
+            raise WeightMappingError(f"{folder}: no {SAFETENSORS}, {BIN} or index of either: not a Hugging Face "
+                                     "model folder (save_pretrained writes one)")
+        for file, indexed in files.items():
+            found = self._list(file)
+            if indexed is not None and set(indexed) != set(found):
+                gone, extra = sorted(set(indexed) - set(found)), sorted(set(found) - set(indexed))
+                raise WeightMappingError(f"{file} does not hold what its index says: "
+                                         + "; ".join(f"{what}: {', '.join(names[:4])}" for what, names in
+                                                     (("missing", gone), ("not in the index", extra)) if names))
+            for name, spec in found.items():
+                if name in self.files:
+                    raise WeightMappingError(f"{name} is in both {self.files[name]} and {file}")
+                self.specs[name], self.files[name] = spec, file
+
+    def _list(self, file: str) -> dict[str, TensorSpec]:
+        if self.format == "safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(file, framework="pt") as handle:
+                    return {name: TensorSpec(tuple(handle.get_slice(name).get_shape()),
+                                             _SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()])
+                            for name in handle.keys()}
+            except Exception as err:  # noqa: BLE001  (safetensors raises several types for a damaged file)
+                raise WeightMappingError(f"{file} is not a complete safetensors file ({type(err).__name__}: "
+                                         f"{err}); it may be truncated: download it again") from None
+        from megatron_switch.checkpoint.safe_pickle import WEIGHTS
+        from megatron_switch.checkpoint.torchzip import TensorRef, TorchFileError, TorchFileReader
+
+        try:
+            reader = TorchFileReader(file, trusted=self.trusted, allowed=WEIGHTS)
+        except TorchFileError as err:
+            raise WeightMappingError(str(err)) from None
+        self._bins[file] = reader
+        state = reader.structure
+        if not isinstance(state, Mapping) or not all(isinstance(v, TensorRef) for v in state.values()):
+            raise WeightMappingError(f"{file}: not a state dict of tensors")
+        return {name: TensorSpec(ref.shape, ref.dtype) for name, ref in state.items()}
+
+    def read(self, name: str) -> torch.Tensor:
+        file = self.files[name]
+        if self.format == "bin":
+            reader = self._bins[file]
+            return reader.materialize(reader.structure[name]).contiguous().clone()
+        from safetensors import safe_open
+
+        try:  # opened for each read: the mapped pages of one tensor go before the next is read
+            with safe_open(file, framework="pt") as handle:
+                return handle.get_tensor(name)
+        except Exception as err:  # noqa: BLE001
+            raise WeightMappingError(f"{file}: {name} cannot be read ({type(err).__name__}: {err})") from None
+
+    def close(self) -> None:
+        for reader in self._bins.values():
+            reader.close()
+        self._bins.clear()
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def read_huggingface_weights(folder: str, *, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """Every tensor of a Hugging Face model folder: `model.safetensors` (or the shards of its index),
-    else `pytorch_model.bin` (or its shards), each .bin read allowed tensors only (any pickle with
-    `trusted`: a crafted file then runs code). Raises CheckpointCodeError for a .bin naming anything else."""
-    from safetensors.torch import load_file
-
-    from megatron_switch.checkpoint.safe_pickle import load_weights
-
-    state: dict[str, torch.Tensor] = {}
-    files = _weight_files(folder, "model.safetensors")
-    if files is not None:
-        for file in files:
-            state.update(load_file(file))
-        return state
-    files = _weight_files(folder, "pytorch_model.bin")
-    if files is None:
-        raise WeightMappingError(f"{folder}: no model.safetensors, pytorch_model.bin or index of either")
-    for file in files:
-        state.update(load_weights(file, trusted=trusted))
-    return state
+    """Every tensor of a Hugging Face model folder (see `HuggingFaceFolder`). Raises
+    CheckpointCodeError for a .bin naming anything but tensors (unless `trusted`: it then runs)."""
+    weights = HuggingFaceFolder(folder, trusted=trusted)
+    try:
+        return {name: weights.read(name) for name in weights.specs}
+    finally:
+        weights.close()
 
 
 def _take(state: Mapping[str, torch.Tensor], key: str, shape) -> torch.Tensor:

@@ -86,6 +86,8 @@ class _Entry:
     hf: Sequence[str]
     join: Callable[[List[torch.Tensor]], torch.Tensor]  # HF tensors (in `hf` order) -> ours
     split: Callable[[torch.Tensor], List[torch.Tensor]]  # ours -> HF tensors (in `hf` order)
+    per_expert: int = 0  # an expert bank: `hf` holds this many tensors per expert, expert after expert,
+    # and `join` of the tensors of experts [a, b) gives experts [a, b) of the bank
 
 
 def _same(ours: str, hf: str) -> _Entry:
@@ -116,31 +118,31 @@ def _ffn_entries(settings: T5Settings, stack: str, i: int, ours: str, hf: str) -
     join_one, split_one = _ffn_in(gated)
 
     def join_bank(ts):
-        return torch.stack([join_one(ts[j * width:(j + 1) * width]) for j in range(experts)])
+        return torch.stack([join_one(ts[j * width:(j + 1) * width]) for j in range(len(ts) // width)])
 
     def split_bank(bank):
-        return [t for j in range(experts) for t in split_one(bank[j])]
+        return [t for j in range(bank.shape[0]) for t in split_one(bank[j])]
 
     names = [n for j in range(experts) for n in _ffn_in_names(f"{hf}.mlp.experts.expert_{j}.", gated)]
     entries += [
         _same(f"{ours}.mlp.router.weight", f"{hf}.mlp.router.classifier.weight"),
-        _Entry(f"{ours}.mlp.experts.weight1", tuple(names), join_bank, split_bank),
+        _Entry(f"{ours}.mlp.experts.weight1", tuple(names), join_bank, split_bank, width),
         _Entry(f"{ours}.mlp.experts.weight2", tuple(f"{hf}.mlp.experts.expert_{j}.wo.weight" for j in range(experts)),
-               torch.stack, lambda bank: list(bank.unbind(0)))]
+               torch.stack, lambda bank: list(bank.unbind(0)), 1)]
     return entries
 
 
-def _entries(settings: T5Settings) -> List[_Entry]:
+def entries(settings: T5Settings) -> List[_Entry]:
     """Every tensor of ours but the word embedding, with its Hugging Face sources."""
     heads = settings.num_heads
-    entries = []
+    out = []
     for stack in STACKS:
-        entries.append(_same(f"{stack}_relative_pos_emb.relative_attention_bias.weight",
-                             f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
+        out.append(_same(f"{stack}_relative_pos_emb.relative_attention_bias.weight",
+                         f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"))
         for i in range(settings.num_layers(stack)):
             ours, hf = f"{stack}.layers.{i}", f"{stack}.block.{i}.layer"
             attention = f"{hf}.0.SelfAttention"
-            entries += [
+            out += [
                 _same(f"{ours}.input_layernorm.weight", f"{hf}.0.layer_norm.weight"),
                 _Entry(f"{ours}.self_attention.linear_qkv.weight",
                        tuple(f"{attention}.{p}.weight" for p in "qkv"),
@@ -148,15 +150,15 @@ def _entries(settings: T5Settings) -> List[_Entry]:
                 _same(f"{ours}.self_attention.linear_proj.weight", f"{attention}.o.weight")]
             if stack == "decoder":
                 cross = f"{hf}.1.EncDecAttention"
-                entries += [
+                out += [
                     _same(f"{ours}.pre_cross_attn_layernorm.weight", f"{hf}.1.layer_norm.weight"),
                     _same(f"{ours}.cross_attention.linear_q.weight", f"{cross}.q.weight"),
                     _Entry(f"{ours}.cross_attention.linear_kv.weight", (f"{cross}.k.weight", f"{cross}.v.weight"),
                            lambda ts: fuse_kv(*ts, heads), lambda t: split_kv(t, heads)),
                     _same(f"{ours}.cross_attention.linear_proj.weight", f"{cross}.o.weight")]
-            entries += _ffn_entries(settings, stack, i, ours, f"{hf}.{2 if stack == 'decoder' else 1}")
-        entries.append(_same(f"{stack}.final_layernorm.weight", f"{stack}.final_layer_norm.weight"))
-    return entries
+            out += _ffn_entries(settings, stack, i, ours, f"{hf}.{2 if stack == 'decoder' else 1}")
+        out.append(_same(f"{stack}.final_layernorm.weight", f"{stack}.final_layer_norm.weight"))
+    return out
 
 
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -201,7 +203,7 @@ def hf_to_ours(hf_state: Mapping[str, torch.Tensor], settings: T5Settings) -> Di
                                  "build the settings with tie_word_embeddings=False")
     else:
         ours[OUTPUT] = ours[OUTPUT_ALIAS] = _vocab_rows(take("lm_head.weight"), settings.vocab_size, "lm_head.weight")
-    for entry in _entries(settings):
+    for entry in entries(settings):
         ours[entry.ours] = entry.join([take(key) for key in entry.hf]).clone()
     unused = sorted(set(hf_state) - used)
     if unused:
@@ -226,7 +228,7 @@ def ours_to_hf(state: Mapping[str, torch.Tensor], settings: T5Settings,
     shared = take(EMBEDDING)[:rows].clone()
     hf = {key: shared for key in HF_INPUT_EMBEDDINGS}
     hf["lm_head.weight"] = shared if settings.tie_word_embeddings else take(OUTPUT)[:rows].clone()
-    for entry in _entries(settings):
+    for entry in entries(settings):
         tensor = take(entry.ours)
         if tensor.dim() == 3 and tensor.shape[0] != settings.switch.num_experts:
             raise T5WeightsError(f"{entry.ours} holds {tensor.shape[0]} experts, the model "
@@ -266,10 +268,12 @@ def settings_from_hf_config(hf_config, vocab_size: Optional[int] = None, **switc
 
     get = hf_config.get if isinstance(hf_config, Mapping) else attribute
     activation = get("dense_act_fn", "relu")
-    if activation != "relu":
+    if get("feed_forward_proj") == "gated-gelu" and activation in ("gelu_new", "gelu_pytorch_tanh"):
+        activation = "gated-gelu"  # T5 v1.1's FFN (wi_0, wi_1), as T5X computes it
+    elif activation != "relu":
         raise T5ConfigError(f"Hugging Face's SwitchTransformers applies dense_act_fn {activation!r} ungated; "
                             f"megatron-switch's T5 has FFNs {', '.join(FFN_ACTIVATIONS)} (relu for the released "
-                            "checkpoints)")
+                            "checkpoints; gated-gelu: feed_forward_proj 'gated-gelu' with dense_act_fn 'gelu_new')")
     layers = {"encoder": get("num_layers"), "decoder": get("num_decoder_layers") or get("num_layers")}
     steps = {}
     for stack in STACKS:
@@ -281,14 +285,146 @@ def settings_from_hf_config(hf_config, vocab_size: Optional[int] = None, **switc
     switch = None
     if any(steps.values()):
         switch = SwitchConfig(**{**dict(
-            num_experts=get("num_experts"), expert_interval=max(steps.values()), activation="relu", expert_bias=False,
+            num_experts=get("num_experts"), expert_interval=max(steps.values()), activation=FFN_ACTIVATIONS[activation],
+            expert_bias=False,
             aux_loss_coeff=get("router_aux_loss_coef"), z_loss_coeff=get("router_z_loss_coef"),
             jitter_eps=get("router_jitter_noise")), **switch_overrides})
     return T5Settings(
         vocab_size=vocab_size or get("vocab_size"), d_model=get("d_model"), num_heads=get("num_heads"),
         d_kv=get("d_kv"), d_ff=get("d_ff"), encoder_layers=layers["encoder"], decoder_layers=layers["decoder"],
         relative_attention_num_buckets=get("relative_attention_num_buckets"),
-        relative_attention_max_distance=get("relative_attention_max_distance"), activation="relu",
+        relative_attention_max_distance=get("relative_attention_max_distance"), activation=activation,
         tie_word_embeddings=get("tie_word_embeddings", True), dropout=get("dropout_rate"),
         layer_norm_epsilon=get("layer_norm_epsilon"), switch=switch,
         encoder_expert_interval=steps["encoder"], decoder_expert_interval=steps["decoder"])
+
+
+# megatron's sharded-state-dict keys (what torch_dist checkpoints store) for the state-dict names
+# above that differ: the pre-attention and pre-FFN norms are stored with the linear layer they
+# precede, the expert banks under megatron's expert names.
+_CHECKPOINT_NAMES = ((".input_layernorm.weight", ".self_attention.linear_qkv.layer_norm_weight"),
+                     (".pre_mlp_layernorm.weight", ".mlp.linear_fc1.layer_norm_weight"),
+                     (".mlp.experts.weight1", ".mlp.experts.linear_fc1.weight"),
+                     (".mlp.experts.weight2", ".mlp.experts.linear_fc2.weight"))
+
+
+def checkpoint_name(name: str) -> str:
+    """The key a torch_dist checkpoint stores the Switch T5 state-dict tensor `name` under."""
+    for suffix, stored in _CHECKPOINT_NAMES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + stored
+    return name
+
+
+def state_dict_name(key: str) -> str:
+    """Inverse of `checkpoint_name`."""
+    for suffix, stored in _CHECKPOINT_NAMES:
+        if key.endswith(stored):
+            return key[: -len(stored)] + suffix
+    return key
+
+
+def extra_state_names(settings: T5Settings) -> List[str]:
+    """The `_extra_state` objects a Switch T5 checkpoint holds (one per megatron linear layer; None
+    for the local layers)."""
+    names = []
+    for stack in STACKS:
+        switch = settings.switch_layer_numbers(stack)
+        for i in range(settings.num_layers(stack)):
+            linears = ["self_attention.linear_qkv", "self_attention.linear_proj"]
+            if stack == "decoder":
+                linears += ["cross_attention.linear_q", "cross_attention.linear_kv", "cross_attention.linear_proj"]
+            if i + 1 not in switch:
+                linears += ["mlp.linear_fc1", "mlp.linear_fc2"]
+            names += [f"{stack}.layers.{i}.{linear}._extra_state" for linear in linears]
+    return names + ["lm_head.output_layer._extra_state", "output_layer._extra_state"]
+
+
+def hf_shapes(settings: T5Settings, hf_vocab_size: int) -> Dict[str, tuple]:
+    """The shape of every Hugging Face tensor of `settings` (`lm_head.weight` when untied; the
+    stacks' `embed_tokens` when untied, as `save_pretrained` writes them)."""
+    h, inner, ffn = settings.d_model, settings.num_heads * settings.d_kv, settings.d_ff
+
+    def shape(key: str) -> tuple:
+        if key.endswith(("layer_norm.weight", "final_layer_norm.weight")):
+            return (h,)
+        if key.endswith("relative_attention_bias.weight"):
+            return (settings.relative_attention_num_buckets, settings.num_heads)
+        if key.endswith((".q.weight", ".k.weight", ".v.weight")):
+            return (inner, h)
+        if key.endswith(".o.weight"):
+            return (h, inner)
+        if key.endswith(("wi.weight", "wi_0.weight", "wi_1.weight")):
+            return (ffn, h)
+        if key.endswith("wo.weight"):
+            return (h, ffn)
+        if key.endswith("router.classifier.weight"):
+            return (settings.switch.num_experts, h)
+        raise KeyError(key)
+
+    shapes = {key: shape(key) for entry in entries(settings) for key in entry.hf}
+    embeddings = ("shared.weight",) if settings.tie_word_embeddings else (*HF_INPUT_EMBEDDINGS, "lm_head.weight")
+    return {**dict.fromkeys(embeddings, (hf_vocab_size, h)), **shapes}
+
+
+def settings_from_model_config(model_config: Mapping, tied: bool, **switch_overrides) -> T5Settings:
+    """T5Settings of a Switch T5 checkpoint's recorded model_config (`SwitchT5Model.description` and
+    the shared model fields); `tied`: whether it has no separate output layer."""
+    get = model_config.get
+    if get("model") != "t5":
+        raise T5ConfigError(f"the checkpoint holds a {str(get('model', 'gpt')).upper()} model: Hugging Face's Switch "
+                            "models are encoder-decoders (SwitchTransformersForConditionalGeneration); only a "
+                            "--model t5 checkpoint has their form")
+    activation = get("feed_forward_proj", "relu")
+    switch = None
+    if get("num_experts"):
+        switch = SwitchConfig(**{**dict(num_experts=int(get("num_experts")),
+                                        expert_interval=int(get("expert_interval") or 1),
+                                        activation=FFN_ACTIVATIONS[activation], expert_bias=False),
+                                 **switch_overrides})
+    return T5Settings(
+        vocab_size=int(get("padded_vocab_size")), d_model=int(get("hidden_size")),
+        num_heads=int(get("num_attention_heads")), d_kv=int(get("kv_channels")), d_ff=int(get("ffn_hidden_size")),
+        encoder_layers=int(get("encoder_num_layers")), decoder_layers=int(get("decoder_num_layers")),
+        relative_attention_num_buckets=int(get("relative_attention_num_buckets")),
+        relative_attention_max_distance=int(get("relative_attention_max_distance")), activation=activation,
+        tie_word_embeddings=tied, switch=switch,
+        encoder_expert_interval=int(get("encoder_expert_interval") or 0),
+        decoder_expert_interval=int(get("decoder_expert_interval") or 0))
+
+
+def hf_config_of(settings: T5Settings, hf_vocab_size: int, base: Optional[Mapping] = None) -> Dict[str, object]:
+    """A Hugging Face `SwitchTransformersConfig` (as config.json holds it) for `settings`: `base` (the
+    config a model was imported with) with the architecture's fields set from `settings`. Raises
+    T5ConfigError for a Switch layer placement Hugging Face's sparse-step rule cannot express."""
+    sparse = {}
+    for stack in STACKS:
+        layers, k = settings.num_layers(stack), settings.expert_interval(stack)
+        count = len(settings.switch_layer_numbers(stack))
+        step = layers // count if count else 0
+        if settings.switch_layer_numbers(stack) != _hf_sparse_layers(layers, step):
+            raise T5ConfigError(f"the {stack}'s Switch layers sit at every {k}-th layer "
+                                f"({settings.switch_layer_numbers(stack)}, 1-based); Hugging Face places sparse "
+                                f"layers at its sparse step (every layer, or layers 2, 2+step, ...): only "
+                                "--moe-layer-freq 1 and 2 have a Hugging Face form")
+        sparse[stack] = count
+    gated = settings.activation == "gated-gelu"
+    config: Dict[str, object] = dict(base) if base else {
+        "architectures": ["SwitchTransformersForConditionalGeneration"], "model_type": "switch_transformers",
+        "is_encoder_decoder": True, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+        "router_bias": False, "router_dtype": "float32", "router_ignore_padding_tokens": False,
+        "layer_norm_epsilon": settings.layer_norm_epsilon, "dropout_rate": settings.dropout}
+    if gated or "feed_forward_proj" in config:
+        config["feed_forward_proj"] = settings.activation
+    config.update(
+        vocab_size=hf_vocab_size, d_model=settings.d_model, d_kv=settings.d_kv, d_ff=settings.d_ff,
+        num_layers=settings.encoder_layers, num_decoder_layers=settings.decoder_layers, num_heads=settings.num_heads,
+        num_sparse_encoder_layers=sparse["encoder"], num_sparse_decoder_layers=sparse["decoder"],
+        encoder_sparse_step=settings.encoder_layers // sparse["encoder"] if sparse["encoder"] else 0,
+        decoder_sparse_step=settings.decoder_layers // sparse["decoder"] if sparse["decoder"] else 0,
+        relative_attention_num_buckets=settings.relative_attention_num_buckets,
+        relative_attention_max_distance=settings.relative_attention_max_distance,
+        tie_word_embeddings=settings.tie_word_embeddings, dense_act_fn="gelu_new" if gated else "relu")
+    if settings.switch is not None:
+        config["num_experts"] = settings.switch.num_experts
+    return config

@@ -14,13 +14,14 @@ flag of `train` and `convert`) restores plain unpickling for a checkpoint whose 
 - `load`: `torch.load` of a file or bytes: the pickle is first read with `Unpickler` without building
   any tensor (so the allow-list is exact: not torch's own weights-only list, which megatron-core widens
   at import), then loaded by `torch.load(weights_only=True)` allowed exactly the globals it named.
-- `load_weights`: a Hugging Face `pytorch_model*.bin` (tensors only).
+- `WEIGHTS`: the allow-list of a Hugging Face `pytorch_model*.bin` (tensors only).
 - `check_extra_state`: Transformer Engine's FP8 `_extra_state`, a pickle in a byte tensor that
   Transformer Engine before 2.18 unpickles without restriction when a model loads it.
 
 Where they are used: legacy rank files (`legacy` through `torchzip`, the trainer's legacy load),
 torch_dist (`distcp`: `.metadata`, the common state, objects; the trainer's torch_dist load),
-consolidated indexes of format 1 (`consolidated`), Hugging Face weights (`huggingface`).
+consolidated indexes of format 1 (`consolidated`), Hugging Face weights (`huggingface` through
+`torchzip`, with `WEIGHTS`).
 Pickles read elsewhere: the tensor records inside torch_dist's `.distcp` files, which torch's
 checkpoint reader loads with `torch.load(weights_only=True)` (torch's weights-only list, which
 megatron-core extends with its own classes at import).
@@ -35,7 +36,6 @@ import io
 import os
 import pickle
 import warnings
-from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import torch
@@ -315,16 +315,6 @@ def load(source: str | os.PathLike | bytes | BinaryIO, *, trusted: bool, what: s
     finally:
         if opened:
             stream.close()
-
-
-def load_weights(path: str | os.PathLike, *, trusted: bool = False) -> dict[str, torch.Tensor]:
-    """A weights file (a Hugging Face `pytorch_model*.bin`): a flat {name: tensor} torch.save dict,
-    read allowed tensors only."""
-    state = load(path, trusted=trusted, allowed=WEIGHTS)
-    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                 for k, v in state.items()):
-        raise ConvertError(f"{os.fspath(path)}: not a state dict of tensors (found {type(state).__name__})")
-    return dict(state)
 
 
 def check_extra_state(value: Any, *, trusted: bool, what: str) -> None:

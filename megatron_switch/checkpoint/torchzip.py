@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import serialization
 
-from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError, Unpickler
+from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, AllowList, CheckpointCodeError, Unpickler
 
 
 class TorchFileError(ValueError):
@@ -101,17 +101,18 @@ class TorchFileReader:
     """The structure of one `torch.save` file, with its tensors read one at a time.
 
     `structure` is the unpickled object with `TensorRef`s in place of tensors, read through the
-    allow-list unless `trusted`. Raises CheckpointCodeError for a global off the list (nothing of
-    the file has run then), TorchFileError for a truncated or foreign file.
+    allow-list (`allowed`; a checkpoint's by default) unless `trusted`. Raises CheckpointCodeError
+    for a global off the list (nothing of the file has run then), TorchFileError for a truncated or
+    foreign file.
     """
 
-    def __init__(self, path: str, *, trusted: bool = False):
+    def __init__(self, path: str, *, trusted: bool = False, allowed: AllowList = CHECKPOINT):
         self.path = path
         try:
             self._file = open(path, "rb")  # noqa: SIM115  (kept open for reads; closed by close())
             self._zip = torch._C.PyTorchFileReader(self._file)
             self.structure = _RefUnpickler(io.BytesIO(self._zip.get_record("data.pkl")), trusted=trusted,
-                                           what=path).load()
+                                           what=path, allowed=allowed).load()
         except (FileNotFoundError, CheckpointCodeError):
             self.close()
             raise

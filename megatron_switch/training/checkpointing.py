@@ -60,6 +60,11 @@ from megatron_switch.training.optimizer_state import (
     without_optimizer_state,
 )
 
+# Common entries a run keeps from the checkpoint it loaded, in every checkpoint it saves: the
+# Hugging Face config of an imported model (`convert --to-hf` exports with it).
+CARRIED_COMMON = ("huggingface_config",)
+
+
 def _rng_object(rank: int, world: int):
     from megatron.core.dist_checkpointing.mapping import ShardedObject
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
@@ -272,13 +277,17 @@ def load_checkpoint(root: str, model, pieces: OptimizerPieces, scheduler, step: 
         raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {reason}); "
                               f"it may be truncated or from another model: load an earlier iteration "
                               f"or start without --load") from None
-    _check_schedule(schedule_check, loaded["scheduler"], path)
+    _check_schedule(schedule_check, loaded.get("scheduler"), path)
     model.load_state_dict(loaded["model"])
     if "optimizer" in loaded:
         load_optimizer_state(pieces, loaded["optimizer"], loaded["optimizer_step"])
     else:
         without_optimizer_state(path, pieces)
-    scheduler.load_state_dict(loaded["scheduler"])
+    if "scheduler" in loaded:
+        scheduler.load_state_dict(loaded["scheduler"])
+    elif dist.get_rank() == 0:
+        print(f" checkpoint {path} has no learning-rate schedule state (an imported model): the schedule "
+              f"starts at its first step", flush=True)
     if "rng" in loaded:
         _restore_rng(loaded["rng"])
     return {k: v for k, v in loaded.items() if k not in ("model", "optimizer", "scheduler", "rng")}

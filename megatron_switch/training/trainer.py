@@ -27,7 +27,12 @@ from megatron_switch.compat import enable_cpu_support, seed_parallel_rng
 from megatron_switch.data.check import DataError
 from megatron_switch.data.sampler import TokenOutOfRange, rank_micro_batch_start
 from megatron_switch.parallel import destroy_parallel, initialize_parallel
-from megatron_switch.training.checkpointing import load_checkpoint, remove_incomplete_saves, save_checkpoint
+from megatron_switch.training.checkpointing import (
+    CARRIED_COMMON,
+    load_checkpoint,
+    remove_incomplete_saves,
+    save_checkpoint,
+)
 from megatron_switch.training.faults import fault_point
 from megatron_switch.training.metrics import Reporter, SwitchStatsAccumulator
 from megatron_switch.training.model import build_model
@@ -181,7 +186,7 @@ def _train(args, tokenizer) -> None:
     optimization = Optimization(model, args, megatron_ddp=args.ddp_impl == "megatron")
     optimizer, scheduler = optimization.optimizer, optimization.scheduler
 
-    iteration, consumed = 0, 0
+    iteration, consumed, carried = 0, 0, {}
     if args.save and is_print_rank():
         for name in remove_incomplete_saves(args.save):
             print(f" removed {name} from {args.save}: an earlier run was stopped while saving it", flush=True)
@@ -190,13 +195,15 @@ def _train(args, tokenizer) -> None:
                                  step=args.ckpt_step, schedule_check=lambda saved: schedule_conflict(saved, args),
                                  trust_checkpoint_code=args.trust_checkpoint_code)
         iteration, consumed = int(common["iteration"]), int(common["consumed_train_samples"])
+        # An imported model's Hugging Face config: kept in every later checkpoint for `convert --to-hf`
+        carried = {key: common[key] for key in CARRIED_COMMON if key in common}
         if is_print_rank():
             print(f" loaded checkpoint {args.load} at iteration {iteration}", flush=True)
     writer = {"schedule": schedule_of_args(args), "train_iters": args.train_iters, "seed": args.seed}
 
     def save(it: int) -> None:
         path = save_checkpoint(args.save, it, model, optimization.checkpointed, scheduler,
-                               {"iteration": it, "consumed_train_samples": consumed}, writer)
+                               {"iteration": it, "consumed_train_samples": consumed, **carried}, writer)
         if is_print_rank():
             print(f" saved checkpoint {path}", flush=True)
     saved_at = iteration if args.load else None
