@@ -34,6 +34,7 @@ from megatron_switch.checkpoint.contents import (
 )
 from megatron_switch.checkpoint.integrity import record_integrity, verify_checkpoint
 from megatron_switch.checkpoint.sharding import EXPERTS, check_layout, count_layers
+from megatron_switch.checkpoint.upcycle import Upcycle, add_upcycle_args, upcycle_from_args
 from megatron_switch.parallel import Layout, LayoutError
 from megatron_switch.checkpoint.layout import (
     TRACKER,
@@ -111,13 +112,15 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
             target_ep: int | None = None, fmt: str | None = None, no_optim: bool = False,
-            progress: bool = True, log=print, trust_checkpoint_code: bool = False) -> dict:
+            progress: bool = True, log=print, trust_checkpoint_code: bool = False,
+            upcycle: Upcycle | None = None) -> dict:
     """Convert the checkpoint at `load` into a new checkpoint directory `save`.
 
     Target layout defaults to the source's, format to the source's. Returns the written manifest.
     Raises ConvertError / LayoutError (nothing is written then) with the fix in the message; a
     pickle naming a global off `safe_pickle`'s allow-list raises CheckpointCodeError (a ConvertError)
-    unless `trust_checkpoint_code`.
+    unless `trust_checkpoint_code`. `upcycle`: read the dense checkpoint at `load` as the Switch
+    checkpoint it describes (checkpoint.upcycle) and write that.
     """
     from megatron_switch.checkpoint.consolidated import write_consolidated
     from megatron_switch.checkpoint.distcp import write_dist_checkpoint
@@ -135,8 +138,12 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
         raise ConvertError(f"--save {save}: the parent directory {parent} does not exist")
     if fmt is not None and fmt not in FORMATS:
         raise ConvertError(f"--format {fmt}: use one of {', '.join(FORMATS)}")
+    if upcycle is not None:
+        upcycle.check_recorded(load)
     reader = open_checkpoint(load, trusted=trust_checkpoint_code)
     try:
+        if upcycle is not None:
+            reader = upcycle.wrap(reader, log)
         fmt = fmt or reader.format_name
         config = _model_config(reader)
         layout = _target_layout(reader, target_tp, target_pp, target_ep)
@@ -202,6 +209,8 @@ def convert(load: str, save: str, target_tp: int | None = None, target_pp: int |
     finally:
         reader.close()
     log(f" wrote {save}: {len(manifest)} tensors, each checked against the source")
+    if upcycle is not None:
+        log(reader.resume_hint(save))
     return manifest
 
 
@@ -248,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and Megatron-LM checkpoints hold): a crafted checkpoint then runs code. Only for a "
                         "checkpoint whose source you trust.")
     p.add_argument("--no-progress-bar", action="store_true")
+    add_upcycle_args(p)
     return p
 
 
@@ -256,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
-                progress=not args.no_progress_bar, trust_checkpoint_code=args.trust_checkpoint_code)
+                progress=not args.no_progress_bar, trust_checkpoint_code=args.trust_checkpoint_code,
+                upcycle=upcycle_from_args(args))
     except (ConvertError, CheckpointError, LayoutError) as err:
         print(f"megatron-switch convert: error: {err}", file=sys.stderr)
         sys.exit(1)
