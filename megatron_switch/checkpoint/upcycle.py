@@ -189,8 +189,8 @@ class UpcycledReader(CheckpointReader):
 
         # name -> how to make it: ("copy", dense name) | ("experts", dense name) | ("router", layer) | ("zeros", None)
         self._made: dict[str, tuple[str, Any]] = {}
-        ffn = {layer.prefix + key: layer.prefix + "experts." + key for layer in self.layers for key in
-               CHECKPOINT_KEYS.values()}
+        ffn = {layer.prefix + key: layer.prefix + "experts." + key for layer in self.layers
+               for key in CHECKPOINT_KEYS.values() if layer.prefix + key in dense.tensors}
         replicate = upcycle.optimizer == "replicate"
         if replicate:
             self._check_optimizer(ffn)
@@ -326,8 +326,9 @@ class UpcycledReader(CheckpointReader):
                 f"(activation {self.activation}, {'with' if self.bias else 'no'} biases), routers from seed "
                 f"{self.upcycle.seed}")
         if self.upcycle.optimizer == "replicate":
-            state = (" --upcycle-optimizer replicate: each expert starts with its dense FFN's Adam moments (and "
-                     "float32 master), each router with zero moments")
+            masters = any(n.startswith("optimizer.main_param.") for n in self.dense.tensors)
+            state = (f" --upcycle-optimizer replicate: each expert starts with its dense FFN's Adam moments"
+                     f"{' and float32 master' if masters else ''}, each router with zero moments")
         elif self.dropped_optimizer:
             state = (f" --upcycle-optimizer drop: the dense optimizer state ({self.dropped_optimizer} tensors) is "
                      f"not carried over; Adam starts from zero when training resumes from the result")
