@@ -123,9 +123,10 @@ class Upcycle:
             layers = {s: config.get(f"{s}_num_layers") for s in ("encoder", "decoder")}
         else:
             layers = {"decoder": config.get("num_layers")}
-        self._check_interval(load, {s: n for s, n in layers.items() if n})
+        self.check_interval(load, {s: n for s, n in layers.items() if n})
 
-    def _check_interval(self, load: str, layers: dict[str, int]) -> None:
+    def check_interval(self, load: str, layers: dict[str, int]) -> None:
+        """ConvertError when k exceeds the layers of a stack ({stack: layers})."""
         for stack, count in layers.items():
             if self.expert_interval > count:
                 fewest = min(layers.values())
@@ -179,11 +180,11 @@ class UpcycledReader(CheckpointReader):
         if not counts.get("decoder") or (self.is_t5 and not counts.get("encoder")):
             raise ConvertError(f"--load {dense.path} has no transformer layers (decoder.layers.<i>.*"
                                f"{', encoder.layers.<i>.*' if self.is_t5 else ''}): not a GPT or T5 checkpoint")
-        upcycle._check_interval(dense.path, counts)
+        upcycle.check_interval(dense.path, counts)
         self.layers = [_SwitchLayer(stack, n) for stack in ("encoder", "decoder") if stack in counts
                        for n in range(upcycle.expert_interval, counts[stack] + 1, upcycle.expert_interval)]
         self.source_config = config
-        self.bias, self.gated = self._check_ffns(list(CHECKPOINT_KEYS.values()))
+        self.bias, self.gated = self._check_ffns()
         self.activation = self._activation()
         self.hidden_size = dense.tensors[self.layers[0].prefix + "linear_fc1.weight"].shape[1]
 
@@ -220,7 +221,7 @@ class UpcycledReader(CheckpointReader):
         self.common["model_config"] = self._model_config(counts)
         self.dropped_optimizer = 0 if replicate else sum(1 for n in dense.tensors if is_optimizer(n))
 
-    def _check_ffns(self, keys: list[str]) -> tuple[bool, bool]:
+    def _check_ffns(self) -> tuple[bool, bool]:
         """(the FFNs have biases, they are gated), the same in every Switch layer."""
         tensors, found = self.dense.tensors, set()
         for layer in self.layers:
@@ -244,16 +245,16 @@ class UpcycledReader(CheckpointReader):
 
     def _activation(self) -> str:
         """The expert activation (SwitchConfig.activation) that computes the dense FFN."""
-        from megatron_switch.training.t5_arguments import FEED_FORWARD_PROJ
+        from megatron_switch.specs.t5_model import FFN_ACTIVATIONS
 
         config, path = self.source_config, self.dense.path
         if self.is_t5:
             proj = config.get("feed_forward_proj", "gated-gelu" if self.gated else "relu")
-            activation = FEED_FORWARD_PROJ.get(proj)
+            activation = FFN_ACTIVATIONS.get(proj)
             if activation is None or (activation in GATED_ACTIVATIONS) != self.gated:
                 raise ConvertError(f"--load {path}: its T5 FFN is {proj!r} but its linear_fc1 is "
                                    f"{'twice' if self.gated else 'once'} the FFN width; the Switch T5 has "
-                                   f"{', '.join(FEED_FORWARD_PROJ)} FFNs")
+                                   f"{', '.join(FFN_ACTIVATIONS)} FFNs")
             if self.bias:
                 raise ConvertError(f"--load {path}: a T5 with FFN biases; the Switch T5's experts have none")
             return activation
