@@ -156,6 +156,9 @@ def test_switch_layer_is_gate_times_dense_ffn(dense, upcycled, single_process_gr
         assert torch.equal(weight, upcycled_tensors[name]), name
     assert len({tuple(w.flatten().tolist()) for w in fresh_routers.values()}) == len(fresh_routers)
 
+    # every tensor the upcycled checkpoint keeps (optimizer state included) is the dense one
+    assert all(torch.equal(upcycled_tensors[n], t) for n, t in dense_tensors.items() if n in upcycled_tensors)
+    replaced = set()
     generator = torch.Generator().manual_seed(k)
     for stack, layers in _stacks(switch_model).items():
         for index, (switch_layer, dense_layer) in enumerate(zip(layers, _stacks(dense_model)[stack])):
@@ -163,15 +166,13 @@ def test_switch_layer_is_gate_times_dense_ffn(dense, upcycled, single_process_gr
             prefix = f"{stack}.layers.{index}.mlp."
             assert isinstance(switch_layer.mlp, SwitchMLP) == (number % k == 0), (stack, number)
             if not isinstance(switch_layer.mlp, SwitchMLP):
-                assert all(torch.equal(upcycled_tensors[n], t) for n, t in dense_tensors.items()
-                           if n.startswith(prefix))
                 continue
-            # every expert a copy of the dense FFN
+            # every expert a copy of the dense FFN, which is gone
             for key in ("linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight", "linear_fc2.bias"):
                 if prefix + key in dense_tensors:
                     bank = upcycled_tensors[prefix + "experts." + key]
                     assert bank.shape[0] == EXPERTS and all(torch.equal(e, dense_tensors[prefix + key]) for e in bank)
-                assert prefix + key not in upcycled_tensors
+                    replaced.add(prefix + key)
             x = torch.randn(8, 2, 32, generator=generator)
             with torch.no_grad():
                 out, bias = dense_layer.mlp(x)
@@ -184,6 +185,7 @@ def test_switch_layer_is_gate_times_dense_ffn(dense, upcycled, single_process_gr
             assert float(p.min()) > 1 / EXPERTS
             torch.testing.assert_close(y, p * ffn, rtol=1e-5, atol=1e-6)
             assert not torch.allclose(y, ffn, rtol=1e-2, atol=1e-3)  # not the dense model
+    assert {n for n in dense_tensors if n not in upcycled_tensors and not n.startswith("optimizer.")} == replaced
 
 
 def test_a_token_dropped_by_capacity_gets_nothing(dense, upcycled, single_process_groups):
