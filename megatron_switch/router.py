@@ -139,6 +139,13 @@ class _RouterScores(torch.autograd.Function):
         return g_x, g_w, None
 
 
+def initial_router_weight(switch: SwitchConfig, hidden_size: int, layer_number: int) -> torch.Tensor:
+    """W_r [E, h] float32 of layer `layer_number` as a Switch run starts it, on any layout: the paper's
+    truncated normal, sigma = sqrt(init_scale / h), drawn from (init_seed, layer, ROUTER_WEIGHT_KEY)."""
+    generator = seeded_generator(switch.init_seed, layer_number, ROUTER_WEIGHT_KEY)
+    return truncated_normal_(torch.empty(switch.num_experts, hidden_size), switch.init_scale, generator=generator)
+
+
 @dataclasses.dataclass(frozen=True)
 class Routing:
     """The router's decision for the T tokens on this rank.
@@ -186,8 +193,8 @@ class SwitchRouter(MegatronModule):
 
     def reset_parameters(self, layer_number: int) -> None:
         if self.config.perform_initialization:
-            generator = seeded_generator(self.switch.init_seed, layer_number, ROUTER_WEIGHT_KEY)
-            truncated_normal_(self.weight, self.switch.init_scale, generator=generator)
+            with torch.no_grad():
+                self.weight.copy_(initial_router_weight(self.switch, self.config.hidden_size, layer_number))
 
     def _apply(self, fn, recurse=True):
         # Module.half()/bfloat16()/to(dtype) go through _apply: let them move the weight to another

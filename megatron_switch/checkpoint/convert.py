@@ -34,6 +34,7 @@ from megatron_switch.checkpoint.contents import (
 )
 from megatron_switch.checkpoint.integrity import record_integrity, verify_checkpoint
 from megatron_switch.checkpoint.sharding import EXPERTS, check_layout, count_layers
+from megatron_switch.checkpoint.upcycle import Upcycle, add_upcycle_args, upcycle_from_args
 from megatron_switch.parallel import Layout, LayoutError
 from megatron_switch.checkpoint.layout import (
     TRACKER,
@@ -112,21 +113,30 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def convert(load: str, save: str, target_tp: int | None = None, target_pp: int | None = None,
             target_ep: int | None = None, fmt: str | None = None, no_optim: bool = False,
-            progress: bool = True, log=print, trust_checkpoint_code: bool = False) -> dict:
+            progress: bool = True, log=print, trust_checkpoint_code: bool = False,
+            upcycle: Upcycle | None = None) -> dict:
     """Convert the checkpoint at `load` into a new checkpoint directory `save`.
 
     Target layout defaults to the source's, format to the source's. Returns the written manifest.
     Raises ConvertError / LayoutError (nothing is written then) with the fix in the message; a
     pickle naming a global off `safe_pickle`'s allow-list raises CheckpointCodeError (a ConvertError)
-    unless `trust_checkpoint_code`.
+    unless `trust_checkpoint_code`. `upcycle`: read the dense checkpoint at `load` as the Switch
+    checkpoint it describes (checkpoint.upcycle) and write that.
     """
     save = check_new_directory(save, "--save")
     check_target_flags(target_tp, target_pp, target_ep, fmt)
+    if upcycle is not None:
+        upcycle.check_recorded(load)
     reader = open_checkpoint(load, trusted=trust_checkpoint_code)
     try:
-        return write_converted(reader, save, target_tp, target_pp, target_ep, fmt, no_optim, progress, log)
+        if upcycle is not None:
+            reader = upcycle.wrap(reader, log)
+        manifest = write_converted(reader, save, target_tp, target_pp, target_ep, fmt, no_optim, progress, log)
     finally:
         reader.close()
+    if upcycle is not None:
+        log(reader.resume_hint(save))
+    return manifest
 
 
 def check_new_directory(path: str, flag: str) -> str:
@@ -306,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and Megatron-LM checkpoints hold): a crafted checkpoint then runs code. Only for a "
                         "checkpoint whose source you trust.")
     p.add_argument("--no-progress-bar", action="store_true")
+    add_upcycle_args(p)
     return p
 
 
@@ -338,6 +349,10 @@ def main(argv: list[str] | None = None) -> None:
     _check_flag_combination(args, parser)
     progress, trusted = not args.no_progress_bar, args.trust_checkpoint_code
     try:
+        upcycle = upcycle_from_args(args)
+        if upcycle is not None and (args.from_hf or args.to_hf):
+            raise ConvertError("--upcycle reads a dense checkpoint of ours (--load): it does not combine with "
+                               "--from-hf or --to-hf; import or export first, then upcycle")
         if args.from_hf:
             import_huggingface(args.from_hf, args.save, args.target_tp, args.target_pp, args.target_ep, args.format,
                                args.make_vocab_size_divisible_by, progress=progress, trust_checkpoint_code=trusted)
@@ -346,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
                                trust_checkpoint_code=trusted)
         else:
             convert(args.load, args.save, args.target_tp, args.target_pp, args.target_ep, args.format, args.no_optim,
-                    progress=progress, trust_checkpoint_code=trusted)
+                    progress=progress, trust_checkpoint_code=trusted, upcycle=upcycle)
     except (ConvertError, CheckpointError, LayoutError) as err:
         print(f"megatron-switch convert: error: {err}", file=sys.stderr)
         sys.exit(1)
