@@ -9,9 +9,10 @@ every format and a relayout: legacy EP8 -> torch_dist TP2 PP2 EP4 -> safetensors
 float32, 2.5 GB) in many safetensors shards, imported (`convert --from-hf`, EP=1: the whole expert
 banks on one rank, the case that needs the most memory) and exported back (`--to-hf`). The disk's
 sequential read speed is measured in the same run on the same files, each time after evicting them
-from the page cache (posix_fadvise DONTNEED), as is every conversion's source; a conversion reads its
-source twice (manifest, then copy) and its result once (verification), so its throughput is bounded
-by about a third of the read speed.
+from the page cache (posix_fadvise DONTNEED), as is every conversion's source, and its write speed
+(1 GB, fsync); a conversion reads its source twice (manifest, then copy), writes the model once and
+reads it back once (verification), so its throughput is bounded by the write speed and by about a
+third of the read speed.
 
 Each step runs in a fresh process, which reports its wall time, its RSS after the imports and its
 peak RSS (`ru_maxrss`): peak - baseline is what the conversion itself needed, to be read against the
@@ -230,6 +231,21 @@ def disk_read_speed(path) -> dict:
     return {"bytes": total, "seconds": seconds, "bytes_per_second": total / seconds}
 
 
+def disk_write_speed(directory, nbytes: int = 10**9) -> dict:
+    """Sequential write of `nbytes` (16 MiB writes, then fsync) to a new file in `directory`: bytes per second."""
+    block = os.urandom(16 << 20)
+    path = os.path.join(directory, "write-speed.tmp")
+    start = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        for _ in range(nbytes // len(block)):
+            f.write(block)
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    written = nbytes // len(block) * len(block)
+    os.remove(path)
+    return {"bytes": written, "seconds": seconds, "bytes_per_second": written / seconds}
+
+
 class _NoBar:
     def update(self, n):
         pass
@@ -320,34 +336,40 @@ def huggingface_suite(args) -> None:
         results = {"generate Hugging Face folder (synthetic)": measure(
             ["generate-hf", folder, str(args.shard_size)], "generate")}
         shards = len([f for f in os.listdir(folder) if f.endswith(".safetensors")])
-        disk = [disk_read_speed(folder)]
+        disk, disk_write = [disk_read_speed(folder)], [disk_write_speed(workdir)]
         results["--from-hf (torch_dist, EP=1)"] = measure(["from-hf", folder, ours], "--from-hf")
         disk.append(disk_read_speed(ours))
         results["--to-hf"] = measure(["to-hf", ours, back, str(args.shard_size)], "--to-hf")
         disk.append(disk_read_speed(folder))
+        disk_write.append(disk_write_speed(workdir))
         for label, path in (("--from-hf (torch_dist, EP=1)", ours), ("--to-hf", back)):
             results[label]["checkpoint_bytes"] = _du(path)
     finally:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     speed = statistics.median(d["bytes_per_second"] for d in disk)
+    write_speed = statistics.median(d["bytes_per_second"] for d in disk_write)
     for r in results.values():
         r["extra_rss_bytes"] = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
         r["extra_rss_over_largest_tensor"] = r["extra_rss_bytes"] / largest
         r["source_bytes_per_second"] = total / r["seconds"]
         r["over_disk_read_speed"] = r["source_bytes_per_second"] / speed
+        r["over_disk_write_speed"] = r["source_bytes_per_second"] / write_speed
     report = {"model": {"shape": "google/switch-base-8 (float32, synthetic weights)", "tensors": len(shapes),
                         "total_bytes": total, "largest_tensor_bytes": largest, "shards": shards,
                         "shard_bytes": args.shard_size},
               "disk_read": {"runs": disk, "median_bytes_per_second": speed,
                             "note": "sequential 16 MiB reads of the same files after posix_fadvise DONTNEED"},
+              "disk_write": {"runs": disk_write, "median_bytes_per_second": write_speed,
+                             "note": "1 GB of 16 MiB writes to a new file in the same directory, then fsync"},
               "machine": {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()}, "steps": results}
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(report, f, indent=1)
     for label, r in results.items():
         print(f"{label}: {r['seconds']:.1f} s, {r['source_bytes_per_second'] / 1e9:.2f} GB/s of the model "
-              f"({r['over_disk_read_speed']:.2f} x the disk's read speed {speed / 1e9:.2f} GB/s), extra RSS "
+              f"({r['over_disk_read_speed']:.2f} x the disk's read speed {speed / 1e9:.2f} GB/s, "
+              f"{r['over_disk_write_speed']:.2f} x its write speed {write_speed / 1e9:.2f} GB/s), extra RSS "
               f"{r['extra_rss_bytes'] / 2**20:.0f} MiB = {r['extra_rss_over_largest_tensor']:.2f} x the largest "
               f"tensor ({largest / 2**20:.0f} MiB)")
     print(f"wrote {out}")

@@ -128,10 +128,12 @@ def row_blocks(spec: TensorSpec, limit: int = BLOCK_BYTES) -> Iterable[Index]:
         yield ((start, min(start + rows, spec.shape[0])), *full_index(spec.shape[1:]))
 
 
-def compute_manifest(reader: CheckpointReader, names: Iterable[str], progress) -> dict[str, dict[str, Any]]:
+def compute_manifest(reader: CheckpointReader, names: Iterable[str], progress,
+                     check_finite: bool = True) -> dict[str, dict[str, Any]]:
     """Read each named tensor (in blocks of rows, one at a time: memory is BLOCK_BYTES, not the
     largest tensor) and describe it; `progress.update(bytes)`. The digest is that of the whole
-    tensor's C-contiguous bytes."""
+    tensor's C-contiguous bytes. `check_finite`: refuse NaN and infinities (a source; a copy
+    compared with its source's digests needs no second look)."""
     manifest = {}
     for name in names:
         spec = reader.tensors[name]
@@ -142,7 +144,7 @@ def compute_manifest(reader: CheckpointReader, names: Iterable[str], progress) -
             if tuple(tensor.shape) != expected or tensor.dtype != spec.dtype:
                 raise ConvertError(f"{reader.path}: {name} reads as {tuple(tensor.shape)} {tensor.dtype} at {index}, "
                                    f"its metadata says {expected} {spec.dtype}: the checkpoint is inconsistent")
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if check_finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise ConvertError(f"{reader.path}: {name} holds NaN or infinite values: the checkpoint was saved "
                                    f"from a diverged run; convert an earlier iteration")
             digest.update(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())

@@ -24,6 +24,7 @@ works alike with megatron-core 0.16 and 0.19, whose `load` signatures differ.
 from __future__ import annotations
 
 import collections
+import ctypes
 import io
 import math
 import os
@@ -277,6 +278,24 @@ class _StreamingSavePlanner(SavePlanner):
         return self.produce(write_item)
 
 
+def _load_libc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim  # noqa: B018  (glibc only)
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def _release_freed_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's `malloc_trim`; elsewhere nothing)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _pieces(part: Index, spec: TensorSpec) -> list[Index]:
     """`part` of a tensor cut along its first axis into pieces of at most BLOCK_BYTES (a row at least)."""
     if not part:
@@ -315,15 +334,31 @@ def write_dist_checkpoint(path: str, source: CheckpointReader, names, common: di
         plans[coords.index((0, stage, 0))].append(
             WriteItem(index=MetadataIndex(_object_key(key)), type=WriteItemType.BYTE_IO))
 
+    written: list[torch.Tensor] = []
+
     def produce(item: WriteItem):
         if item.type == WriteItemType.BYTE_IO:
             data = io.BytesIO()
             torch.save([source.objects[item.index.fqn.rsplit("/shard_", 1)[0]]], data)
             data.seek(0)
             return data
+        # torch's storage writer keeps every chunk of a file it has written until the file is closed (in
+        # a dict it only writes out for safetensors output): the chunk it wrote before asking for this
+        # one is freed here (a reader returns fresh tensors only), else a rank file's writer would hold
+        # that rank's whole share of the checkpoint. It also `torch.save`s each chunk into a stream it
+        # cannot seek, so torch builds the record in a growing heap buffer first, whose freed pieces
+        # glibc keeps: they are handed back too (measured on a 2.4 GB rank file: the writer's peak
+        # beyond the imports went from +830 MiB to +430 MiB with the first, to +130 MiB with both).
+        for done in written:
+            done.untyped_storage().resize_(0)
+        written.clear()
+        _release_freed_heap()
         index = blocks[(item.index.fqn, tuple(item.index.offset))]
         tensor = source.read(item.index.fqn, index)
+        if not tensor.untyped_storage().resizable():  # (memory a file or buffer lends)
+            tensor = tensor.clone()
         progress.update(tensor.numel() * tensor.element_size())
+        written.append(tensor)
         return tensor
 
     writer = FileSystemWriter(path, single_file_per_rank=True, sync_files=True, thread_count=1)

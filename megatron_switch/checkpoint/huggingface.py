@@ -114,16 +114,20 @@ class HuggingFaceFolder:
             raise WeightMappingError(f"{file}: not a state dict of tensors")
         return {name: TensorSpec(ref.shape, ref.dtype) for name, ref in state.items()}
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor `name`, or its rows [a, b) (from safetensors, only those are read)."""
         file = self.files[name]
         if self.format == "bin":
             reader = self._bins[file]
-            return reader.materialize(reader.structure[name]).contiguous().clone()
+            tensor = reader.materialize(reader.structure[name])
+            return (tensor if rows is None else tensor[rows[0]:rows[1]]).contiguous().clone()
         from safetensors import safe_open
 
         try:  # opened for each read: the mapped pages of one tensor go before the next is read
             with safe_open(file, framework="pt") as handle:
-                return handle.get_tensor(name)
+                if rows is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[rows[0]:rows[1]].contiguous()
         except Exception as err:  # noqa: BLE001
             raise WeightMappingError(f"{file}: {name} cannot be read ({type(err).__name__}: {err})") from None
 

@@ -33,7 +33,15 @@ from typing import Any
 
 import torch
 
-from megatron_switch.checkpoint.contents import CheckpointReader, ConvertError, Index, TensorSpec, block, is_optimizer
+from megatron_switch.checkpoint.contents import (
+    CheckpointReader,
+    ConvertError,
+    Index,
+    TensorSpec,
+    block,
+    is_optimizer,
+    row_blocks,
+)
 from megatron_switch.checkpoint.huggingface import SAFETENSORS, HuggingFaceFolder, WeightMappingError
 from megatron_switch.checkpoint.huggingface_t5 import (
     EMBEDDING,
@@ -179,26 +187,33 @@ class HuggingFaceReader(CheckpointReader):
             raise ConvertError(f"{where}: the tensors have dtypes {sorted(map(str, dtypes))}: one floating-point "
                                "dtype is needed")
 
-    def _embedding(self) -> torch.Tensor:
-        shared = self.folder.read("shared.weight")
-        if not self._embeddings_checked:
-            tied = ("lm_head.weight",) if self.settings.tie_word_embeddings else ()
-            for key in (*HF_INPUT_EMBEDDINGS[1:], *tied):
-                if key in self.folder.specs and not torch.equal(self.folder.read(key), shared):
-                    raise ConvertError(f"{self.path}: {key} differs from shared.weight: megatron's T5 has one input "
-                                       "embedding for both stacks" + (", tied to the output layer (config.json "
-                                                                      "tie_word_embeddings)" if tied else ""))
-            self._embeddings_checked = True
-        return shared
+    def _check_embeddings(self) -> None:
+        """The stacks' input embeddings (and a tied output layer), when the folder has them, equal `shared`."""
+        tied = ("lm_head.weight",) if self.settings.tie_word_embeddings else ()
+        spec = TensorSpec(self.folder.specs["shared.weight"].shape, self.folder.specs["shared.weight"].dtype)
+        for key in (*HF_INPUT_EMBEDDINGS[1:], *tied):
+            if key in self.folder.specs and not all(
+                    torch.equal(self.folder.read(key, index[0]), self.folder.read("shared.weight", index[0]))
+                    for index in row_blocks(spec)):
+                raise ConvertError(f"{self.path}: {key} differs from shared.weight: megatron's T5 has one input "
+                                   "embedding for both stacks" + (", tied to the output layer (config.json "
+                                                                  "tie_word_embeddings)" if tied else ""))
+        self._embeddings_checked = True
+
+    def _vocabulary_rows(self, key: str, index: Index) -> torch.Tensor:
+        """Block `index` of our padded vocabulary matrix made of Hugging Face's `key`: its rows, then zeros."""
+        (first, last), rows = index[0], self.hf_vocab_size
+        part = self.folder.read(key, (min(first, rows), min(last, rows)))
+        part = torch.cat([part, part.new_zeros(last - first - part.shape[0], *part.shape[1:])])
+        return block(part, index, (first, *[0] * (part.dim() - 1))).contiguous()
 
     def read(self, name: str, index: Index | None = None) -> torch.Tensor:
         spec = self.tensors[name]
         index = index or tuple((0, n) for n in spec.shape)
         if name in (EMBEDDING, OUTPUT, OUTPUT_ALIAS):
-            source = self._embedding() if name == EMBEDDING else self.folder.read("lm_head.weight")
-            rows = source[index[0][0]:index[0][1]]
-            rows = torch.cat([rows, rows.new_zeros(index[0][1] - index[0][0] - rows.shape[0], *rows.shape[1:])])
-            return block(rows, index, (index[0][0], *[0] * (rows.dim() - 1))).contiguous()
+            if not self._embeddings_checked:
+                self._check_embeddings()
+            return self._vocabulary_rows("shared.weight" if name == EMBEDDING else "lm_head.weight", index)
         entry = self._entries[name]
         if entry.per_expert:  # only the experts asked for
             (first, last), width = index[0], entry.per_expert
@@ -288,24 +303,29 @@ def import_huggingface(folder: str, save: str, target_tp: int | None = None, tar
 
 
 class _Source:
-    """Our tensors of a checkpoint, by state-dict name, one block at a time (the last block kept:
-    an entry's Hugging Face tensors are produced in turn from it)."""
+    """Our tensors of a checkpoint, by state-dict name: a whole tensor, or one expert of a bank read
+    with its neighbours in a block of at most BLOCK_BYTES (a stored chunk is read once, not once per
+    expert). The last block read is kept: an entry's Hugging Face tensors are produced in turn from it."""
 
     def __init__(self, reader: CheckpointReader):
         self.reader = reader
-        self._last: tuple | None = None
+        self._key: tuple | None = None
+        self._block: torch.Tensor | None = None
 
-    def read(self, name: str, experts: tuple[int, int] | None = None) -> torch.Tensor:
-        key = (name, experts)
-        if self._last is None or self._last[0] != key:
-            stored = checkpoint_name(name)
-            if stored not in self.reader.tensors:
-                raise ConvertError(f"{self.reader.path} has no {stored}: not a checkpoint of the Switch T5 its "
-                                   "model_config describes")
-            spec = self.reader.tensors[stored]
-            index = None if experts is None else (experts, *[(0, n) for n in spec.shape[1:]])
-            self._last = (key, self.reader.read(stored, index))
-        return self._last[1]
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        stored = checkpoint_name(name)
+        if stored not in self.reader.tensors:
+            raise ConvertError(f"{self.reader.path} has no {stored}: not a checkpoint of the Switch T5 its "
+                               "model_config describes")
+        spec = self.reader.tensors[stored]
+        if expert is None:
+            index = None
+        else:
+            index = next(i for i in row_blocks(spec) if i[0][0] <= expert < i[0][1])
+        if self._key != (name, index):
+            self._key, self._block = None, None  # (the previous block goes before the next is read)
+            self._key, self._block = (name, index), self.reader.read(stored, index)
+        return self._block if expert is None else self._block[expert - index[0][0]:expert - index[0][0] + 1]
 
 
 def _hf_plan(settings: T5Settings, source: _Source, hf_vocab_size: int) -> list[tuple[str, TensorSpec, Any]]:
@@ -330,7 +350,7 @@ def _hf_plan(settings: T5Settings, source: _Source, hf_vocab_size: int) -> list[
                 for k, name in enumerate(names):
                     one = entry.split(torch.empty((1, *spec.shape[1:]), dtype=spec.dtype, device="meta"))[k]
                     plan.append((name, TensorSpec(tuple(one.shape), spec.dtype),
-                                 lambda e=entry, j=j, k=k: e.split(source.read(e.ours, (j, j + 1)))[k].contiguous()))
+                                 lambda e=entry, j=j, k=k: e.split(source.read(e.ours, j))[k].contiguous()))
         else:
             parts = entry.split(torch.empty(spec.shape, dtype=spec.dtype, device="meta"))
             for k, (name, part) in enumerate(zip(entry.hf, parts)):
