@@ -424,6 +424,30 @@ def test_kept_grads_accumulate_in_place_exactly_as_autograd_adds_them(grouped_ge
     torch.testing.assert_close(seen[0], bank.weight2.grad, rtol=1e-6, atol=1e-6)
 
 
+def test_grouped_kernel_adds_weight_gradients_in_runs_of_experts(monkeypatch):
+    """Into an existing gradient (kept .grad, main_grad) torch._grouped_mm's result is added a run of
+    experts at a time (at most WGRAD_CHUNK_BYTES of temporary, never the bank's size), empty experts
+    included, with the sums a GEMM per expert gives."""
+    from megatron_switch.ops import projections
+
+    if not projections.grouped_mm_usable("cpu", torch.float32):
+        pytest.skip("torch._grouped_mm has no CPU float32 kernel in this torch")
+    torch.manual_seed(3)
+    counts, (m, k) = [6, 0, 3, 5, 0, 2], (8, 16)
+    a, b = torch.randn(sum(counts), m), torch.randn(sum(counts), k)
+    start = torch.randn(len(counts), m, k)
+    expected = start.clone()
+    for g, (a_g, b_g) in enumerate(zip(a.split(counts), b.split(counts))):
+        expected[g] += a_g.t() @ b_g
+    for per_call, calls_expected in ((1, 4), (2 * m * k * 4, 3), (10**9, 1)):  # 1, 2, all experts per call
+        monkeypatch.setattr(projections, "WGRAD_CHUNK_BYTES", per_call)
+        out = start.clone()
+        with counting_grouped_mm() as calls:
+            projections.grouped_outer_mm_add_(out, a, b, counts)
+        assert len(calls) == calls_expected  # runs without rows make no call
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_grouped_experts_without_tokens_stay_in_the_graph():
     """A rank whose experts receive no token (expert parallelism) still runs backward through its
     bank, with zero gradients, so it issues the same reductions as its peers."""

@@ -23,6 +23,7 @@ is its config's choice (`SwitchConfig.grouped_gemm`, Megatron's --moe-grouped-ge
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import List, Optional
 
@@ -248,12 +249,23 @@ def grouped_outer_mm(a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
     return torch.stack([a.t() @ b for a, b in zip(torch.split(a_NM, counts), torch.split(b_NK, counts))])
 
 
+WGRAD_CHUNK_BYTES = 32 * 2**20  # the largest temporary `grouped_outer_mm_add_` makes with the kernel
+
+
 def grouped_outer_mm_add_(out_EMK: torch.Tensor, a_NM: torch.Tensor, b_NK: torch.Tensor, counts: List[int],
                           use_kernel: bool = True) -> None:
     """out[g] += a_g^T @ b_g in place (`grouped_outer_mm` accumulated): one GEMM per group adding into
-    its slice, or torch._grouped_mm's result added (the kernel has no accumulating form)."""
+    its slice, or torch._grouped_mm's result added (the kernel has no accumulating form) for runs of
+    groups whose result fits in WGRAD_CHUNK_BYTES: never a temporary the size of the bank."""
     if use_kernel and grouped_mm_fits(a_NM, b_NK):
-        out_EMK.add_(grouped_outer_mm(a_NM, b_NK, counts, use_kernel))
+        per_group = out_EMK[0].numel() * out_EMK.element_size()
+        step = max(1, WGRAD_CHUNK_BYTES // per_group)
+        starts = [0, *itertools.accumulate(counts)]
+        for g in range(0, len(counts), step):
+            last = min(g + step, len(counts))
+            rows = slice(starts[g], starts[last])
+            if rows.stop > rows.start:
+                out_EMK[g:last].add_(grouped_outer_mm(a_NM[rows], b_NK[rows], counts[g:last], use_kernel))
         return
     for out_MK, a, b in zip(out_EMK, torch.split(a_NM, counts), torch.split(b_NK, counts)):
         if a.shape[0]:
