@@ -58,6 +58,14 @@ from megatron_switch.checkpoint.huggingface_t5 import (
     settings_from_model_config,
     state_dict_name,
 )
+from megatron_switch.checkpoint.pipeline import (
+    check_new_directory,
+    check_target_flags,
+    open_checkpoint,
+    sync_tree,
+    target_layout,
+    write_converted,
+)
 from megatron_switch.parallel import padded_vocab_size
 from megatron_switch.specs.t5_model import STACKS, T5ConfigError, T5Settings
 
@@ -264,12 +272,6 @@ def import_huggingface(folder: str, save: str, target_tp: int | None = None, tar
                        progress: bool = True, log=print, trust_checkpoint_code: bool = False) -> list[str]:
     """`convert --from-hf`: the Hugging Face folder as a new checkpoint `save` at the target layout.
     Returns the train command that loads it (also written to `save`/TRAIN_FLAGS and logged)."""
-    from megatron_switch.checkpoint.convert import (
-        _target_layout,
-        check_new_directory,
-        check_target_flags,
-        write_converted,
-    )
 
     save = check_new_directory(save, "--save")
     check_target_flags(target_tp, target_pp, target_ep, fmt)
@@ -282,7 +284,7 @@ def import_huggingface(folder: str, save: str, target_tp: int | None = None, tar
         raise ConvertError(f"--make-vocab-size-divisible-by must be >= 1, got {divisible_by}")
     reader = HuggingFaceReader(folder, tp=target_tp or 1, divisible_by=divisible_by, trusted=trust_checkpoint_code)
     try:
-        layout = _target_layout(reader, target_tp, target_pp, target_ep)
+        layout = target_layout(reader, target_tp, target_pp, target_ep)
         tokenizer = _tokenizer_of(folder)
         command = train_flags(reader.settings, reader.config, layout, divisible_by, save, tokenizer)
         note = ("# Fine-tune the imported model: these flags build it at the converted layout and load it.\n"
@@ -380,7 +382,6 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
     from tqdm import tqdm
 
     from megatron_switch.checkpoint.consolidated import write_safetensors_file
-    from megatron_switch.checkpoint.convert import check_new_directory, open_checkpoint
 
     out = check_new_directory(out, "--to-hf")
     if max_shard_bytes < 1:
@@ -434,11 +435,9 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
             with open(os.path.join(written, CONFIG), "w") as f:
                 json.dump(config, f, indent=2, sort_keys=True)
             _check_written(written, digests)
-            from megatron_switch.checkpoint.convert import _sync_tree
-
-            _sync_tree(written)
+            sync_tree(written)
             os.rename(written, out)
-            _sync_tree(parent, recursive=False)
+            sync_tree(parent, recursive=False)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     finally:
