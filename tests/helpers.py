@@ -86,3 +86,19 @@ def counting_grouped_mm():
         yield calls
     finally:
         torch._grouped_mm = grouped_mm
+
+
+def with_gated_gelu_ffns(model, d_model: int, d_ff: int):
+    """A Hugging Face Switch T5 whose dense and expert FFNs are Hugging Face's T5 v1.1
+    `T5DenseGatedActDense` (GELU-gated, as T5X computes Switch T5 v1.1): Hugging Face's Switch class
+    applies its `dense_act_fn` ungated."""
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersDenseActDense
+    from transformers.models.t5.modeling_t5 import T5Config, T5DenseGatedActDense
+
+    gated = T5Config(d_model=d_model, d_ff=d_ff, feed_forward_proj="gated-gelu", dropout_rate=0.0)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, SwitchTransformersDenseActDense):
+                setattr(module, name, T5DenseGatedActDense(gated))
+    model.config.feed_forward_proj = "gated-gelu"
+    return model

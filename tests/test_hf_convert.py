@@ -24,7 +24,7 @@ from megatron_switch.checkpoint.huggingface import HuggingFaceFolder
 from megatron_switch.checkpoint.huggingface_convert import TRAIN_FLAGS, HuggingFaceReader
 from megatron_switch.data.span_corruption import t5_attention_masks
 from megatron_switch.specs.t5_model import build_switch_t5
-from tests.helpers import spawn
+from tests.helpers import spawn, with_gated_gelu_ffns
 from tests.test_train import metrics, run_train
 
 transformers = pytest.importorskip("transformers", minversion="5.24")
@@ -44,17 +44,7 @@ def hf_switch(layers: int, interval: int, tied: bool, activation: str, vocab: in
         relative_attention_max_distance=20, dense_act_fn="relu" if activation == "relu" else "gelu_new")
     model = transformers.SwitchTransformersForConditionalGeneration(config)
     if activation == "gated-gelu":
-        from transformers.models.switch_transformers.modeling_switch_transformers import (
-            SwitchTransformersDenseActDense,
-        )
-        from transformers.models.t5.modeling_t5 import T5Config, T5DenseGatedActDense
-
-        gated = T5Config(d_model=H, d_ff=FFN, feed_forward_proj="gated-gelu", dropout_rate=0.0)
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, SwitchTransformersDenseActDense):
-                    setattr(module, name, T5DenseGatedActDense(gated))
-        model.config.feed_forward_proj = "gated-gelu"
+        with_gated_gelu_ffns(model, H, FFN)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

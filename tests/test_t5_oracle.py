@@ -34,7 +34,7 @@ from megatron_switch.specs.t5_model import (
     switch_layers_by_stack,
 )
 from megatron_switch.checkpoint.huggingface_t5 import T5WeightsError, hf_to_ours, ours_to_hf, settings_from_hf_config
-from tests.helpers import spawn
+from tests.helpers import spawn, with_gated_gelu_ffns
 
 transformers = pytest.importorskip("transformers", minversion="5.24")
 
@@ -66,16 +66,7 @@ def hf_model(layers: int, interval: int, tied: bool, activation: str, seed: int 
         dense_act_fn="relu" if activation == "relu" else "gelu_new")
     model = transformers.SwitchTransformersForConditionalGeneration(config)
     if activation == "gated-gelu":
-        from transformers.models.t5.modeling_t5 import T5Config, T5DenseGatedActDense
-        from transformers.models.switch_transformers.modeling_switch_transformers import (
-            SwitchTransformersDenseActDense,
-        )
-
-        gated = T5Config(d_model=H, d_ff=FFN, feed_forward_proj="gated-gelu", dropout_rate=0.0)
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if isinstance(child, SwitchTransformersDenseActDense):
-                    setattr(module, name, T5DenseGatedActDense(gated))
+        with_gated_gelu_ffns(model, H, FFN)
     if not tied:  # Hugging Face 5.24 unties the stacks' input embeddings too; T5 shares one
         model.encoder.embed_tokens = model.decoder.embed_tokens = model.shared
     generator = torch.Generator().manual_seed(seed)
