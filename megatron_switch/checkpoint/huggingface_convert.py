@@ -22,7 +22,6 @@ What the trainer cannot honour of a Hugging Face config is refused by name (`che
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -39,6 +38,7 @@ from megatron_switch.checkpoint.contents import (
     Index,
     TensorSpec,
     block,
+    checksum,
     is_optimizer,
     row_blocks,
 )
@@ -67,7 +67,7 @@ from megatron_switch.checkpoint.pipeline import (
     write_converted,
 )
 from megatron_switch.parallel import padded_vocab_size
-from megatron_switch.specs.t5_model import STACKS, T5ConfigError, T5Settings
+from megatron_switch.specs.t5_model import STACKS, T5ConfigError, T5Settings, t5_description
 
 CONFIG = "config.json"
 TRAIN_FLAGS = "train-flags.txt"
@@ -114,16 +114,12 @@ def check_hf_config(config: Mapping, where: str) -> None:
 
 
 def _description(settings: T5Settings) -> dict:
-    """The model_config a `megatron-switch train --model t5` checkpoint of `settings` records."""
-    config = {"model": "t5", "num_layers": settings.decoder_layers, "hidden_size": settings.d_model,
+    """The model_config a `megatron-switch train --model t5` checkpoint of `settings` records: the
+    shared fields `training.checkpointing.model_description` writes, and the encoder-decoder's."""
+    config = {"num_layers": settings.decoder_layers, "hidden_size": settings.d_model,
               "num_attention_heads": settings.num_heads, "ffn_hidden_size": settings.d_ff,
               "gated_linear_unit": settings.activation == "gated-gelu", "padded_vocab_size": settings.vocab_size,
-              "encoder_num_layers": settings.encoder_layers, "decoder_num_layers": settings.decoder_layers,
-              "kv_channels": settings.d_kv, "feed_forward_proj": settings.activation,
-              "relative_attention_num_buckets": settings.relative_attention_num_buckets,
-              "relative_attention_max_distance": settings.relative_attention_max_distance,
-              "encoder_expert_interval": settings.expert_interval("encoder"),
-              "decoder_expert_interval": settings.expert_interval("decoder")}
+              **t5_description(settings)}
     if settings.switch is not None:
         config.update(num_experts=settings.switch.num_experts, expert_interval=settings.switch.expert_interval)
     return config
@@ -418,7 +414,7 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
             def hashed(name, produce):
                 def run():
                     tensor = produce()
-                    digests[name] = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy()).hexdigest()
+                    digests[name] = checksum(tensor)
                     return tensor
                 return run
 
@@ -454,8 +450,7 @@ def _check_written(folder: str, digests: dict[str, str]) -> None:
             raise ConvertError(f"{folder}: the written shards hold {len(written.specs)} tensors, {len(digests)} were "
                                "written")
         for name, digest in digests.items():
-            found = hashlib.sha256(written.read(name).reshape(-1).view(torch.uint8).numpy()).hexdigest()
-            if found != digest:
+            if checksum(written.read(name)) != digest:
                 raise ConvertError(f"{folder}: {name} reads back differently from what was written: the disk "
                                    "or filesystem corrupted it; export again")
     finally:

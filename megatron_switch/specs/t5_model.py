@@ -241,15 +241,19 @@ class SwitchT5Model(T5Model):
             self.output_layer = self.lm_head.output_layer
 
     def description(self) -> Dict[str, object]:
-        """What a checkpoint records of the encoder-decoder beyond the shared model fields (the
-        trainer's flag names: `--model t5`, `--encoder-num-layers`, ...)."""
-        s = self.settings
-        return {"model": "t5", "encoder_num_layers": s.encoder_layers, "decoder_num_layers": s.decoder_layers,
-                "kv_channels": s.d_kv, "feed_forward_proj": s.activation,
-                "relative_attention_num_buckets": s.relative_attention_num_buckets,
-                "relative_attention_max_distance": s.relative_attention_max_distance,
-                "encoder_expert_interval": s.expert_interval("encoder"),
-                "decoder_expert_interval": s.expert_interval("decoder")}
+        """What a checkpoint records of the encoder-decoder beyond the shared model fields."""
+        return t5_description(self.settings)
+
+
+def t5_description(s: T5Settings) -> Dict[str, object]:
+    """What a checkpoint records of a Switch T5 beyond the shared model fields (the trainer's flag
+    names: `--model t5`, `--encoder-num-layers`, ...)."""
+    return {"model": "t5", "encoder_num_layers": s.encoder_layers, "decoder_num_layers": s.decoder_layers,
+            "kv_channels": s.d_kv, "feed_forward_proj": s.activation,
+            "relative_attention_num_buckets": s.relative_attention_num_buckets,
+            "relative_attention_max_distance": s.relative_attention_max_distance,
+            "encoder_expert_interval": s.expert_interval("encoder"),
+            "decoder_expert_interval": s.expert_interval("decoder")}
 
 
 def _with_t5_norms(layer: ModuleSpec) -> ModuleSpec:
