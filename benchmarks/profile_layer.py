@@ -74,6 +74,10 @@ LABELLED = (  # (module or class in megatron_switch, attribute, phase)
     ("ops.projections", "grouped_outer_mm", "expert GEMMs (weight gradient)"),
     ("ops.projections", "grouped_outer_mm_add_", "expert GEMMs (weight gradient)"),
     ("ops.projections", "bank_wgrad", "expert GEMMs (weight gradient)"),
+    ("ops.projections", "bank_mm", "expert GEMMs"),  # the fused ReLU bank's own calls (BankReluFFN)
+    ("ops.projections", "bank_dgrad", "expert GEMMs"),
+    ("ops.projections", "relu_", "activation"),
+    ("ops.projections", "relu_backward_", "activation"),
     ("ops.projections", "_accumulated_wgrad", "weight-gradient accumulation"),
 )
 

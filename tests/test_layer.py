@@ -424,6 +424,76 @@ def test_kept_grads_accumulate_in_place_exactly_as_autograd_adds_them(grouped_ge
     torch.testing.assert_close(seen[0], bank.weight2.grad, rtol=1e-6, atol=1e-6)
 
 
+class _ShapeCounter(TorchDispatchMode):
+    """Counts the tensors of one shape that ops create (outputs that are not one of their inputs)."""
+
+    def __init__(self, shape):
+        super().__init__()
+        self.shape, self.created = tuple(shape), 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(a) for a in (*args, *(kwargs or {}).values()) if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == self.shape and id(t) not in inputs \
+                    and func is not torch.ops.aten.detach.default and not func.is_view:
+                self.created += 1
+        return out
+
+
+@pytest.mark.parametrize("grads", ["none", "kept", "main_grad"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_relu_bank_is_one_node_equal_to_two_projections_bit_for_bit(grads, bias):
+    """A padded ReLU bank runs as one `BankReluFFN` node: outputs and every gradient (input, weights,
+    biases; into None, kept .grad and main_grad) equal BankProjection -> F.relu -> BankProjection
+    exactly, and it creates one [E, N, f] tensor forward and one backward where the two nodes create
+    two and two; an input that needs no gradient gets none computed."""
+    from megatron_switch.experts import TorchExperts
+    from megatron_switch.ops.projections import BankProjection, BankReluFFN
+
+    torch.manual_seed(11)
+    E, N, f = 4, 6, 32
+    bank = TorchExperts(tiny_config(gradient_accumulation_fusion=(grads == "main_grad")),
+                        SwitchConfig(num_experts=E, expert_bias=bias), E, 0)
+    assert bank._fused_relu()
+    if bias:
+        with torch.no_grad():
+            bank.bias1.normal_()
+            bank.bias2.normal_()
+    x = torch.randn(E, N, 16, requires_grad=True)
+    upstream = torch.randn(E, N, 16)
+    weights = [p for p in (bank.weight1, bank.bias1, bank.weight2, bank.bias2) if p is not None]
+    start = [torch.randn_like(p) for p in weights]
+
+    def run(node):
+        x.grad = None
+        for p, s in zip(weights, start):
+            p.grad = s.clone() if grads == "kept" else None
+            if grads == "main_grad":
+                p.main_grad, p.grad_added_to_main_grad = s.clone(), False
+        counter = _ShapeCounter((E, N, f))
+        with counter:
+            y = node()
+            created_forward = counter.created
+            (y * upstream).sum().backward()
+        found = [y, x.grad] + [p.main_grad if grads == "main_grad" and p.dim() == 3 else p.grad for p in weights]
+        return found, (created_forward, counter.created - created_forward)
+
+    fuse = grads == "main_grad"
+    fused, fused_created = run(lambda: BankReluFFN.apply(x, bank.weight1, bank.bias1, bank.weight2, bank.bias2,
+                                                         fuse))
+    two, two_created = run(lambda: BankProjection.apply(torch.relu(BankProjection.apply(
+        x, bank.weight1, bank.bias1, fuse)), bank.weight2, bank.bias2, fuse))
+    for a, b in zip(fused, two):
+        assert torch.equal(a, b)
+    assert fused_created == (1, 1) and two_created == (2, 2)
+
+    bank.zero_grad(set_to_none=True)
+    frozen = x.detach()
+    BankReluFFN.apply(frozen, bank.weight1, bank.bias1, bank.weight2, bank.bias2, False).sum().backward()
+    assert frozen.grad is None and bank.weight1.grad is not None
+
+
 def test_grouped_kernel_adds_weight_gradients_in_runs_of_experts(monkeypatch):
     """Into an existing gradient (kept .grad, main_grad) torch._grouped_mm's result is added a run of
     experts at a time (at most WGRAD_CHUNK_BYTES of temporary, never the bank's size), empty experts

@@ -1,7 +1,8 @@
 """The `torch` expert backend: the bank as stacked parameters, one batched or grouped GEMM per projection.
 
   weight1 [E_l, f', h], weight2 [E_l, h, f], bias1 [E_l, f'], bias2 [E_l, h]
-Padded input runs one bmm per projection (`ops.projections.BankProjection`). Grouped input, on CPUs
+Padded input runs one bmm per projection (`ops.projections.BankProjection`; a ReLU bank both in one
+node, `BankReluFFN`, with the activation in place). Grouped input, on CPUs
 by default (`SwitchConfig.grouped_gemm` None), runs as a batch padded to the largest group
 (`ops.projections.batched_slots`) through the same bmm when that pads by at most 30%: one batched GEMM
 is up to ~3x faster per row there than a GEMM per small group. Otherwise one `torch._grouped_mm` per
@@ -21,8 +22,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_switch.config import SwitchConfig
 from megatron_switch.experts.base import CHECKPOINT_KEYS, ExpertBank
 from megatron_switch.ops.fp8 import fp8_bank_linear, fp8_linear
-from megatron_switch.ops.projections import (BankProjection, GroupedProjection, batched_slots, rows_to_slots,
-                                             slots_to_rows)
+from megatron_switch.ops.projections import (BankProjection, BankReluFFN, GroupedProjection, batched_slots,
+                                             rows_to_slots, slots_to_rows)
 
 
 class TorchExperts(ExpertBank):
@@ -76,6 +77,13 @@ class TorchExperts(ExpertBank):
         h = linear(x_nh, self.weight1[e], None if self.bias1 is None else self.bias1[e])
         return linear(self._ffn_tail(h), self.weight2[e], None if self.bias2 is None else self.bias2[e])
 
+    def _fused_relu(self) -> bool:
+        """Whether the padded bank runs as one `BankReluFFN` node: ReLU, ungated, no FP8, no expert
+        dropout in this mode (the node has no dropout between its projections)."""
+        switch = self.switch
+        return (switch.activation == "relu" and not switch.gated and not switch.fp8_format
+                and not (switch.expert_dropout and self.training))
+
     def _project(self, x_ENi: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
         """One projection of the whole bank: FP8 GEMMs when fp8_format is set, else batched GEMMs."""
         if self.switch.fp8_format:
@@ -84,6 +92,9 @@ class TorchExperts(ExpertBank):
 
     def forward(self, x: torch.Tensor, tokens_per_expert: Optional[List[int]] = None) -> torch.Tensor:
         if tokens_per_expert is None:  # padded [E_l, N, h]
+            if self._fused_relu():
+                return BankReluFFN.apply(x, self.weight1, self.bias1, self.weight2, self.bias2,
+                                         self.config.gradient_accumulation_fusion)
             h = self._project(x, self.weight1, self.bias1)
             return self._project(self._ffn_tail(h), self.weight2, self.bias2)
         # Grouped [N, h]. Empty groups run too: every expert stays in the autograd graph on every rank,

@@ -3,6 +3,7 @@ the kept tokens of each expert, with Megatron's gradient-accumulation fusion.
 
 Shapes: E experts of a bank, N slots (padded) or rows (grouped), in/out the projection's widths.
 - `BankProjection`: y[e] = x[e] @ w[e]^T (+ b[e]) for x [E, N, in] (one bmm / baddbmm).
+- `BankReluFFN`: both projections of a ReLU bank around the activation, in one node (ReLU in place).
 - `GroupedProjection`: y_g = x_g @ w[g]^T (+ b[g]) for consecutive row groups of x [N, in], one
   group per expert: one `torch._grouped_mm` call where it is used, else a GEMM per expert.
 - `batched_slots` / `rows_to_slots` / `slots_to_rows`: grouped rows laid out as a batch [E, m, in]
@@ -74,6 +75,29 @@ def wgrad_added(weight: torch.Tensor, destination: torch.Tensor):
     return None if destination is weight.grad else wgrad_placeholder(weight)
 
 
+def bank_mm(x_ENi: torch.Tensor, w_Eoi: torch.Tensor, b_Eo: Optional[torch.Tensor]) -> torch.Tensor:
+    """x[e] @ w[e]^T (+ b[e]) for every e: one bmm, or one baddbmm with the bias fused."""
+    if b_Eo is None:
+        return torch.bmm(x_ENi, w_Eoi.transpose(1, 2))
+    return torch.baddbmm(b_Eo[:, None, :], x_ENi, w_Eoi.transpose(1, 2))
+
+
+def bank_dgrad(dy_ENo: torch.Tensor, w_Eoi: torch.Tensor) -> torch.Tensor:
+    """dx[e] = dy[e] @ w[e]: a bank projection's input gradient (one bmm)."""
+    return torch.bmm(dy_ENo, w_Eoi)
+
+
+def relu_(h: torch.Tensor) -> torch.Tensor:
+    """ReLU in place (h is the caller's own buffer)."""
+    return h.relu_()
+
+
+def relu_backward_(grad: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
+    """ReLU's gradient applied in place to `grad` (the caller's own buffer), from the activation
+    relu(h): zero where it is 0, as F.relu's backward (threshold_backward) gives."""
+    return torch.ops.aten.threshold_backward.grad_input(grad, activation, 0, grad_input=grad)
+
+
 class BankProjection(torch.autograd.Function):
     """y[e] = x[e] @ w[e]^T (+ b[e]) for every expert e of a bank.
 
@@ -89,17 +113,49 @@ class BankProjection(torch.autograd.Function):
     def forward(ctx, x_ENi, w_Eoi, b_Eo, fuse_wgrad):
         ctx.save_for_backward(x_ENi, w_Eoi)
         ctx.has_bias, ctx.fuse_wgrad = b_Eo is not None, fuse_wgrad
-        if b_Eo is None:
-            return torch.bmm(x_ENi, w_Eoi.transpose(1, 2))
-        return torch.baddbmm(b_Eo[:, None, :], x_ENi, w_Eoi.transpose(1, 2))
+        return bank_mm(x_ENi, w_Eoi, b_Eo)
 
     @staticmethod
     def backward(ctx, dy_ENo):
         x_ENi, w_Eoi = ctx.saved_tensors
-        dx = torch.bmm(dy_ENo, w_Eoi) if ctx.needs_input_grad[0] else None
+        dx = bank_dgrad(dy_ENo, w_Eoi) if ctx.needs_input_grad[0] else None
         dw = bank_wgrad(dy_ENo, x_ENi, w_Eoi, ctx.fuse_wgrad) if ctx.needs_input_grad[1] else None
         db = dy_ENo.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
+
+
+class BankReluFFN(torch.autograd.Function):
+    """y[e] = relu(x[e] @ w1[e]^T (+ b1[e])) @ w2[e]^T (+ b2[e]) for every expert e of a bank, one node.
+
+    Shapes: x [E, N, h], w1 [E, f, h], b1 [E, f] or None, w2 [E, h, f], b2 [E, h] or None -> [E, N, h].
+    The same GEMMs as two `BankProjection`s around F.relu, with the same results bit for bit, but
+    ReLU and its gradient run in place on buffers this node owns (the first product forward, the
+    second's input gradient backward), so neither allocates a tensor of its own: on CPUs each fresh
+    [E, N, f] tensor costs a round of page faults about as long as the ReLU itself. Saves x and the
+    activation, as the two nodes do; backward holds one [E, N, f] gradient where they hold two.
+    Weight gradients as in `BankProjection` (`bank_wgrad`).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ENh, w1_Efh, b1_Ef, w2_Ehf, b2_Eh, fuse_wgrad):
+        a_ENf = relu_(bank_mm(x_ENh, w1_Efh, b1_Ef))
+        ctx.save_for_backward(x_ENh, w1_Efh, a_ENf, w2_Ehf)
+        ctx.has_bias1, ctx.has_bias2, ctx.fuse_wgrad = b1_Ef is not None, b2_Eh is not None, fuse_wgrad
+        return bank_mm(a_ENf, w2_Ehf, b2_Eh)
+
+    @staticmethod
+    def backward(ctx, dy_ENh):
+        x_ENh, w1_Efh, a_ENf, w2_Ehf = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
+        dw2 = bank_wgrad(dy_ENh, a_ENf, w2_Ehf, ctx.fuse_wgrad) if need_w2 else None
+        db2 = dy_ENh.sum(1) if ctx.has_bias2 and need_b2 else None
+        if not (need_x or need_w1 or need_b1):
+            return None, None, None, dw2, db2, None
+        da_ENf = relu_backward_(bank_dgrad(dy_ENh, w2_Ehf), a_ENf)
+        dx = bank_dgrad(da_ENf, w1_Efh) if need_x else None
+        dw1 = bank_wgrad(da_ENf, x_ENh, w1_Efh, ctx.fuse_wgrad) if need_w1 else None
+        db1 = da_ENf.sum(1) if ctx.has_bias1 and need_b1 else None
+        return dx, dw1, db1, dw2, db2, None
 
 
 def bank_wgrad(dy_ENo: torch.Tensor, x_ENi: torch.Tensor, weight: torch.Tensor, fuse_wgrad: bool):
