@@ -14,8 +14,8 @@ adding every other parameter's .grad into it (megatron-core DDP's contract).
 
 Every case is a fresh process (fp32, CPU, `--threads` threads, capacity factor 1.0, jitter 1e-2, no
 biases anywhere: megatron-core's SequentialMLP cannot add an expert bias with TP=1); before each speed
-case the parent waits until the 1-minute load average is below `--idle-load` (or `--idle-wait`
-seconds pass) and records the load. Repetitions are separate processes, interleaved over the cases
+case the parent waits until the CPUs were busy less than `--idle-busy` of the last 2 s (or
+`--idle-wait` seconds pass) and records that share and the load average. Repetitions are separate processes, interleaved over the cases
 so a drift of the machine's speed reaches every implementation alike.
   speed:  T=4096, h=512, ffn=2048, E in {8, 64}: `--warmup` steps, then `--steps` timed steps of
           forward+backward (zeroing the gradients included); min, median, max per repetition and
@@ -421,16 +421,16 @@ def cpu_busy_fraction(seconds: float = 1.0) -> float:
     return round(1 - (idle1 - idle0) / max(1, total1 - total0), 3)
 
 
-def wait_for_idle(threshold: float, max_wait_s: float) -> Dict:
-    """Wait until the 1-minute load average is below `threshold`, or `max_wait_s` passed."""
+def wait_for_idle(busy_threshold: float, max_wait_s: float, window_s: float = 2.0) -> Dict:
+    """Wait until the CPUs were busy less than `busy_threshold` of the last `window_s` seconds (other
+    processes: the previous case has exited), or `max_wait_s` passed. The 1-minute load average lags
+    a minute behind and mostly counts the previous case, so it is recorded, not waited on."""
     start = time.monotonic()
-    load_before = os.getloadavg()[0]
-    while os.getloadavg()[0] >= threshold and time.monotonic() - start < max_wait_s:
-        time.sleep(5)
-    load = os.getloadavg()
-    return dict(load_before_wait=round(load_before, 2), waited_s=round(time.monotonic() - start, 1),
-                load_at_start=[round(v, 2) for v in load], idle=load[0] < threshold,
-                cpu_busy_1s_before_start=cpu_busy_fraction())
+    busy = cpu_busy_fraction(window_s)
+    while busy >= busy_threshold and time.monotonic() - start < max_wait_s:
+        busy = cpu_busy_fraction(window_s)
+    return dict(waited_s=round(time.monotonic() - start, 1), cpu_busy_before_start=busy,
+                idle=busy < busy_threshold, load_at_start=[round(v, 2) for v in os.getloadavg()])
 
 
 def spawn_case(case: Dict, script: str = __file__) -> Dict:
@@ -488,6 +488,7 @@ def pooled(cases: List[Dict]) -> Dict:
                 peak_rss_beyond_params_and_grads_mib=round(
                     max(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
                 load_at_start=[c["idle_wait"]["load_at_start"][0] for c in ok if "idle_wait" in c],
+                cpu_busy_before_start=[c["idle_wait"].get("cpu_busy_before_start") for c in ok if "idle_wait" in c],
                 errors=len(cases) - len(ok))
 
 
@@ -506,6 +507,10 @@ def summarize(cases: List[Dict], speed_experts, modes) -> Dict:
                 for stat in ("min", "median", "cpu_min", "cpu_median"):
                     if row.get(f"{stat}_ms") and dense.get(f"{stat}_ms"):
                         row[f"vs_dense_{stat}"] = round(row[f"{stat}_ms"] / dense[f"{stat}_ms"], 3)
+                paired = [m / d for m, d in zip(row.get("rep_min_ms", []), dense.get("rep_min_ms", []))]
+                if paired and not row.get("errors") and not dense.get("errors"):  # rep r's min / dense's in rep r
+                    row["vs_dense_rep_min"] = [round(r, 3) for r in paired]
+                    row["vs_dense_rep_min_median"] = round(statistics.median(paired), 3)
             summary[f"speed_E{experts}_grads_{mode}"] = rows
     memory = {}
     for mode in modes:
@@ -531,7 +536,7 @@ def print_table(summary: Dict) -> None:
         if not key.startswith("speed_"):
             continue
         print(f"\n{key}: impl, min ms, median ms, vs dense (min, median), CPU ms (min, median), vs dense, dropped, "
-              "peak beyond start MiB")
+              "peak beyond start MiB, vs dense per repetition (min / min)")
         for impl, row in rows.items():
             if "error" in row:
                 print(f"  {impl:18s} error: {row['error'][:150]}")
@@ -541,7 +546,7 @@ def print_table(summary: Dict) -> None:
                   f"{row.get('cpu_min_ms') or float('nan'):8.1f} {row.get('cpu_median_ms') or float('nan'):8.1f}  "
                   f"{row.get('vs_dense_cpu_min', float('nan')):.3f} {row.get('vs_dense_cpu_median', float('nan')):.3f}  "
                   f"{row['dropped_fraction'] if row['dropped_fraction'] is not None else '-'!s:7s} "
-                  f"{row['peak_rss_beyond_start_mib']:8.1f}")
+                  f"{row['peak_rss_beyond_start_mib']:8.1f}  {row.get('vs_dense_rep_min', '')}")
     print("\nmemory (peak beyond params and grads):")
     for key, row in summary["memory_peak_beyond_params_and_grads"].items():
         print(f"  {key:28s} {json.dumps(row)}")
@@ -554,7 +559,7 @@ def write_report(args, cases: List[Dict], complete: bool) -> Dict:
         benchmark="layer", complete=complete, summary=summary, cases=cases, versions=versions(),
         machine=machine(args.threads),
         settings=dict(quick=args.quick, reps=args.reps, warmup=args.warmup, steps=args.steps, threads=args.threads,
-                      idle_load=args.idle_load, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
+                      idle_busy=args.idle_busy, idle_wait_s=args.idle_wait, speed=dict(SPEED, tokens=args.tokens),
                       memory=dict(MEMORY, tokens=args.tokens, steps=MEMORY_STEPS),
                       capacity_factor=CAPACITY_FACTOR, jitter_eps=JITTER_EPS, aux_loss_coeff=AUX_LOSS_COEFF,
                       dtype="float32", biases=False),
@@ -603,9 +608,9 @@ def main() -> None:
     parser.add_argument("--modes", type=lambda v: comma_list(v, MODES), default=MODES,
                         help="gradient modes: none, kept (default both)")
     parser.add_argument("--tokens", type=int, default=SPEED["tokens"], help="T of every case (default 4096)")
-    parser.add_argument("--idle-load", type=float, default=0.5 * cores,
-                        help="wait before each speed case until the 1-minute load average is below this "
-                             f"(default 0.5 x cores = {0.5 * cores})")
+    parser.add_argument("--idle-busy", type=float, default=0.1,
+                        help="wait before each speed case until the CPUs were busy less than this share of "
+                             "the last 2 s (default 0.1)")
     parser.add_argument("--idle-wait", type=float, default=180.0,
                         help="longest wait for idle before a speed case, in seconds (default 180)")
     parser.add_argument("--skip-memory", action="store_true")
@@ -632,7 +637,7 @@ def main() -> None:
                             continue
                         case = dict(common, kind="speed", impl=impl, mode=mode, rep=rep, experts=experts,
                                     hidden=SPEED["hidden"], ffn=SPEED["ffn"])
-                        idle = wait_for_idle(args.idle_load, args.idle_wait)
+                        idle = wait_for_idle(args.idle_busy, args.idle_wait)
                         result = spawn_case(case)
                         result["idle_wait"] = idle
                         cases.append(result)
@@ -640,7 +645,7 @@ def main() -> None:
                         print(json.dumps({k: result.get(k) for k in
                                           ("impl", "mode", "experts", "rep", "min_s", "median_s", "cpu_min_s",
                                            "dropped_fraction", "error")})[:400],
-                              f"load {idle['load_at_start'][0]}", flush=True)
+                              f"busy {idle['cpu_busy_before_start']}", flush=True)
     if not args.skip_memory:
         for experts in args.memory_experts:
             for mode in args.modes:
