@@ -494,6 +494,35 @@ def test_relu_bank_is_one_node_equal_to_two_projections_bit_for_bit(grads, bias)
     assert frozen.grad is None and bank.weight1.grad is not None
 
 
+def test_relu_bank_releases_its_activation_in_backward(monkeypatch):
+    """The fused ReLU bank lets its activation go once ReLU's gradient is applied: the first projection's
+    gradients run beside one [E, N, f] tensor (the activation's storage is freed by then), and a second
+    backward through the same graph is refused by name instead of reading a freed activation."""
+    import weakref
+
+    from megatron_switch.experts import TorchExperts
+    from megatron_switch.ops import projections
+
+    torch.manual_seed(12)
+    bank = TorchExperts(tiny_config(), SwitchConfig(num_experts=4), 4, 0)
+    x = torch.randn(4, 6, 16, requires_grad=True)
+    y = projections.BankReluFFN.apply(x, bank.weight1, bank.bias1, bank.weight2, bank.bias2, False)
+    activation = weakref.ref(y.grad_fn.activation)
+    alive_at_first_wgrad = []
+    original = projections.bank_wgrad
+
+    def watching(dy, inputs, weight, fuse):
+        if weight is bank.weight1:
+            alive_at_first_wgrad.append(activation() is not None)
+        return original(dy, inputs, weight, fuse)
+
+    monkeypatch.setattr(projections, "bank_wgrad", watching)
+    y.sum().backward(retain_graph=True)
+    assert alive_at_first_wgrad == [False]
+    with pytest.raises(RuntimeError, match="backpropagate through it once"):
+        y.sum().backward()
+
+
 def test_grouped_kernel_adds_weight_gradients_in_runs_of_experts(monkeypatch):
     """Into an existing gradient (kept .grad, main_grad) torch._grouped_mm's result is added a run of
     experts at a time (at most WGRAD_CHUNK_BYTES of temporary, never the bank's size), empty experts

@@ -132,26 +132,34 @@ class BankReluFFN(torch.autograd.Function):
     ReLU and its gradient run in place on buffers this node owns (the first product forward, the
     second's input gradient backward), so neither allocates a tensor of its own: on CPUs each fresh
     [E, N, f] tensor costs a round of page faults about as long as the ReLU itself. Saves x and the
-    activation, as the two nodes do; backward holds one [E, N, f] gradient where they hold two.
+    activation, as the two nodes do, but lets the activation go inside backward once its last use
+    (ReLU's gradient) is done, so the first projection's gradients run beside one [E, N, f] tensor,
+    as after the two nodes; hence a graph through it can be backpropagated once (no retain_graph).
     Weight gradients as in `BankProjection` (`bank_wgrad`).
     """
 
     @staticmethod
     def forward(ctx, x_ENh, w1_Efh, b1_Ef, w2_Ehf, b2_Eh, fuse_wgrad):
         a_ENf = relu_(bank_mm(x_ENh, w1_Efh, b1_Ef))
-        ctx.save_for_backward(x_ENh, w1_Efh, a_ENf, w2_Ehf)
+        ctx.save_for_backward(x_ENh, w1_Efh, w2_Ehf)
+        ctx.activation = a_ENf  # an intermediate (neither input nor output), released in backward
         ctx.has_bias1, ctx.has_bias2, ctx.fuse_wgrad = b1_Ef is not None, b2_Eh is not None, fuse_wgrad
         return bank_mm(a_ENf, w2_Ehf, b2_Eh)
 
     @staticmethod
     def backward(ctx, dy_ENh):
-        x_ENh, w1_Efh, a_ENf, w2_Ehf = ctx.saved_tensors
+        x_ENh, w1_Efh, w2_Ehf = ctx.saved_tensors
+        a_ENf, ctx.activation = ctx.activation, None
+        if a_ENf is None:
+            raise RuntimeError("BankReluFFN releases its activation in backward: backpropagate through it "
+                               "once (run the forward again instead of retain_graph=True)")
         need_x, need_w1, need_b1, need_w2, need_b2, _ = ctx.needs_input_grad
         dw2 = bank_wgrad(dy_ENh, a_ENf, w2_Ehf, ctx.fuse_wgrad) if need_w2 else None
         db2 = dy_ENh.sum(1) if ctx.has_bias2 and need_b2 else None
         if not (need_x or need_w1 or need_b1):
             return None, None, None, dw2, db2, None
         da_ENf = relu_backward_(bank_dgrad(dy_ENh, w2_Ehf), a_ENf)
+        del a_ENf  # its last use: the first projection's gradients need only da
         dx = bank_dgrad(da_ENf, w1_Efh) if need_x else None
         dw1 = bank_wgrad(da_ENf, x_ENh, w1_Efh, ctx.fuse_wgrad) if need_w1 else None
         db1 = da_ENf.sum(1) if ctx.has_bias1 and need_b1 else None
