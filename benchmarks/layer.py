@@ -15,8 +15,9 @@ adding every other parameter's .grad into it (megatron-core DDP's contract).
 Every case is a fresh process (fp32, CPU, `--threads` threads, capacity factor 1.0, jitter 1e-2, no
 biases anywhere: megatron-core's SequentialMLP cannot add an expert bias with TP=1); before each speed
 case the parent waits until the CPUs were busy less than `--idle-busy` of the last 2 s (or
-`--idle-wait` seconds pass) and records that share and the load average. Repetitions are separate processes, interleaved over the cases
-so a drift of the machine's speed reaches every implementation alike.
+`--idle-wait` seconds pass) and records that share and the load average. Repetitions are separate
+processes, interleaved over the cases so a drift of the machine's speed reaches every implementation
+alike.
   speed:  T=4096, h=512, ffn=2048, E in {8, 64}: `--warmup` steps, then `--steps` timed steps of
           forward+backward (zeroing the gradients included); min, median, max per repetition and
           pooled, in wall time and in the process's CPU time (all threads; on a shared machine the
@@ -587,7 +588,6 @@ def comma_list(value: str, allowed, kind=str) -> Tuple:
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         return child(json.loads(sys.argv[2]))
-    cores = os.cpu_count() or 1
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None,
                         help="JSON report (default benchmarks/results/layer.json; layer_quick.json with --quick)")

@@ -78,10 +78,10 @@ class TorchExperts(ExpertBank):
         return linear(self._ffn_tail(h), self.weight2[e], None if self.bias2 is None else self.bias2[e])
 
     def _fused_relu(self) -> bool:
-        """Whether the padded bank runs as one `BankReluFFN` node: ReLU, ungated, no FP8, no expert
+        """Whether the padded bank runs as one `BankReluFFN` node: ReLU (never gated), no FP8, no expert
         dropout in this mode (the node has no dropout between its projections)."""
         switch = self.switch
-        return (switch.activation == "relu" and not switch.gated and not switch.fp8_format
+        return (switch.activation == "relu" and not switch.fp8_format
                 and not (switch.expert_dropout and self.training))
 
     def _project(self, x_ENi: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
