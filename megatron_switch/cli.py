@@ -48,19 +48,21 @@ def _describe_exit(code: int) -> str:
     return f"exited with status {code}"
 
 
-def launch_local(args) -> int:
-    """Start `args.world_size` local ranks and watch them: the first that fails (an error, a crash, a
-    kill) ends the whole job at once, its process groups included, and is named; SIGINT, SIGTERM and
-    SIGUSR1 are passed on to every rank. Returns the job's exit status."""
+RANK_IMPORTS = "megatron_switch.training.preload"  # megatron-core, then the trainer
+
+
+def _start_rank_server():
+    """Start the forkserver the local ranks are forked from (if it is not running), and return its
+    multiprocessing context. The server begins importing what the ranks need (`RANK_IMPORTS`) at once.
+
+    Fresh interpreters (not forks of this one, whose state the ranks need not share), from a server
+    that imported the trainer once: each rank starts from that import instead of repeating it. (It has
+    run no tensor operation, so the forked ranks start with clean thread pools.)"""
     import multiprocessing
-    import multiprocessing.connection
     import multiprocessing.forkserver
 
-    # Fresh interpreters (not forks of this one, whose state the ranks need not share), from a server
-    # that imported the trainer once: each rank starts from that import instead of repeating it.
-    # (It has run no tensor operation, so the forked ranks start with clean thread pools.)
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["megatron_switch.training.trainer"])
+    context.set_forkserver_preload([RANK_IMPORTS])
     # The server reports each rank's exit status, so it must outlive a SIGTERM or SIGUSR1 sent to this
     # process group (a user's kill, a scheduler): it starts with both ignored (an ignored signal stays
     # ignored across exec), and each rank restores the defaults first thing.
@@ -70,6 +72,28 @@ def launch_local(args) -> int:
     finally:
         for sig, handler in ignored.items():
             signal.signal(sig, handler)
+    return context
+
+
+def _stop_rank_server() -> None:
+    """End a rank server that no rank will be forked from (a flag refused after it started), so that it
+    neither finishes its imports nor holds this command's output open after the error."""
+    import multiprocessing.forkserver
+
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def launch_local(args) -> int:
+    """Start `args.world_size` local ranks and watch them: the first that fails (an error, a crash, a
+    kill) ends the whole job at once, its process groups included, and is named; SIGINT, SIGTERM and
+    SIGUSR1 are passed on to every rank. Returns the job's exit status."""
+    import multiprocessing
+    import multiprocessing.connection
+
+    context = _start_rank_server()
     ranks = [context.Process(target=_local_rank_entry, args=(rank, args), name=f"rank {rank}")
              for rank in range(args.world_size)]
 
@@ -115,8 +139,19 @@ def train_main(argv: Optional[List[str]] = None) -> None:
     quiet_import_warnings()
     from megatron_switch.training.arguments import launcher_environment, parse_args
 
-    args = parse_args(argv)
+    def start_rank_imports() -> None:
+        # The flags that need no torch are good: a local launch starts its ranks' imports now, beside
+        # the checks that import torch (the expert backend's), instead of after them.
+        if launcher_environment() is None:
+            _start_rank_server()
+
+    try:
+        args = parse_args(argv, light_checks_passed=start_rank_imports)
+    except SystemExit:
+        _stop_rank_server()
+        raise
     if launcher_environment() is not None:
+        import megatron_switch.training.preload  # noqa: F401
         from megatron_switch.training.trainer import train
 
         return train(args)

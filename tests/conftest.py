@@ -2,9 +2,11 @@ import os
 
 import pytest
 
+from megatron_switch.compat.startup import import_megatron_core
 from megatron_switch.quiet import quiet_import_warnings
 
 quiet_import_warnings()  # (the library installs no filter itself; the entry points and this file do)
+import_megatron_core()  # as the entry points do (compat/startup.py)
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import warnings
 from contextlib import contextmanager
@@ -27,7 +28,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, fn, world_size, port, args):
+def _entry(rank, fn, world_size, port, environ, pickled_args):
+    args = pickle.loads(pickled_args)
+    os.environ.clear()
+    os.environ.update(environ)  # the test's environment, as a spawned process would inherit it
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -40,13 +44,26 @@ def _entry(rank, fn, world_size, port, args):
         destroy_parallel()
 
 
+# What every worker imports, imported once by the forkserver that forks the workers, instead of
+# once per worker (megatron.core alone takes about 6 s on one core). The server has run no tensor
+# operation, so each forked worker starts with fresh thread pools, as the trainer's own launcher does.
+_PRELOAD = ["megatron_switch.training.preload", "tests.helpers"]
+
+
 def spawn(fn, world_size: int, *args) -> None:
     """Run fn(rank, world_size, *args) in `world_size` fresh processes; a failure in any fails the test.
 
-    fn must be a module-level function; it calls initialize_parallel(...) itself.
+    fn must be a module-level function; it calls initialize_parallel(...) itself. The processes are
+    forked from a server that imported the package once (the forkserver start method), with this
+    process's environment at the time of the call.
     """
-    mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size,
-                       join=True, start_method="spawn")
+    import multiprocessing
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    # The arguments travel by value (plain pickle): torch's own pickling would pass each tensor's memory
+    # as a file descriptor, and a forkserver takes at most a few hundred per process.
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), dict(os.environ), pickle.dumps(args)),
+                       nprocs=world_size, join=True, start_method="forkserver")
 
 
 def dense_ffn(x, w1, w2, b1=None, b2=None, activation="relu"):

@@ -93,3 +93,30 @@ def test_importing_the_package_installs_no_filter():
             "assert not any(after[1]), after[1]")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_megatron_core_imports_without_compiling_and_compiles_on_first_call():
+    """The entry points import megatron-core with its `jit_fuser` deferring torch.compile to the first call
+    (TorchDynamo and Inductor are not imported for functions a run never calls); torch.compile itself is
+    left as it was, and a deferred function compiles and computes when called."""
+    code = """
+import sys
+import torch
+real = torch.compile
+from megatron_switch.compat.startup import compile_on_first_call, import_megatron_core
+import_megatron_core()
+import megatron.core.jit
+from megatron.core.fusions.fused_bias_geglu import bias_geglu
+import megatron_switch.training.trainer
+assert torch.compile is real
+assert megatron.core.jit.jit_fuser is compile_on_first_call
+imported = [m for m in ("torch._dynamo", "torch._inductor.compile_fx") if m in sys.modules]
+assert not imported, imported
+double = compile_on_first_call(lambda x: 2 * x + 1, backend="eager")
+assert "torch._dynamo" not in sys.modules
+x = torch.arange(4.0)
+assert torch.equal(double(x), 2 * x + 1) and torch.equal(double(x), 2 * x + 1)
+assert "torch._dynamo" in sys.modules  # compiled when first called
+"""
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]

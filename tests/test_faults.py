@@ -366,6 +366,8 @@ def test_bad_input_is_answered_before_any_process_starts(tmp_path, bad_inputs, f
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message.format(**fill) in proc.stderr
     assert "Traceback" not in proc.stderr
+    # a check that comes after the ranks' imports have started (the tokenizer's) ends them too
+    assert survivors(str(tmp_path / "cache")) == []
 
 
 def test_a_stale_launcher_environment_is_explained(tmp_path):

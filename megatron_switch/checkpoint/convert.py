@@ -138,11 +138,14 @@ def _check_flag_combination(args, parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from megatron_switch.checkpoint.huggingface_convert import export_huggingface, import_huggingface
-
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_flag_combination(args, parser)
+    from megatron_switch.compat.startup import import_megatron_core
+
+    import_megatron_core()  # before the converters below import it (compat/startup.py says why)
+    from megatron_switch.checkpoint.huggingface_convert import export_huggingface, import_huggingface
+
     progress, trusted = not args.no_progress_bar, args.trust_checkpoint_code
     try:
         upcycle = upcycle_from_args(args)

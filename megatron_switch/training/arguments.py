@@ -16,7 +16,7 @@ import os
 import shutil
 import socket
 import tempfile
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from megatron_switch.arguments import add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
@@ -337,13 +337,15 @@ def _check_port_free(port: int, fail) -> None:
                  f"one is chosen)")
 
 
-def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
+def validate(args, parser: argparse.ArgumentParser,
+             light_checks_passed: Optional[Callable[[], None]] = None) -> TrainingConfig:
     """Fill defaults, check every combination; parser.error (exit 2) with the fix otherwise. Returns
     the parsed namespace `args` as a frozen TrainingConfig.
 
     Flag, layout, data and path checks come first and need neither torch nor megatron-core (an
     answer in well under 2 s); the checks that do (expert backend, FP8, DALI, a Hugging Face
-    tokenizer) come last."""
+    tokenizer) come last, after `light_checks_passed()` is called (the local launcher starts its
+    ranks' imports there)."""
     fail = parser.error
     try:
         world = launch_world_size(args)
@@ -454,6 +456,8 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
         fail("--tensorboard-dir needs the tensorboard package: pip install tensorboard")
 
     # Last: checks that import torch, megatron-core or other large packages.
+    if light_checks_passed is not None:
+        light_checks_passed()
     if args.switch is not None:
         from megatron_switch.experts import check_fp8_shapes, resolve_expert_backend
 
@@ -482,6 +486,7 @@ def validate(args, parser: argparse.ArgumentParser) -> TrainingConfig:
     return TrainingConfig(**vars(args))
 
 
-def parse_args(argv: Optional[List[str]] = None) -> TrainingConfig:
+def parse_args(argv: Optional[List[str]] = None,
+               light_checks_passed: Optional[Callable[[], None]] = None) -> TrainingConfig:
     parser = build_parser()
-    return validate(parser.parse_args(argv), parser)
+    return validate(parser.parse_args(argv), parser, light_checks_passed)
