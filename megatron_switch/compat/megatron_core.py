@@ -10,15 +10,28 @@ keyword arguments newer versions pass to every MLP they build, `pg_collection` f
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
 
 
-def checkpoint_write_results_queue() -> Callable[[], Any]:
-    """dist_checkpointing's function that starts its write-results queue (a multiprocessing Manager):
-    `_get_write_results_queue` in 0.16, `get_write_results_queue` in 0.19."""
+def start_checkpoint_write_results_queue() -> None:
+    """Start dist_checkpointing's write-results queue, forked from this process.
+
+    The torch_dist writer hands every save's results to a multiprocessing Manager queue that lives as
+    long as the process. dist_checkpointing starts it at the first save from a spawned interpreter,
+    which then imports torch to unpickle the first results: 2-4 s of each rank's first checkpoint on
+    a CPU. A fork has torch already. (The writer itself forks its worker processes at every save.)
+    0.19 takes the start method as an argument (`get_write_results_queue(mp_mode)`); 0.16's
+    `_get_write_results_queue()` does not, so its module-level queue is set here the same way. Does
+    nothing once the queue exists."""
+    import inspect
+    import multiprocessing
+
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    return getattr(filesystem_async, "get_write_results_queue", None) or filesystem_async._get_write_results_queue
+    start = getattr(filesystem_async, "get_write_results_queue", None)
+    if start is not None and "mp_mode" in inspect.signature(start).parameters:
+        start("fork")
+    elif filesystem_async._results_queue is None:
+        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
 
 
 # 0.16 writes a torch_dist checkpoint's common state to `common.pt`; 0.19 keeps it inside the

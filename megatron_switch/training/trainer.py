@@ -88,16 +88,18 @@ def _batches(dataset, consumed: int, args, vocab_size: int) -> Iterator[list[dic
             for c in itertools.count(consumed, args.global_batch_size))
 
 
-def _start_checkpoint_writer_ignoring(signals) -> None:
-    """SLURM delivers a job's signals to every process of a task. dist_checkpointing keeps a spawned
-    multiprocessing Manager alive between saves; killed by SIGUSR1/SIGTERM (their default action), it
-    breaks the save the signal asks for. Start it now with the signals ignored (SIG_IGN survives exec)."""
-    from megatron_switch.compat.megatron_core import checkpoint_write_results_queue
+def _start_checkpoint_writer(ignore_exit_signals: bool) -> None:
+    """dist_checkpointing's write-results queue (a multiprocessing Manager), forked from this rank now,
+    before its process groups and thread pools exist (`start_checkpoint_write_results_queue` says why).
+    SLURM delivers a job's signals to every process of a task: killed by SIGUSR1/SIGTERM (their
+    default action), the Manager would break the save the signal asks for, so with
+    --exit-signal-handler it starts with both ignored."""
+    from megatron_switch.compat.megatron_core import start_checkpoint_write_results_queue
 
-    start = checkpoint_write_results_queue()
+    signals = (signal.SIGTERM, signal.SIGUSR1) if ignore_exit_signals else ()
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
     try:
-        start()
+        start_checkpoint_write_results_queue()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -106,8 +108,7 @@ def _start_checkpoint_writer_ignoring(signals) -> None:
 class _ExitSignal:
     def __init__(self, enabled: bool):
         self.received = False
-        if enabled:
-            _start_checkpoint_writer_ignoring((signal.SIGTERM, signal.SIGUSR1))
+        if enabled:  # (--exit-signal-handler needs --save: the checkpoint writer has started, ignoring them)
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handle)
 
@@ -142,6 +143,8 @@ def train(args) -> None:
         print(f" waiting for {os.environ.get('WORLD_SIZE')} ranks at {os.environ.get('MASTER_ADDR')}:"
               f"{os.environ.get('MASTER_PORT')} (at most --distributed-timeout-minutes "
               f"{args.distributed_timeout_minutes:g})", flush=True)
+    if args.save:
+        _start_checkpoint_writer(ignore_exit_signals=args.exit_signal_handler)
     initialize_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                         args.expert_model_parallel_size, args.num_experts if args.switch else None,
                         timeout_minutes=args.distributed_timeout_minutes)
