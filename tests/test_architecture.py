@@ -120,3 +120,26 @@ assert "torch._dynamo" in sys.modules  # compiled when first called
 """
     done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_checkpoint_results_queue_is_forked_once_and_carries_results():
+    """dist_checkpointing's write-results queue starts as a fork of the rank (a spawned one would import
+    torch again at the first save), once, and is the queue dist_checkpointing's writer then uses."""
+    code = """
+import multiprocessing
+from megatron_switch.compat.startup import import_megatron_core
+import_megatron_core()
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_switch.compat.megatron_core import start_checkpoint_write_results_queue
+start_checkpoint_write_results_queue()
+start_checkpoint_write_results_queue()
+children = multiprocessing.active_children()
+assert len(children) == 1 and type(children[0]._popen).__module__ == "multiprocessing.popen_fork", children
+writers_queue = (getattr(filesystem_async, "get_write_results_queue", None)
+                 or filesystem_async._get_write_results_queue)()
+writers_queue.put({"rank": 0, "items": [1, 2]})
+assert writers_queue.get() == {"rank": 0, "items": [1, 2]}
+assert multiprocessing.active_children() == children
+"""
+    done = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
