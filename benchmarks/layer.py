@@ -62,6 +62,10 @@ CAPACITY_FACTOR = 1.0
 JITTER_EPS = 1e-2
 AUX_LOSS_COEFF = 1e-2
 MEMORY_STEPS = 2
+# The modules each implementation's case imports (`pip install -e ".[bench]"` brings the peers').
+NEEDS = {"dense": ("torch",), "switch": ("torch", "megatron.core"), "switch-main-grad": ("torch", "megatron.core"),
+         "huggingface": ("torch", "transformers"), "deepspeed": ("torch", "deepspeed"),
+         "megatron-core": ("torch", "megatron.core")}
 
 
 def impl_modes(impl: str) -> Tuple[str, ...]:
@@ -446,6 +450,22 @@ def spawn_case(case: Dict, script: str = __file__) -> Dict:
     return json.loads(lines[-1])
 
 
+def missing_modules(impls) -> Dict[str, List[str]]:
+    """{implementation: modules it needs that this interpreter cannot import}, without importing them.
+    Checked before the first case: a peer that cannot run would otherwise cost a full run and leave its
+    rows out of the report."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ModuleNotFoundError:  # its parent package is missing
+            return True
+
+    missing = {impl: [m for m in NEEDS[impl] if absent(m)] for impl in impls}
+    return {impl: modules for impl, modules in missing.items() if modules}
+
+
 def versions() -> Dict[str, Optional[str]]:
     found = {}
     for name in ("torch", "megatron-core", "deepspeed", "transformers"):
@@ -469,7 +489,8 @@ def machine(threads: int) -> Dict:
 
 
 def pooled(cases: List[Dict]) -> Dict:
-    """min, median, max over every timed step of every repetition, and per-repetition min/median."""
+    """min, median, max over every timed step of every repetition, and per-repetition min/median; peak
+    memory: the largest and the median over the repetitions' processes."""
     ok = [c for c in cases if "times_s" in c]
     if not ok:
         return dict(error=next((c.get("error", "") for c in cases), "")[:300])
@@ -488,6 +509,9 @@ def pooled(cases: List[Dict]) -> Dict:
                 peak_rss_beyond_start_mib=round(max(c["peak_rss_beyond_start_bytes"] for c in ok) / 2**20, 1),
                 peak_rss_beyond_params_and_grads_mib=round(
                     max(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
+                # each process's peak differs by up to ~50 MiB (malloc's arenas): the median process too
+                peak_rss_beyond_params_and_grads_median_mib=round(
+                    statistics.median(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
                 load_at_start=[c["idle_wait"]["load_at_start"][0] for c in ok if "idle_wait" in c],
                 cpu_busy_before_start=[c["idle_wait"].get("cpu_busy_before_start") for c in ok if "idle_wait" in c],
                 errors=len(cases) - len(ok))
@@ -624,6 +648,13 @@ def main() -> None:
     if args.out is None:
         args.out = os.path.join(ROOT, "benchmarks", "results", "layer_quick.json" if args.quick else "layer.json")
     impls = ("dense",) + tuple(i for i in args.only if i != "dense")
+    missing = missing_modules(impls)
+    if missing:
+        listed = "; ".join(f"{impl} needs {', '.join(modules)}" for impl, modules in missing.items())
+        runnable = [i for i in args.only if i not in missing and i != "dense"]
+        parser.error(f"cannot import what these implementations need: {listed}. Install the peers with "
+                     f"pip install -c constraints.txt \"torch==2.13.0\" -e \".[bench]\""
+                     + (f", or leave them out with --only {','.join(runnable)}" if runnable else ""))
 
     cases = []
     common = dict(threads=args.threads, warmup=args.warmup, steps=args.steps, tokens=args.tokens)

@@ -1,11 +1,13 @@
 """The layer benchmark and the layer profile measure what they say they measure (no time is asserted):
 the main_grad mode computes the kept mode's gradients, the dropped fraction read from the outputs is
-the layer's own count, the ratios divide by the dense row, and the profile gives every microsecond of
-a step to exactly one phase without leaving its labels on megatron_switch."""
+the layer's own count, the ratios divide by the dense row, a peer that cannot run is refused before
+any case, and the profile gives every microsecond of a step to exactly one phase without leaving its
+labels on megatron_switch."""
 
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -72,6 +74,21 @@ def test_ratios_divide_by_the_dense_row_of_the_same_mode_and_expert_count():
     assert summary["speed_E8_grads_none"]["switch"]["vs_dense_min"] == 1.5
     assert summary["speed_E8_grads_none"]["switch"]["vs_dense_median"] == pytest.approx(4 / 3, abs=1e-3)
     assert summary["speed_E8_grads_kept"]["switch"]["vs_dense_min"] == 1.5
+
+
+def test_a_peer_that_cannot_be_imported_is_refused_before_the_first_case(tmp_path):
+    """Without DeepSpeed (its import blocked the way Python documents: a None in sys.modules) the
+    benchmark stops at once, names what is missing, how to install it and the --only that runs the
+    rest, and writes no report."""
+    out = tmp_path / "layer.json"
+    code = ("import runpy, sys; sys.modules['deepspeed'] = None; "
+            f"sys.argv = ['layer.py', '--out', {str(out)!r}]; "
+            f"runpy.run_path({str(ROOT / 'benchmarks' / 'layer.py')!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "deepspeed needs deepspeed" in done.stderr and '-e ".[bench]"' in done.stderr, done.stderr
+    assert "--only switch,switch-main-grad,huggingface,megatron-core" in done.stderr, done.stderr
+    assert "huggingface needs" not in done.stderr and done.stdout == "" and not out.exists()
 
 
 def test_profile_gives_each_microsecond_of_a_step_to_one_phase():
