@@ -51,7 +51,10 @@ import sys
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+
+if TYPE_CHECKING:  # torch is imported inside each case's process
+    import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMPLS = ("dense", "switch", "switch-main-grad", "huggingface", "deepspeed", "megatron-core")
@@ -569,7 +572,8 @@ def print_table(summary: Dict) -> None:
             print(f"  {impl:18s} {row['min_ms']:8.1f} {row['median_ms']:8.1f}  "
                   f"{row.get('vs_dense_min', float('nan')):.3f} {row.get('vs_dense_median', float('nan')):.3f}  "
                   f"{row.get('cpu_min_ms') or float('nan'):8.1f} {row.get('cpu_median_ms') or float('nan'):8.1f}  "
-                  f"{row.get('vs_dense_cpu_min', float('nan')):.3f} {row.get('vs_dense_cpu_median', float('nan')):.3f}  "
+                  f"{row.get('vs_dense_cpu_min', float('nan')):.3f} "
+                  f"{row.get('vs_dense_cpu_median', float('nan')):.3f}  "
                   f"{row['dropped_fraction'] if row['dropped_fraction'] is not None else '-'!s:7s} "
                   f"{row['peak_rss_beyond_start_mib']:8.1f}  {row.get('vs_dense_rep_min', '')}")
     print("\nmemory (peak beyond params and grads):")
