@@ -43,7 +43,8 @@ sys.path.insert(0, ROOT)
 
 def switch_gpt_shapes(layers: int, hidden: int, ffn: int, experts: int, vocab: int, seq: int):
     """Model tensors of a Switch GPT (experts in every second layer), by checkpoint key."""
-    shapes = {"embedding.word_embeddings.weight": (vocab, hidden), "embedding.position_embeddings.weight": (seq, hidden),
+    shapes = {"embedding.word_embeddings.weight": (vocab, hidden),
+              "embedding.position_embeddings.weight": (seq, hidden),
               "decoder.final_layernorm.weight": (hidden,), "decoder.final_layernorm.bias": (hidden,),
               "output_layer.weight": (vocab, hidden)}
     for i in range(layers):
@@ -54,7 +55,8 @@ def switch_gpt_shapes(layers: int, hidden: int, ffn: int, experts: int, vocab: i
                        p + "self_attention.linear_qkv.bias": (3 * hidden,),
                        p + "self_attention.linear_proj.weight": (hidden, hidden),
                        p + "self_attention.linear_proj.bias": (hidden,),
-                       p + "mlp.linear_fc1.layer_norm_weight": (hidden,), p + "mlp.linear_fc1.layer_norm_bias": (hidden,)})
+                       p + "mlp.linear_fc1.layer_norm_weight": (hidden,),
+                       p + "mlp.linear_fc1.layer_norm_bias": (hidden,)})
         if i % 2 == 1:
             shapes.update({p + "mlp.router.weight": (experts, hidden),
                            p + "mlp.experts.linear_fc1.weight": (experts, ffn, hidden),

@@ -10,10 +10,11 @@ Phases are record_function labels put on from this script, in its own process on
 megatron_switch/ is edited): wrappers around the router's forward, the queue positions, the
 dispatchers, the packing of grouped rows into a batch and back, the expert GEMMs (batched or grouped,
 and the weight-gradient forms, which add in place into main_grad or a kept .grad where they can), the
-activation, gather_scale and the wgrad hand-off (`_accumulated_wgrad`, a temporary added afterwards). Every profiler event's own (self) time
-goes to its nearest labelled ancestor; in backward, an autograd node without a label inside goes to
-the phase of the forward op that created it (matched by sequence number), and AccumulateGrad nodes
-(adding into .grad, or the DDP hook adding into main_grad) to weight-gradient accumulation.
+activation, gather_scale and the wgrad hand-off (`_accumulated_wgrad`, a temporary added afterwards).
+Every profiler event's own (self) time goes to its nearest labelled ancestor; in backward, an autograd
+node without a label inside goes to the phase of the forward op that created it (matched by sequence
+number), and AccumulateGrad nodes (adding into .grad, or the DDP hook adding into main_grad) to
+weight-gradient accumulation.
 
     python benchmarks/profile_layer.py [--experts 8,64] [--modes none,kept,main-grad] [--steps 3]
         [--out benchmarks/results/profile_layer.json]
@@ -38,8 +39,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 MODES = ("none", "kept", "main-grad")
 PREFIX = "phase: "
-PHASES = ("router", "sort/queue", "dispatch", "batch packing", "expert GEMMs", "expert GEMMs (weight gradient)", "activation",
-          "experts (other)", "combine", "weight-gradient accumulation", "zero grads", "layer (other)",
+PHASES = ("router", "sort/queue", "dispatch", "batch packing", "expert GEMMs", "expert GEMMs (weight gradient)",
+          "activation", "experts (other)", "combine", "weight-gradient accumulation", "zero grads", "layer (other)",
           "outside the layer")
 ACCUMULATE_GRAD = "autograd::engine::evaluate_function: torch::autograd::AccumulateGrad"
 EVALUATE = "autograd::engine::evaluate_function: "

@@ -7,11 +7,12 @@ E experts of that width, so top-1 routing keeps the FLOPs per token (plus the ro
 `megatron-switch train --model t5` with 2 processes (dense: DP=2; Switch: EP=2), the same data order,
 optimiser, schedule and the paper's initialisation (truncated normal, scale 0.1, for every weight:
 with megatron's N(0, 0.02) the routers of this toy model collapse for hundreds of steps, dropping
-50-90% of the tokens, and every Switch model ends behind dense). Reported: each model's final loss, its median step time, and the steps and
-wall-clock seconds it needs to reach the dense model's final loss (smoothed train loss), against the
-paper's Fig. 5 / Table 1 (Switch-Base 64 experts: T5-Base's quality in 7.5x fewer steps; more experts,
-faster). On a shared CPU the times are noisy and the expert GEMMs are small, so wall-clock favours
-dense far more than on accelerators; steps are the layout-free measure.
+50-90% of the tokens, and every Switch model ends behind dense). Reported: each model's final loss, its
+median step time, and the steps and wall-clock seconds it needs to reach the dense model's final loss
+(smoothed train loss), against the paper's Fig. 5 / Table 1 (Switch-Base 64 experts: T5-Base's quality
+in 7.5x fewer steps; more experts, faster). On a shared CPU the times are noisy and the expert GEMMs
+are small, so wall-clock favours dense far more than on accelerators; steps are the layout-free
+measure.
 
     python benchmarks/train_t5.py [--iters 300] [--out benchmarks/results/train_t5.json]
 """
