@@ -512,7 +512,7 @@ def pooled(cases: List[Dict]) -> Dict:
                 peak_rss_beyond_start_mib=round(max(c["peak_rss_beyond_start_bytes"] for c in ok) / 2**20, 1),
                 peak_rss_beyond_params_and_grads_mib=round(
                     max(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
-                # each process's peak differs by up to ~50 MiB (malloc's arenas): the median process too
+                # the processes of one case peak up to ~50 MiB apart: the median process too
                 peak_rss_beyond_params_and_grads_median_mib=round(
                     statistics.median(c["peak_rss_beyond_params_and_grads_bytes"] for c in ok) / 2**20, 1),
                 load_at_start=[c["idle_wait"]["load_at_start"][0] for c in ok if "idle_wait" in c],
