@@ -5,27 +5,23 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import sys
 from typing import List, Optional
 
 from megatron_switch.quiet import quiet_import_warnings
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _local_rank_entry(rank: int, args) -> None:
+def _local_rank_entry(rank: int, args, address: str, port: int) -> None:
     # Each local rank leads its own process group, so that the launcher can end it together with the
     # helper processes it starts (dist_checkpointing's writer) and nothing is left behind.
     os.setsid()
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # ignored by the server this process was forked from
         signal.signal(sig, signal.SIG_DFL)
     quiet_import_warnings()  # a spawned process starts without the launcher's filters
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size))
+    # The rendezvous travels as arguments: the rank server was started (with its environment) before the
+    # launcher knew the port. The launcher holds the store (as torchrun's agent does): every rank is its client.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(args.world_size), MASTER_ADDR=address,
+                      MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     import torch
 
     # A user's OMP_NUM_THREADS wins; else each local rank gets its share of the cores.
@@ -76,8 +72,8 @@ def _start_rank_server():
 
 
 def _stop_rank_server() -> None:
-    """End a rank server that no rank will be forked from (a flag refused after it started), so that it
-    neither finishes its imports nor holds this command's output open after the error."""
+    """End a rank server that no rank will be forked from (a flag refused after it started, or the job is
+    over), so that it neither finishes its imports nor holds this command's output open after the end."""
     import multiprocessing.forkserver
 
     pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
@@ -86,15 +82,66 @@ def _stop_rank_server() -> None:
         os.waitpid(pid, 0)
 
 
-def launch_local(args) -> int:
+class RendezvousError(RuntimeError):
+    """The local launcher could not open its rendezvous store; the message says which port and what to do."""
+
+
+def _rendezvous_entry(connection, address: str, port: Optional[int], world_size: int, timeout_minutes: float) -> None:
+    """The job's rendezvous store (a TCPStore server, as torchrun's agent holds one) in a process of its
+    own, forked from the rank server (which has imported torch: the launcher does not): on `port`, or with
+    None on a port the system picks as the store binds it, so that no other process can take it between
+    the choice and the bind. Sends ("port", N) or ("error", message), then serves until the launcher
+    closes the connection (the job is over, or the launcher is gone)."""
+    import datetime
+
+    from torch.distributed import DistNetworkError, TCPStore
+
+    try:
+        store = TCPStore(address, port or 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(minutes=timeout_minutes))
+    except DistNetworkError as err:
+        connection.send(("error", str(err)))
+        return
+    connection.send(("port", store.port))
+    try:
+        connection.recv()
+    except EOFError:
+        pass
+
+
+def _start_rendezvous(context, address: str, port: Optional[int], world_size: int, timeout_minutes: float):
+    """Start `_rendezvous_entry`; returns (its process, its end of the connection, the port)."""
+    here, there = context.Pipe()
+    keeper = context.Process(target=_rendezvous_entry, args=(there, address, port, world_size, timeout_minutes),
+                             name="rendezvous store", daemon=True)
+    keeper.start()
+    there.close()
+    try:
+        kind, value = here.recv()
+    except EOFError:
+        keeper.join()
+        kind, value = "error", f"its process {_describe_exit(keeper.exitcode)}"
+    if kind == "error":
+        keeper.join()
+        given = f"--master-port/MASTER_PORT {port}" if port else "a free port"
+        raise RendezvousError(f"the rendezvous store could not listen on {given} ({value}): pass another "
+                              f"--master-port, or none (a free one is chosen)")
+    return keeper, here, value
+
+
+def launch_local(args, port: Optional[int] = None) -> int:
     """Start `args.world_size` local ranks and watch them: the first that fails (an error, a crash, a
     kill) ends the whole job at once, its process groups included, and is named; SIGINT, SIGTERM and
-    SIGUSR1 are passed on to every rank. Returns the job's exit status."""
+    SIGUSR1 are passed on to every rank. The ranks meet at this process's rendezvous store (`port`, or a
+    free one). Returns the job's exit status."""
     import multiprocessing
     import multiprocessing.connection
 
     context = _start_rank_server()
-    ranks = [context.Process(target=_local_rank_entry, args=(rank, args), name=f"rank {rank}")
+    address = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    keeper, keeper_connection, port = _start_rendezvous(context, address, port, args.world_size,
+                                                        args.distributed_timeout_minutes)
+    ranks = [context.Process(target=_local_rank_entry, args=(rank, args, address, port), name=f"rank {rank}")
              for rank in range(args.world_size)]
 
     def signal_all(sig: int) -> None:
@@ -117,7 +164,15 @@ def launch_local(args) -> int:
     status = 0
     try:
         while waiting:
-            for sentinel in multiprocessing.connection.wait(list(waiting)):
+            for sentinel in multiprocessing.connection.wait([*waiting, *([keeper.sentinel] if status == 0 else [])]):
+                if sentinel not in waiting:  # the store, which serves until this launcher closes its connection
+                    keeper.join()
+                    print(f"megatron-switch train: the rendezvous store (pid {keeper.pid}) "
+                          f"{_describe_exit(keeper.exitcode)}; stopping the {len(waiting)} rank(s)",
+                          file=sys.stderr, flush=True)
+                    status = 1
+                    signal_all(signal.SIGKILL)
+                    continue
                 rank = waiting.pop(sentinel)
                 ranks[rank].join()
                 code = ranks[rank].exitcode
@@ -131,13 +186,16 @@ def launch_local(args) -> int:
         signal_all(signal.SIGKILL)  # helpers a finished rank left behind
         for process in ranks:
             process.join()
+        keeper_connection.close()
+        keeper.join()
+        _stop_rank_server()  # (else it tears its imports down, seconds on a busy machine, holding our output)
     return status
 
 
 def train_main(argv: Optional[List[str]] = None) -> None:
     """Validate every flag here, then run: in place under torchrun/srun, else in local processes."""
     quiet_import_warnings()
-    from megatron_switch.training.arguments import launcher_environment, parse_args
+    from megatron_switch.training.arguments import launcher_environment, master_port, parse_args
 
     def start_rank_imports() -> None:
         # The flags that need no torch are good: a local launch starts its ranks' imports now, beside
@@ -155,9 +213,17 @@ def train_main(argv: Optional[List[str]] = None) -> None:
         from megatron_switch.training.trainer import train
 
         return train(args)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ["MASTER_PORT"] = str(args.master_port or _free_port())
-    sys.exit(launch_local(args))
+    try:
+        status = launch_local(args, master_port(args))
+    except RendezvousError as err:
+        _stop_rank_server()
+        print(f"megatron-switch train: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # Every rank has been joined and the rank server ends with this process's pipes: skip the interpreter's
+    # teardown of torch (seconds on a busy machine, after the job's result is known).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def preprocess_main(argv: Optional[List[str]] = None) -> None:

@@ -139,21 +139,40 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Opti
     else:
         world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
     layout = validate_layout(world_size, tp, pp, ep, num_experts)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes))
+        if world_size == 1 and "MASTER_PORT" not in os.environ:  # one process meets no one: no port
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                os.environ["MASTER_PORT"] = str(slurm_job_port())
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     from megatron.core import parallel_state
 
+    # Every group megatron-core creates gets the same timeout as the default group (its own default
+    # is 30 minutes, whatever the default group's: a stalled rank would hold the others that long).
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
+        expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+        distributed_timeout_minutes=timeout_minutes)
     return layout
+
+
+def slurm_job_port() -> int:
+    """The rendezvous port of a job step started by a plain `srun` without MASTER_PORT: derived from
+    the job id as the sbatch template does (20000 + id % 20000), so that two jobs sharing a node do not
+    meet at one fixed port. Outside SLURM there is no default: the launcher sets MASTER_PORT."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job is None or not job.isdigit():
+        raise RuntimeError("MASTER_PORT is not set: start several processes with `megatron-switch train "
+                           "--nproc-per-node N` (a free port is chosen), torchrun or srun, or set MASTER_ADDR "
+                           "and MASTER_PORT")
+    return 20000 + int(job) % 20000
 
 
 def destroy_parallel() -> None:

@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(ZeRO-1; after megatron's DDP: reduce-scattered gradients, all-gathered parameters).")
     g.add_argument("--nproc-per-node", type=int, default=None,
                    help="Start this many local processes (ignored under torchrun or srun).")
-    g.add_argument("--master-port", type=int, default=None)
+    g.add_argument("--master-port", type=int, default=None,
+                   help="Local launch: the rendezvous port (default: MASTER_PORT, else a free port; the address "
+                        "is printed as the ranks start).")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10,
                    help="How long a collective (and the start-up rendezvous) waits for a missing rank.")
     g = p.add_argument_group("data")
@@ -138,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+RENDEZVOUS_VARIABLES = ("MASTER_ADDR", "MASTER_PORT")  # a local launch meets there when they are set
 
 
 # What validate derives beyond the flags (each set once, there).
@@ -164,12 +167,14 @@ def launcher_environment() -> str | None:
     torchrun sets all of RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT (and
     TORCHELASTIC_RUN_ID); srun sets SLURM_PROCID inside a job step (SLURM_STEP_ID). Raises
     LaunchEnvironmentError for a partial set, such as a WORLD_SIZE left in the shell by another job,
-    which would otherwise wait for ranks that never come."""
+    which would otherwise wait for ranks that never come. MASTER_ADDR and MASTER_PORT alone are no
+    launcher's: a local launch meets at them (`master_port`)."""
     present = [v for v in LAUNCHER_VARIABLES if v in os.environ]
     if len(present) == len(LAUNCHER_VARIABLES) or "TORCHELASTIC_RUN_ID" in os.environ:
         return "torchrun"
     if "SLURM_PROCID" in os.environ and "SLURM_STEP_ID" in os.environ and not present:
         return "srun"
+    present = [v for v in present if v not in RENDEZVOUS_VARIABLES]  # alone, the local launcher's address
     if present:
         shown = " ".join(f"{v}={os.environ[v]}" for v in present)
         raise LaunchEnvironmentError(
@@ -328,13 +333,21 @@ def _check_load(args, fail) -> None:
             fail(f"resuming from {path}: {conflict}")
 
 
-def _check_port_free(port: int, fail) -> None:
+def master_port(args) -> int | None:
+    """The port a local launch meets at: --master-port, else MASTER_PORT, else None (the launcher's
+    rendezvous store binds a port the system picks)."""
+    if args.master_port is not None:
+        return args.master_port
+    return int(os.environ["MASTER_PORT"]) if "MASTER_PORT" in os.environ else None
+
+
+def _check_port_free(port: int, given_as: str, fail) -> None:
     with socket.socket() as s:
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind(("", port))
         except OSError:
-            fail(f"--master-port {port} is in use on this machine: pass another port, or drop the flag (a free "
-                 f"one is chosen)")
+            fail(f"{given_as} {port} is in use on this machine: pass another port, or drop it (a free one is "
+                 f"chosen)")
 
 
 def validate(args, parser: argparse.ArgumentParser,
@@ -450,8 +463,15 @@ def validate(args, parser: argparse.ArgumentParser,
         _check_load(args, fail)
     if args.save:
         _check_save(args, fail)
-    if args.master_port is not None and launcher_environment() is None:
-        _check_port_free(args.master_port, fail)
+    if launcher_environment() is None:
+        environment_port = os.environ.get("MASTER_PORT")
+        if args.master_port is None and environment_port is not None and \
+                not (environment_port.isdigit() and 1 <= int(environment_port) <= 65535):
+            fail(f"MASTER_PORT={environment_port} is not a port number (1-65535): set another, or unset it "
+                 f"(a free one is chosen)")
+        if master_port(args) is not None:
+            _check_port_free(master_port(args), "--master-port" if args.master_port is not None else "MASTER_PORT",
+                             fail)
     if args.tensorboard_dir and importlib.util.find_spec("tensorboard") is None:
         fail("--tensorboard-dir needs the tensorboard package: pip install tensorboard")
 

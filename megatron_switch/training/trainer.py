@@ -40,6 +40,7 @@ from megatron_switch.training.objectives import OBJECTIVES
 from megatron_switch.training.optimizer import Optimization
 from megatron_switch.training.resume import schedule_conflict, schedule_of_args
 from megatron_switch.training.schedule import forward_backward
+from megatron_switch.training.stall import Heartbeat, in_collective
 
 
 def _seed_all(seed: int) -> None:
@@ -149,15 +150,29 @@ def train(args) -> None:
                         args.expert_model_parallel_size, args.num_experts if args.switch else None,
                         timeout_minutes=args.distributed_timeout_minutes)
     enable_cpu_support()
+    heartbeat = Heartbeat(dist.get_rank(), dist.get_world_size(), args.distributed_timeout_minutes,
+                          REPORTED_ERROR_EXIT).start()
     try:
-        _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_extra_ids))
+        _train(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_extra_ids), heartbeat)
     except _REPORTED as err:
         if dist.get_rank() == 0 or not getattr(err, "on_every_rank", False):
             where = "" if getattr(err, "on_every_rank", False) else f" (rank {dist.get_rank()})"
             print(f"megatron-switch train: error{where}: {err}", file=sys.stderr, flush=True)
+        heartbeat.stop()
         destroy_parallel_quietly()
         sys.exit(REPORTED_ERROR_EXIT)
+    except Exception as err:
+        if not in_collective(err):
+            raise
+        # A collective that timed out or lost its peer: name the rank that stopped answering (or where
+        # each rank waits); one rank reports, every rank ends with the reported-error status.
+        message = heartbeat.report_collective_failure(err)
+        if message:
+            print(f"megatron-switch train: error: {message}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(REPORTED_ERROR_EXIT)  # (no teardown: it would wait on the peer that is gone)
     finally:
+        heartbeat.stop()
         destroy_parallel_quietly()
 
 
@@ -177,7 +192,7 @@ def _nonfinite(loss, grad_norm: float) -> tuple[bool, bool]:
     return bool(flags[0]), bool(flags[1])
 
 
-def _train(args, tokenizer) -> None:
+def _train(args, tokenizer, heartbeat: Heartbeat) -> None:
     _seed_all(args.seed)
     seed_parallel_rng(args.seed)
     train_ds, valid_ds, _ = _datasets(args, tokenizer)
@@ -222,6 +237,7 @@ def _train(args, tokenizer) -> None:
     interval_start, interval_losses, skipped = time.perf_counter(), [], 0
     model.train()
     while iteration < args.train_iters:
+        heartbeat.iteration = iteration + 1
         batches = next(train_batches)
         optimization.zero_grad()
         loss = forward_backward(optimization.model, batches, args, forward_step=OBJECTIVES[args.model].forward_step)
