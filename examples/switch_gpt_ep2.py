@@ -39,7 +39,7 @@ def worker(rank: int, args) -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.nproc))
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(args.nproc), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(args.port))
+                      MASTER_PORT=str(args.port), TORCHELASTIC_USE_AGENT_STORE="True")  # (main's store)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -100,11 +100,19 @@ def main() -> None:
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--log-interval", type=int, default=20)
-    parser.add_argument("--port", type=int, default=29517)
+    parser.add_argument("--port", type=int, default=0, help="Where the processes meet (default: a free port).")
     args = parser.parse_args()
+    import datetime
+
+    from torch.distributed import TCPStore
+
     from megatron_switch.parallel import validate_layout
 
     validate_layout(args.nproc, ep=args.ep, num_experts=args.experts)
+    # The processes meet at this process's store, bound at once (a port picked by the system when --port is
+    # 0): two runs on one machine never meet at one port.
+    store = TCPStore("127.0.0.1", args.port, args.nproc, True, datetime.timedelta(minutes=10), wait_for_workers=False)
+    args.port = store.port
     torch.multiprocessing.start_processes(worker, args=(args,), nprocs=args.nproc, start_method="spawn")
 
 

@@ -23,6 +23,8 @@ def tiny_config(hidden=16, ffn=32, layers=2, heads=2, **overrides):
 
 
 def free_port() -> int:
+    """A port free now (another process may take it before it is bound: tests that start ranks use a
+    store of their own, `spawn`, or the launcher's, which bind at once)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -35,7 +37,7 @@ def _entry(rank, fn, world_size, port, environ, pickled_args):
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), TORCHELASTIC_USE_AGENT_STORE="True")
     try:
         fn(rank, world_size, *args)
     finally:
@@ -57,13 +59,20 @@ def spawn(fn, world_size: int, *args) -> None:
     forked from a server that imported the package once (the forkserver start method), with this
     process's environment at the time of the call.
     """
+    import datetime
     import multiprocessing
 
+    from torch.distributed import TCPStore
+
     multiprocessing.get_context("forkserver").set_forkserver_preload(_PRELOAD)
+    # The processes meet at a store this process serves on a port the system picks as it binds it (as
+    # the launcher does): two test runs on one machine never meet at one port.
+    store = TCPStore("127.0.0.1", 0, world_size, True, datetime.timedelta(minutes=10), wait_for_workers=False)
     # The arguments travel by value (plain pickle): torch's own pickling would pass each tensor's memory
     # as a file descriptor, and a forkserver takes at most a few hundred per process.
-    mp.start_processes(_entry, args=(fn, world_size, free_port(), dict(os.environ), pickle.dumps(args)),
+    mp.start_processes(_entry, args=(fn, world_size, store.port, dict(os.environ), pickle.dumps(args)),
                        nprocs=world_size, join=True, start_method="forkserver")
+    del store
 
 
 def dense_ffn(x, w1, w2, b1=None, b2=None, activation="relu"):

@@ -7,15 +7,13 @@ import re
 import subprocess
 import sys
 
-from tests.helpers import free_port
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_ep2_example_loss_falls():
     proc = subprocess.run(
         [sys.executable, os.path.join(ROOT, "examples", "switch_gpt_ep2.py"), "--iters", "40",
-         "--log-interval", "10", "--port", str(free_port())],
+         "--log-interval", "10"],
         capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [float(m) for m in re.findall(r"lm loss ([0-9.]+)", proc.stdout)]

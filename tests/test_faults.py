@@ -162,6 +162,61 @@ def test_a_killed_rank_ends_the_whole_job_and_leaves_nothing_behind(tmp_path, po
         assert tracker(ckpt) == before == 4
 
 
+# -- stalled ranks ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point", ["step:1:3", "step:0:3"])
+def test_a_stopped_rank_ends_the_job_naming_it_and_the_operation(tmp_path, point):
+    """SIGSTOP (the rank stops answering, as a hung or swapped-out node does; `training.faults`): the job
+    ends with the reported-error status and one line naming the stopped rank, where it was and the
+    collective the other rank waited in; the stopped rank is ended too. A small timeout keeps it short
+    (--distributed-timeout-minutes takes fractions); the test asserts the outcome, not the time."""
+    rank = int(point.split(":")[1])
+    proc, seconds = train([*EP2, *TINY, "--train-iters", "50", "--distributed-timeout-minutes", "0.2"],
+                          tmp_path, env={"MEGATRON_SWITCH_FAULT": f"{point}:STOP"})
+    print(f"\n[SIGSTOP {point}] exit {proc.returncode} after {seconds:.1f} s: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == REPORTED, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("megatron-switch train: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert f"rank {rank} stopped answering: no heartbeat for" in errors[0]
+    assert "(--distributed-timeout-minutes 0.2)" in errors[0]
+    assert f"rank {1 - rank} was in torch.distributed." in errors[0]  # the collective the other one waits in
+    assert "Traceback" not in proc.stderr
+    assert survivors(str(tmp_path / "cache")) == []
+
+
+def test_two_local_jobs_run_side_by_side_and_a_given_port_is_honoured(tmp_path):
+    """Each local launch meets at a rendezvous store bound to a free port, printed as the ranks start;
+    --master-port and MASTER_PORT are honoured (and refused, named, when taken)."""
+    def start(name, args, env=None):
+        environment = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"), **(env or {}))
+        for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            if var not in (env or {}):
+                environment.pop(var, None)
+        return subprocess.Popen([sys.executable, "-m", "megatron_switch.train", *EP2, *TINY, "--train-iters", "3",
+                                 "--plots-dir", str(tmp_path / name), *args], cwd=tmp_path, env=environment,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    busy = _busy_port()
+    try:
+        taken = busy.getsockname()[1]
+        given = _busy_port()
+        port = given.getsockname()[1]
+        given.close()  # (free again: the job binds it)
+        jobs = [start("a", []), start("b", []), start("c", [], env={"MASTER_PORT": str(port)})]
+        outputs = [job.communicate() for job in jobs]
+        for job, (out, err) in zip(jobs, outputs):
+            assert job.returncode == 0, out[-2000:] + err[-3000:]
+        addresses = [out.split("waiting for 2 ranks at ")[1].split()[0] for out, _ in outputs]
+        assert addresses[2] == f"127.0.0.1:{port}"
+        assert len(set(addresses)) == 3 and all(a.startswith("127.0.0.1:") for a in addresses), addresses
+        assert f":{taken}" not in " ".join(addresses)
+        refused, _ = train([*EP2, *TINY, "--train-iters", "1"], tmp_path, env={"MASTER_PORT": str(taken)})
+        assert refused.returncode == 2
+        assert f"MASTER_PORT {taken} is in use on this machine: pass another port" in refused.stderr
+    finally:
+        busy.close()
+
+
 # -- the disk -----------------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import free_port
 
 SMALL = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
          "--micro-batch-size", "2", "--moe-switch", "--num-experts", "4", "--moe-layer-freq", "2",
@@ -23,7 +22,7 @@ EXACT = ["--moe-input-jitter-eps", "0"]  # jitter draws from each rank's RNG str
 def run_train(args, cwd, check=True):
     env = dict(os.environ, MEGATRON_SWITCH_CACHE=os.path.join(str(cwd), "cache"))
     env.pop("WORLD_SIZE", None)
-    proc = subprocess.run([sys.executable, "-m", "megatron_switch.train", "--master-port", str(free_port()), *args],
+    proc = subprocess.run([sys.executable, "-m", "megatron_switch.train", *args],
                           capture_output=True, text=True, cwd=cwd, env=env)
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
@@ -120,8 +119,7 @@ def test_resume_is_bit_identical(tmp_path, precision):
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     env = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"))
-    args = [sys.executable, "-m", "megatron_switch.train", "--master-port", str(free_port()),
-            "--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
+    args = [sys.executable, "-m", "megatron_switch.train", "--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
             "--train-iters", "100000", "--save", str(tmp_path / "ckpt"), "--exit-signal-handler"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)
