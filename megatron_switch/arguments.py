@@ -23,6 +23,14 @@ from megatron_switch.config import (
 _D = SwitchConfig  # class attributes hold the defaults
 
 
+class CommandParser(argparse.ArgumentParser):
+    """The parser of every `megatron-switch` command: a refusal is the one line that says what to change and
+    a pointer to --help (argparse's own error prints the whole usage first: some 80 lines for `train`)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` describes every flag)\n")
+
+
 def _flags():
     """(flag, argparse kwargs) of every Switch flag, in help order."""
     return [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import sys
@@ -227,10 +226,11 @@ def train_main(argv: Optional[List[str]] = None) -> None:
 
 
 def preprocess_main(argv: Optional[List[str]] = None) -> None:
+    from megatron_switch.arguments import CommandParser
     from megatron_switch.data.preprocess import DataError, preprocess
     from megatron_switch.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 
-    parser = argparse.ArgumentParser(prog="megatron-switch preprocess",
+    parser = CommandParser(prog="megatron-switch preprocess",
                                      description="Text or JSONL files -> Megatron indexed dataset (.bin/.idx).")
     parser.add_argument("--input", nargs="+", required=True, help="Text files (one document each) or JSONL.")
     parser.add_argument("--output-prefix", required=True)
@@ -265,7 +265,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     import importlib
 
     module, function = COMMANDS[argv[0]].split(":")
-    getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        getattr(importlib.import_module(module), function)(argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader of the output went away (`megatron-switch plan ... | head`): end quietly, as Unix tools
+        # do, with SIGPIPE's status; what is left unflushed goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(128 + signal.SIGPIPE)
 
 
 if __name__ == "__main__":

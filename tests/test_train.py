@@ -119,7 +119,8 @@ def test_resume_is_bit_identical(tmp_path, precision):
 
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     env = dict(os.environ, MEGATRON_SWITCH_CACHE=str(tmp_path / "cache"))
-    args = [sys.executable, "-m", "megatron_switch.train", "--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
+    args = [sys.executable, "-m", "megatron_switch.train",
+            "--nproc-per-node", "2", "--expert-model-parallel-size", "2", *SMALL, "--global-batch-size", "4",
             "--train-iters", "100000", "--save", str(tmp_path / "ckpt"), "--exit-signal-handler"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
                             start_new_session=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_switch.arguments import CommandParser
 from megatron_switch.checkpoint.contents import ConvertError
 from megatron_switch.checkpoint.layout import CheckpointError
 from megatron_switch.checkpoint.pipeline import (
@@ -75,7 +76,7 @@ def parse_size(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="megatron-switch convert",
         description="Convert a checkpoint between layouts (TP/PP/EP) and formats, offline on CPU, one tensor "
                     "in memory at a time; import a Hugging Face Switch Transformers folder (--from-hf) or export "

@@ -3,13 +3,15 @@ megatron-core, so `megatron-switch train` answers about bad data before any proc
 
 The `.idx` layout (megatron.core.datasets.indexed_dataset): a 9-byte magic, version (<Q, 1), dtype
 code (<B), sequence count S and document count D (<Q each), then S int32 lengths, S int64 byte
-pointers into `.bin`, D int64 document indices. A truncated or foreign file, a `.bin` shorter than
-the index says, and a dataset too small for one training sample are each named with the file and
-the fix.
+pointers into `.bin`, D int64 document indices. A truncated or foreign file, a `.bin` and `.idx` that
+were not written together (`check_pair`), and a dataset too small for one training sample are each
+named with the file and the fix.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import struct
 
@@ -25,20 +27,21 @@ class DataError(ValueError):
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's --data-path: `PREFIX ...`, or a weighted blend `WEIGHT PREFIX WEIGHT PREFIX ...`."""
+    """Megatron's --data-path: `PREFIX ...`, or a weighted blend `WEIGHT PREFIX WEIGHT PREFIX ...` (a prefix
+    may be given as its .bin or .idx file: `data_prefix`)."""
     items = list(data_path)
     if len(items) > 1 and len(items) % 2 == 0:
         try:
             weights = [float(w) for w in items[0::2]]
         except ValueError:
-            return items, None
+            return [data_prefix(item) for item in items], None
         if any(not w > 0 for w in weights):
             raise DataError(f"--data-path {' '.join(items)}: blend weights must be > 0, got {weights}")
-        return items[1::2], weights
+        return [data_prefix(item) for item in items[1::2]], weights
     if len(items) > 1 and _is_number(items[0]):
         raise DataError(f"--data-path {' '.join(items)}: a weighted blend is WEIGHT PREFIX pairs (an even count), "
                         f"e.g. --data-path 0.5 data/a 0.5 data/b")
-    return items, None
+    return [data_prefix(item) for item in items], None
 
 
 def _is_number(text: str) -> bool:
@@ -73,6 +76,15 @@ def _preprocess_hint(prefix: str) -> str:
     return f"create it again with `megatron-switch preprocess --input FILES --output-prefix {prefix}`"
 
 
+def data_prefix(item: str) -> str:
+    """A --data-path item as Megatron's prefix: `x.bin` or `x.idx` (a file of the pair) means `x` when there is
+    no `x.bin.bin`."""
+    for suffix in (".bin", ".idx"):
+        if item.endswith(suffix) and not os.path.isfile(bin_path(item)) and os.path.isfile(item):
+            return item[:-len(suffix)]
+    return item
+
+
 def dataset_tokens(prefix: str) -> int:
     """Tokens in the indexed dataset `prefix`, after checking that both files exist and agree."""
     for path in (bin_path(prefix), idx_path(prefix)):
@@ -94,13 +106,64 @@ def dataset_tokens(prefix: str) -> int:
                             f"{_preprocess_hint(prefix)}")
         lengths = numpy.fromfile(f, dtype=numpy.int32, count=sequences)
         pointers = numpy.fromfile(f, dtype=numpy.int64, count=sequences)
-    tokens = int(lengths.sum(dtype=numpy.int64))
-    expected = int(pointers[-1]) + int(lengths[-1]) * _ITEMSIZE[code] if sequences else 0
-    found = os.path.getsize(bin_path(prefix))
-    if found < expected:
-        raise DataError(f"{bin_path(prefix)} is truncated: {found} bytes, its index needs {expected}; "
+    check_pair(prefix, int(pointers[-1]) + int(lengths[-1]) * _ITEMSIZE[code] if sequences else 0)
+    return int(lengths.sum(dtype=numpy.int64))
+
+
+FINGERPRINT_SUFFIX = ".fingerprint.json"  # beside PREFIX.bin and PREFIX.idx, written by `preprocess`
+
+
+def check_pair(prefix: str, bin_bytes: int) -> None:
+    """`prefix`.bin and .idx were written together: the .bin holds exactly the `bin_bytes` the index's last
+    sequence ends at (Megatron's builder writes nothing else), and where `preprocess` left a fingerprint of
+    the pair (`pair_fingerprint`), the files still match it. A .idx from another dataset whose sequences
+    happen to fit in this .bin would otherwise read the wrong tokens without a word."""
+    binary, index = bin_path(prefix), idx_path(prefix)
+    found = os.path.getsize(binary)
+    if found < bin_bytes:
+        raise DataError(f"{binary} is truncated: {found} bytes, its index needs {bin_bytes}; "
                         f"{_preprocess_hint(prefix)}")
-    return tokens
+    if found > bin_bytes:
+        raise DataError(f"{binary} ({found} bytes) and {index} (its sequences end at byte {bin_bytes}) are not one "
+                        f"pair: the .bin holds {found - bin_bytes} bytes the index does not cover (a .idx from "
+                        f"another dataset?); pass the prefix whose .bin and .idx were written together, or "
+                        f"{_preprocess_hint(prefix)}")
+    recorded = prefix + FINGERPRINT_SUFFIX
+    if os.path.isfile(recorded):
+        with open(recorded) as f:
+            expected = json.load(f).get("sha256")
+        if expected != pair_fingerprint(prefix):
+            raise DataError(f"{binary} and {index} do not match {recorded}, written with them by preprocess: one "
+                            f"of the files was replaced (a .bin or .idx from another dataset?); pass the prefix "
+                            f"whose files were written together, or {_preprocess_hint(prefix)} (if the pair was "
+                            f"rewritten by another tool, delete {recorded})")
+
+
+def pair_fingerprint(prefix: str, samples: int = 64, block: int = 4096) -> str:
+    """SHA-256 over both files' sizes, their first and last MiB and `samples` evenly spaced blocks of each: a
+    constant cost per dataset (not a read of a terabyte .bin at every launch), and a different value for
+    any pair of files of other contents."""
+    digest = hashlib.sha256(b"megatron-switch indexed pair 1")
+    for path in (bin_path(prefix), idx_path(prefix)):
+        size = os.path.getsize(path)
+        digest.update(struct.pack("<Q", size))
+        with open(path, "rb") as f:
+            spans = [(0, 1 << 20), (max(0, size - (1 << 20)), 1 << 20)]
+            spans += [(size * k // (samples + 1), block) for k in range(1, samples + 1)]
+            for offset, length in spans:
+                f.seek(offset)
+                digest.update(f.read(length))
+    return digest.hexdigest()
+
+
+def write_pair_fingerprint(prefix: str) -> None:
+    """Record `pair_fingerprint(prefix)` beside the pair (written to a temporary name, then renamed)."""
+    recorded = prefix + FINGERPRINT_SUFFIX
+    temporary = f"{recorded}.tmp-{os.getpid()}-{os.urandom(4).hex()}"  # (builders on several hosts may race)
+    with open(temporary, "w") as f:
+        json.dump({"sha256": pair_fingerprint(prefix), "bin": os.path.basename(bin_path(prefix)),
+                   "idx": os.path.basename(idx_path(prefix))}, f)
+    os.replace(temporary, recorded)
 
 
 def check_enough_tokens(prefixes: list[str], seq_length: int) -> None:

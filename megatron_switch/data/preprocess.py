@@ -17,31 +17,56 @@ import numpy
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder, get_bin_path, get_idx_path
 
-from megatron_switch.data.check import DataError  # noqa: F401  (raised here; importers take it from here too)
+from megatron_switch.data.check import FINGERPRINT_SUFFIX, DataError, write_pair_fingerprint  # noqa: F401
+# (DataError is raised here; importers take it from here too)
 
 
+def _text(path: str, raw: bytes, where: str) -> str:
+    """`raw` as UTF-8 text, or DataError naming the file (and line) for binary or otherwise encoded data."""
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{where}: a NUL byte at byte {nul}: binary data, not text; pass text (UTF-8) or JSONL files")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 text (byte {err.start} is {raw[err.start:err.start + 1]!r}): binary "
+                        f"data, or text in another encoding (convert it, e.g. `iconv -f latin1 -t utf-8 {path}`)"
+                        ) from None
 
 
 def iter_documents(paths: Iterable[str], json_key: str = "text") -> Iterator[str]:
+    """Each input's documents: a text file is one, a JSONL file one per line (its `json_key` value; empty
+    documents are skipped). Binary, non-UTF-8 or empty inputs are refused with the file (and line) named."""
     for path in paths:
         if not os.path.isfile(path):
             raise DataError(f"input {path!r} does not exist or is not a file")
         if path.endswith((".jsonl", ".json")):
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, 1):
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, 1):
+                    line = _text(path, raw, f"{path}:{number}")
                     if not line.strip():
                         continue
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise DataError(f"{path}:{number}: not a JSON line ({err.msg})") from err
+                    if not isinstance(record, dict):
+                        raise DataError(f"{path}:{number}: a JSON {type(record).__name__}, not an object with "
+                                        f"a {json_key!r} key")
                     if json_key not in record:
                         raise DataError(f"{path}:{number}: no key {json_key!r}; pass --json-keys "
                                         f"with one of {sorted(record)}")
-                    yield record[json_key]
+                    if not isinstance(record[json_key], str):
+                        raise DataError(f"{path}:{number}: {json_key!r} holds a {type(record[json_key]).__name__}, "
+                                        f"not text")
+                    if record[json_key]:
+                        yield record[json_key]
         else:
-            with open(path, encoding="utf-8", errors="replace") as f:
-                yield f.read()
+            with open(path, "rb") as f:
+                text = _text(path, f.read(), path)
+            if not text.strip():
+                raise DataError(f"input {path} is empty: it holds no text to tokenize; leave it out of --input")
+            yield text
 
 
 def write_indexed_dataset(documents: Iterable[str], output_prefix: str, tokenizer) -> int:
@@ -59,10 +84,15 @@ def write_indexed_dataset(documents: Iterable[str], output_prefix: str, tokenize
             total += len(ids)
             documents_written += 1
         if documents_written == 0:
-            raise DataError("no documents found in the inputs")
+            raise DataError("no documents found in the inputs (every JSONL document is empty)")
         builder.finalize(get_idx_path(tmp_prefix))
+        try:  # an earlier pair's fingerprint: gone before the files change
+            os.remove(output_prefix + FINGERPRINT_SUFFIX)
+        except FileNotFoundError:
+            pass
         os.replace(get_bin_path(tmp_prefix), get_bin_path(output_prefix))
         os.replace(get_idx_path(tmp_prefix), get_idx_path(output_prefix))
+        write_pair_fingerprint(output_prefix)
     finally:
         for path in (get_bin_path(tmp_prefix), get_idx_path(tmp_prefix)):
             if os.path.exists(path):

@@ -16,6 +16,7 @@ import re
 import shlex
 import sys
 
+from megatron_switch.arguments import CommandParser
 from megatron_switch.config import ACTIVATIONS
 from megatron_switch.parallel import LayoutError
 from megatron_switch.planning.memory import GIB, TrainingSetup
@@ -221,7 +222,7 @@ def format_plan(report: dict) -> str:
 
 
 def _plan_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = CommandParser(prog=prog, description=description)
     _model_flags(parser)
     _cluster_flags(parser)
     return parser
@@ -245,10 +246,17 @@ def plan_main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         name, spec, _, description, cluster, setup, layouts = _plan(args, args.top)
+    except NoLayoutFits as err:
+        if args.json:  # the answer is still a plan: the model and cluster, and no layout (with why)
+            name, spec, training, description = _model(args)
+            cluster, setup = _setup(args, spec, training)
+            report = plan_report(name, description, spec, cluster, setup, [])
+            print(json.dumps({**report, "fits": False, "error": str(err)}, indent=2))
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     except _USER_ERRORS as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     report = plan_report(name, description, spec, cluster, setup, layouts)
-    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    print(json.dumps({**report, "fits": True}, indent=2) if args.json else format_plan(report))
 
 
 def _train_distributed_optimizer(args, extra_args: list[str]) -> bool:

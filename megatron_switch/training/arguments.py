@@ -18,7 +18,7 @@ import socket
 import tempfile
 from typing import Any, Callable, List, Optional
 
-from megatron_switch.arguments import add_switch_args
+from megatron_switch.arguments import CommandParser, add_switch_args
 from megatron_switch.config import SwitchConfig, SwitchConfigError
 from megatron_switch.parallel import LayoutError, validate_layout
 from megatron_switch.training.t5_arguments import (
@@ -26,7 +26,7 @@ from megatron_switch.training.t5_arguments import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = CommandParser(
         prog="megatron-switch train",
         description="Megatron-style pretraining with Switch layers (--moe-switch --num-experts N): GPT, or the "
                     "paper's T5 encoder-decoder on span corruption (--model t5).")
@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--plots-dir", default=None, help="Default: <save>/plots, or ./plots without --save.")
+    g.add_argument("--plots-dir", default=None, help="Default: <save>/plots, or ./plots without --save (checked "
+                                                         "writable before any process starts).")
     g.add_argument("--no-progress-bar", action="store_true")
     add_switch_args(p)
     add_t5_args(p)
@@ -244,14 +245,9 @@ def _check_save(args, fail) -> None:
     save = args.save
     if os.path.exists(save) and not os.path.isdir(save):
         fail(f"--save {save} exists and is not a directory: pass a directory path")
-    try:
-        os.makedirs(save, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=save, prefix=".write-test-") as probe:
-            probe.write(b"megatron-switch")
-            probe.flush()
-            os.fsync(probe.fileno())
-    except OSError as err:
-        fail(f"--save {save} is not writable ({err.strerror or err}): pass a directory this user can write")
+    problem = unwritable_directory(save)
+    if problem:
+        fail(f"--save {save} is not writable ({problem}): pass a directory this user can write")
     if holds_checkpoints(save) and not (args.load and os.path.samefile(args.load, save)):
         saved = saved_iterations(save)
         what = f"iterations {saved[0]}..{saved[-1]}" if saved else "a checkpoint tracker"
@@ -262,6 +258,31 @@ def _check_save(args, fail) -> None:
     if free < needed:
         fail(f"--save {save} has {_size(free)} free, one checkpoint of this model needs about {_size(needed)} "
              f"(weights, Adam's moments{', float32 masters' if args.bf16 else ''}): free space or pass another --save")
+
+
+def unwritable_directory(path: str) -> str | None:
+    """Why `path` (created if missing) cannot take a file, or None: a file is written, synced and removed."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-") as probe:
+            probe.write(b"megatron-switch")
+            probe.flush()
+            os.fsync(probe.fileno())
+    except OSError as err:
+        return err.strerror or str(err)
+    return None
+
+
+def _check_output_directories(args, fail) -> None:
+    """--plots-dir (default <save>/plots, or ./plots without --save) and --tensorboard-dir: writable, or
+    refused here instead of by rank 0 after the ranks started."""
+    args.plots_dir = args.plots_dir or os.path.join(args.save or ".", "plots")
+    for flag, path in (("--plots-dir", args.plots_dir), ("--tensorboard-dir", args.tensorboard_dir)):
+        problem = unwritable_directory(path) if path else None
+        if problem:
+            default = " (the default: ./plots without --save, <save>/plots with it)" if flag == "--plots-dir" else ""
+            fail(f"{flag} {path}{default} is not writable ({problem}): pass {flag} with a directory this user "
+                 f"can write, or start from one")
 
 
 def _size(nbytes: float) -> str:
@@ -463,6 +484,7 @@ def validate(args, parser: argparse.ArgumentParser,
         _check_load(args, fail)
     if args.save:
         _check_save(args, fail)
+    _check_output_directories(args, fail)
     if launcher_environment() is None:
         environment_port = os.environ.get("MASTER_PORT")
         if args.master_port is None and environment_port is not None and \

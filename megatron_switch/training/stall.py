@@ -152,10 +152,11 @@ class Heartbeat:
                 value = self._store.get(str(neighbour)).decode() if self._store.check([str(neighbour)]) else None
                 store_ok_at = time.monotonic()
             except Exception:  # noqa: BLE001  (a request past its deadline: the store does not answer)
-                if time.monotonic() - store_ok_at >= self.silence_limit:
-                    self._end(f"the rendezvous store at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
-                              f" (served by {store_holder()}) has not answered for {time.monotonic() - store_ok_at:.0f} s"
-                              f"; rank {self.rank} was in {self._own()}", tell_store=False)
+                silent = time.monotonic() - store_ok_at
+                if silent >= self.silence_limit:
+                    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+                    self._end(f"the rendezvous store at {where} (served by {store_holder()}) has not answered for "
+                              f"{silent:.0f} s; rank {self.rank} was in {self._own()}", tell_store=False)
                 continue
             if value == DONE:
                 continue
