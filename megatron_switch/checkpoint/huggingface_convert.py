@@ -126,6 +126,21 @@ def _description(settings: T5Settings) -> dict:
     return config
 
 
+def checkpoint_specs(settings: T5Settings, hf_specs: Mapping[str, TensorSpec], rows: int) -> dict[str, TensorSpec]:
+    """Our checkpoint's tensors (torch_dist keys) made of Hugging Face tensors of `hf_specs` (name ->
+    shape and dtype, as `hf_shapes` gives them for `settings`); `rows`: our padded vocabulary."""
+    specs = {}
+    for entry in entries(settings):
+        joined = entry.join([torch.empty(hf_specs[key].shape, dtype=hf_specs[key].dtype, device="meta")
+                             for key in entry.hf])
+        specs[checkpoint_name(entry.ours)] = TensorSpec(tuple(joined.shape), joined.dtype)
+    embedding = hf_specs["shared.weight"]
+    specs[EMBEDDING] = TensorSpec((rows, embedding.shape[1]), embedding.dtype)
+    if not settings.tie_word_embeddings:
+        specs[OUTPUT] = specs[OUTPUT_ALIAS] = specs[EMBEDDING]
+    return specs
+
+
 class HuggingFaceReader(CheckpointReader):
     """A Hugging Face Switch T5 folder seen as our checkpoint (see the module docstring).
 
@@ -156,15 +171,7 @@ class HuggingFaceReader(CheckpointReader):
             raise ConvertError(str(err)) from None
         self._check_keys()
         self._entries = {checkpoint_name(entry.ours): entry for entry in entries(self.settings)}
-        for name, entry in self._entries.items():
-            meta = [torch.empty(self.folder.specs[key].shape, dtype=self.folder.specs[key].dtype, device="meta")
-                    for key in entry.hf]
-            joined = entry.join(meta)
-            self.tensors[name] = TensorSpec(tuple(joined.shape), joined.dtype)
-        embedding = self.folder.specs["shared.weight"]
-        self.tensors[EMBEDDING] = TensorSpec((rows, embedding.shape[1]), embedding.dtype)
-        if not self.settings.tie_word_embeddings:
-            self.tensors[OUTPUT] = self.tensors[OUTPUT_ALIAS] = self.tensors[EMBEDDING]
+        self.tensors.update(checkpoint_specs(self.settings, self.folder.specs, rows))
         self.objects = dict.fromkeys(extra_state_names(self.settings))
         self._embeddings_checked = False
         self.common = {"iteration": 0, "consumed_train_samples": 0, "layout": {"tp": 1, "pp": 1, "ep": 1},
