@@ -126,6 +126,25 @@ def _description(settings: T5Settings) -> dict:
     return config
 
 
+def hf_settings(config: Mapping, folder: str, tp: int = 1, divisible_by: int = 128) -> T5Settings:
+    """The T5Settings `--from-hf` imports a Hugging Face config as (of a folder `folder`, for the
+    messages), the vocabulary padded as the trainer will at `tp`; ConvertError naming what the trainer
+    cannot honour."""
+    check_hf_config(config, folder)
+    rows = padded_vocab_size(int(config["vocab_size"]), divisible_by, tp)
+    try:
+        settings = settings_from_hf_config(config, vocab_size=rows)
+    except (T5ConfigError, ValueError, TypeError) as err:
+        raise ConvertError(f"{folder}/{CONFIG}: {err}") from None
+    intervals = {settings.expert_interval(stack) for stack in STACKS} - {0}
+    if len(intervals) > 1:
+        raise ConvertError(f"{folder}/{CONFIG} puts Switch layers at different steps in the encoder and the "
+                           f"decoder ({settings.expert_interval('encoder')} and "
+                           f"{settings.expert_interval('decoder')}): the trainer's --moe-layer-freq is one "
+                           "step for both stacks")
+    return settings
+
+
 def checkpoint_specs(settings: T5Settings, hf_specs: Mapping[str, TensorSpec], rows: int) -> dict[str, TensorSpec]:
     """Our checkpoint's tensors (torch_dist keys) made of Hugging Face tensors of `hf_specs` (name ->
     shape and dtype, as `hf_shapes` gives them for `settings`); `rows`: our padded vocabulary."""
@@ -152,19 +171,9 @@ class HuggingFaceReader(CheckpointReader):
     def __init__(self, folder: str, *, tp: int = 1, divisible_by: int = 128, trusted: bool = False):
         super().__init__(folder, trusted=trusted)
         self.config = read_hf_config(folder)
-        check_hf_config(self.config, folder)
-        self.hf_vocab_size = int(self.config["vocab_size"])
-        rows = padded_vocab_size(self.hf_vocab_size, divisible_by, tp)
-        try:
-            self.settings = settings_from_hf_config(self.config, vocab_size=rows)
-        except (T5ConfigError, ValueError, TypeError) as err:
-            raise ConvertError(f"{folder}/{CONFIG}: {err}") from None
-        intervals = {self.settings.expert_interval(stack) for stack in STACKS} - {0}
-        if len(intervals) > 1:
-            raise ConvertError(f"{folder}/{CONFIG} puts Switch layers at different steps in the encoder and the "
-                               f"decoder ({self.settings.expert_interval('encoder')} and "
-                               f"{self.settings.expert_interval('decoder')}): the trainer's --moe-layer-freq is one "
-                               "step for both stacks")
+        self.hf_vocab_size = int(self.config.get("vocab_size") or 0)
+        self.settings = hf_settings(self.config, folder, tp, divisible_by)
+        rows = self.settings.vocab_size
         try:
             self.folder = HuggingFaceFolder(folder, trusted=trusted)
         except WeightMappingError as err:
@@ -312,7 +321,7 @@ def import_huggingface(folder: str, save: str, target_tp: int | None = None, tar
 # --- export ---------------------------------------------------------------------------------------------------
 
 
-class _Source:
+class ExportSource:
     """Our tensors of a checkpoint, by state-dict name: a whole tensor, or one expert of a bank read
     with its neighbours in a block of at most BLOCK_BYTES (a stored chunk is read once, not once per
     expert). The last block read is kept: an entry's Hugging Face tensors are produced in turn from it."""
@@ -338,7 +347,7 @@ class _Source:
         return self._block if expert is None else self._block[expert - index[0][0]:expert - index[0][0] + 1]
 
 
-def _hf_plan(settings: T5Settings, source: _Source, hf_vocab_size: int) -> list[tuple[str, TensorSpec, Any]]:
+def export_plan(settings: T5Settings, source: ExportSource, hf_vocab_size: int) -> list[tuple[str, TensorSpec, Any]]:
     """(Hugging Face name, spec, produce) of every tensor of the exported folder, in file order."""
     vocab_dtype = source.reader.tensors[EMBEDDING].dtype
     plan = []
@@ -409,7 +418,7 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
         if experts != expected:
             raise ConvertError(f"--load {load}: its expert banks ({sorted(experts)[:2]} ...) are not where its "
                                f"model_config puts Switch layers ({sorted(expected)[:2]} ...)")
-        plan = _hf_plan(settings, _Source(reader), hf_vocab_size)
+        plan = export_plan(settings, ExportSource(reader), hf_vocab_size)
         shards = _shards(plan, max_shard_bytes)
         names = ([SAFETENSORS] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
