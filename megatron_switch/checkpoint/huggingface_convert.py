@@ -73,6 +73,7 @@ CONFIG = "config.json"
 TRAIN_FLAGS = "train-flags.txt"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 LAYER_NORM_EPSILON = 1e-6  # the trainer's T5 (T5Settings' default)
+ROUTER_SUFFIX = ".mlp.router.classifier.weight"
 
 
 def read_hf_config(folder: str) -> dict:
@@ -186,10 +187,14 @@ class HuggingFaceReader(CheckpointReader):
             if key in expected and spec.shape != expected[key]:
                 raise ConvertError(f"{where}: {key} has shape {spec.shape}, the config gives {expected[key]} "
                                    "(d_model, d_kv x num_heads, d_ff, num_experts, vocab_size)")
-        dtypes = {spec.dtype for spec in found.values()}
-        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
-            raise ConvertError(f"{where}: the tensors have dtypes {sorted(map(str, dtypes))}: one floating-point "
-                               "dtype is needed")
+        # One floating-point dtype, but a router may be float32 beside it: Hugging Face's router casts its
+        # classifier to router_dtype (float32) at its first forward pass, so a bfloat16 model saved after one
+        # holds exactly that mix; megatron-switch keeps routers in float32 too.
+        dtypes = {spec.dtype for key, spec in found.items() if not key.endswith(ROUTER_SUFFIX)}
+        routers = {spec.dtype for key, spec in found.items() if key.endswith(ROUTER_SUFFIX)} - {torch.float32}
+        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point or not routers <= dtypes:
+            raise ConvertError(f"{where}: the tensors have dtypes {sorted(map(str, dtypes | routers))}: one "
+                               "floating-point dtype is needed (the routers may be float32 beside it)")
 
     def _check_embeddings(self) -> None:
         """The stacks' input embeddings (and a tied output layer), when the folder has them, equal `shared`."""
