@@ -470,3 +470,20 @@ def test_unpickler_resolves_exact_names_only():
 
     with pytest.raises(CheckpointCodeError, match="pathlib.Path.write_text"):
         safe_pickle.Unpickler(io.BytesIO(pickle.dumps(WriteText())), trusted=False, what="x").load()
+
+
+# -- A checkpoint reads only itself: no paths out of its folder, no sizes that exhaust memory ------------------
+
+def test_an_oversized_tracker_is_refused_after_a_capped_read(tmp_path):
+    """A tracker holds an iteration number; one of 1 MiB (spaces after the number: `strip` would accept it)
+    is refused, naming the file, without being read whole."""
+    from megatron_switch.checkpoint.layout import TRACKER, TRACKER_LIMIT, CheckpointError, latest_checkpoint
+
+    (tmp_path / ITER / "mp_rank_00").mkdir(parents=True)
+    tracker = tmp_path / TRACKER
+    tracker.write_bytes(b"2" + b" " * (1 << 20))
+    with pytest.raises(CheckpointError, match=f"{tracker}: {(1 << 20) + 1} bytes, more than a tracker holds "
+                                              f"\\(at most {TRACKER_LIMIT}\\)"):
+        latest_checkpoint(str(tmp_path))
+    tracker.write_bytes(b"2\n")
+    assert latest_checkpoint(str(tmp_path)) == (2, str(tmp_path / ITER))

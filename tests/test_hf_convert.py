@@ -194,6 +194,36 @@ def test_hugging_face_to_ours_to_hugging_face_is_bit_identical(tmp_path, tied, a
                                    hf_logits(load(folder).eval(), data), rtol=1e-6, atol=1e-6)
 
 
+def test_bfloat16_folder_with_float32_routers_round_trips(tmp_path, capsys):
+    """A bfloat16 model saved after one forward pass holds float32 routers (Hugging Face's router casts its
+    classifier to router_dtype when it first runs): it imports, exports with each tensor's dtype bit for bit,
+    and the imported checkpoint in a float32 model gives Hugging Face's float32 logits. Another dtype beside
+    the model's is still refused by name."""
+    hf = hf_switch(4, 2, True, "relu", seed=7).to(torch.bfloat16)
+    data = batch(seed=8)
+    hf_logits(hf, data)  # the forward pass that leaves the routers in float32
+    folder = save_hf(hf, tmp_path / "hf")
+    original = _hf_tensors(folder)
+    assert {t.dtype for n, t in original.items() if "router" in n} == {torch.float32}
+    assert {t.dtype for n, t in original.items() if "router" not in n} == {torch.bfloat16}
+    convert("--from-hf", folder, "--save", tmp_path / "ours", "--target-ep", "2")
+    convert("--load", tmp_path / "ours", "--to-hf", tmp_path / "back")
+    back = _hf_tensors(str(tmp_path / "back"))
+    assert back.keys() == original.keys()
+    for name, tensor in original.items():
+        assert back[name].dtype == tensor.dtype and torch.equal(back[name], tensor), name
+    want = hf_logits(hf.float(), data)  # bfloat16 values are exact in float32
+    spawn(_load_and_compare, 2, 1, 2, dropless(HuggingFaceReader(folder).settings), str(tmp_path / "ours"), data, want)
+
+    odd = hf_switch(4, 2, True, "relu", seed=7).to(torch.bfloat16)
+    odd.encoder.block[1].layer[1].mlp.experts["expert_0"].to(torch.float16)
+    odd_folder = save_hf(odd, tmp_path / "odd")
+    with pytest.raises(SystemExit):
+        convert("--from-hf", odd_folder, "--save", tmp_path / "odd-ours")
+    assert "dtypes ['torch.bfloat16', 'torch.float16']: one floating-point dtype is needed" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "odd-ours")
+
+
 def test_fine_tuning_from_an_imported_model_learns_and_exports(tmp_path):
     """Import (vocabulary 358: the byte-level tokenizer's 258 and T5's 100 sentinels) at EP=2, train with the
     flags convert wrote, export the fine-tuned checkpoint: Hugging Face loads it, and it is the trained model."""

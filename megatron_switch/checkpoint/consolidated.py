@@ -228,21 +228,26 @@ class ConsolidatedReader(CheckpointReader):
         return tensor.contiguous()
 
 
-def write_safetensors_file(path: str, tensors: list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]],
-                           progress) -> None:
-    """A safetensors file of `tensors` ((name, spec, produce) each), produced and written one at a time
-    (safetensors' own `save_file` takes every tensor at once)."""
+def safetensors_header(specs: list[tuple[str, TensorSpec]]) -> bytes:
+    """The bytes a safetensors file of `specs` ((name, spec) each, stored in that order) starts with:
+    the header's length, then the JSON header (padded to 8 bytes); the tensors' data follow it."""
     header, offset = {}, 0
-    for name, spec, _ in tensors:
+    for name, spec in specs:
         header[name] = {"dtype": _CODES[spec.dtype], "shape": list(spec.shape),
                         "data_offsets": [offset, offset + spec.nbytes]}
         offset += spec.nbytes
     header["__metadata__"] = {"format": "pt"}
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def write_safetensors_file(path: str, tensors: list[tuple[str, TensorSpec, Callable[[], torch.Tensor]]],
+                           progress) -> None:
+    """A safetensors file of `tensors` ((name, spec, produce) each), produced and written one at a time
+    (safetensors' own `save_file` takes every tensor at once)."""
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(encoded)))
-        f.write(encoded)
+        f.write(safetensors_header([(name, spec) for name, spec, _ in tensors]))
         for _, _, produce in tensors:
             tensor = produce()
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)

@@ -73,6 +73,7 @@ CONFIG = "config.json"
 TRAIN_FLAGS = "train-flags.txt"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 LAYER_NORM_EPSILON = 1e-6  # the trainer's T5 (T5Settings' default)
+ROUTER_SUFFIX = ".mlp.router.classifier.weight"
 
 
 def read_hf_config(folder: str) -> dict:
@@ -125,6 +126,40 @@ def _description(settings: T5Settings) -> dict:
     return config
 
 
+def hf_settings(config: Mapping, folder: str, tp: int = 1, divisible_by: int = 128) -> T5Settings:
+    """The T5Settings `--from-hf` imports a Hugging Face config as (of a folder `folder`, for the
+    messages), the vocabulary padded as the trainer will at `tp`; ConvertError naming what the trainer
+    cannot honour."""
+    check_hf_config(config, folder)
+    rows = padded_vocab_size(int(config["vocab_size"]), divisible_by, tp)
+    try:
+        settings = settings_from_hf_config(config, vocab_size=rows)
+    except (T5ConfigError, ValueError, TypeError) as err:
+        raise ConvertError(f"{folder}/{CONFIG}: {err}") from None
+    intervals = {settings.expert_interval(stack) for stack in STACKS} - {0}
+    if len(intervals) > 1:
+        raise ConvertError(f"{folder}/{CONFIG} puts Switch layers at different steps in the encoder and the "
+                           f"decoder ({settings.expert_interval('encoder')} and "
+                           f"{settings.expert_interval('decoder')}): the trainer's --moe-layer-freq is one "
+                           "step for both stacks")
+    return settings
+
+
+def checkpoint_specs(settings: T5Settings, hf_specs: Mapping[str, TensorSpec], rows: int) -> dict[str, TensorSpec]:
+    """Our checkpoint's tensors (torch_dist keys) made of Hugging Face tensors of `hf_specs` (name ->
+    shape and dtype, as `hf_shapes` gives them for `settings`); `rows`: our padded vocabulary."""
+    specs = {}
+    for entry in entries(settings):
+        joined = entry.join([torch.empty(hf_specs[key].shape, dtype=hf_specs[key].dtype, device="meta")
+                             for key in entry.hf])
+        specs[checkpoint_name(entry.ours)] = TensorSpec(tuple(joined.shape), joined.dtype)
+    embedding = hf_specs["shared.weight"]
+    specs[EMBEDDING] = TensorSpec((rows, embedding.shape[1]), embedding.dtype)
+    if not settings.tie_word_embeddings:
+        specs[OUTPUT] = specs[OUTPUT_ALIAS] = specs[EMBEDDING]
+    return specs
+
+
 class HuggingFaceReader(CheckpointReader):
     """A Hugging Face Switch T5 folder seen as our checkpoint (see the module docstring).
 
@@ -136,34 +171,16 @@ class HuggingFaceReader(CheckpointReader):
     def __init__(self, folder: str, *, tp: int = 1, divisible_by: int = 128, trusted: bool = False):
         super().__init__(folder, trusted=trusted)
         self.config = read_hf_config(folder)
-        check_hf_config(self.config, folder)
-        self.hf_vocab_size = int(self.config["vocab_size"])
-        rows = padded_vocab_size(self.hf_vocab_size, divisible_by, tp)
-        try:
-            self.settings = settings_from_hf_config(self.config, vocab_size=rows)
-        except (T5ConfigError, ValueError, TypeError) as err:
-            raise ConvertError(f"{folder}/{CONFIG}: {err}") from None
-        intervals = {self.settings.expert_interval(stack) for stack in STACKS} - {0}
-        if len(intervals) > 1:
-            raise ConvertError(f"{folder}/{CONFIG} puts Switch layers at different steps in the encoder and the "
-                               f"decoder ({self.settings.expert_interval('encoder')} and "
-                               f"{self.settings.expert_interval('decoder')}): the trainer's --moe-layer-freq is one "
-                               "step for both stacks")
+        self.hf_vocab_size = int(self.config.get("vocab_size") or 0)
+        self.settings = hf_settings(self.config, folder, tp, divisible_by)
+        rows = self.settings.vocab_size
         try:
             self.folder = HuggingFaceFolder(folder, trusted=trusted)
         except WeightMappingError as err:
             raise ConvertError(str(err)) from None
         self._check_keys()
         self._entries = {checkpoint_name(entry.ours): entry for entry in entries(self.settings)}
-        for name, entry in self._entries.items():
-            meta = [torch.empty(self.folder.specs[key].shape, dtype=self.folder.specs[key].dtype, device="meta")
-                    for key in entry.hf]
-            joined = entry.join(meta)
-            self.tensors[name] = TensorSpec(tuple(joined.shape), joined.dtype)
-        embedding = self.folder.specs["shared.weight"]
-        self.tensors[EMBEDDING] = TensorSpec((rows, embedding.shape[1]), embedding.dtype)
-        if not self.settings.tie_word_embeddings:
-            self.tensors[OUTPUT] = self.tensors[OUTPUT_ALIAS] = self.tensors[EMBEDDING]
+        self.tensors.update(checkpoint_specs(self.settings, self.folder.specs, rows))
         self.objects = dict.fromkeys(extra_state_names(self.settings))
         self._embeddings_checked = False
         self.common = {"iteration": 0, "consumed_train_samples": 0, "layout": {"tp": 1, "pp": 1, "ep": 1},
@@ -186,10 +203,14 @@ class HuggingFaceReader(CheckpointReader):
             if key in expected and spec.shape != expected[key]:
                 raise ConvertError(f"{where}: {key} has shape {spec.shape}, the config gives {expected[key]} "
                                    "(d_model, d_kv x num_heads, d_ff, num_experts, vocab_size)")
-        dtypes = {spec.dtype for spec in found.values()}
-        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point:
-            raise ConvertError(f"{where}: the tensors have dtypes {sorted(map(str, dtypes))}: one floating-point "
-                               "dtype is needed")
+        # One floating-point dtype, but a router may be float32 beside it: Hugging Face's router casts its
+        # classifier to router_dtype (float32) at its first forward pass, so a bfloat16 model saved after one
+        # holds exactly that mix; megatron-switch keeps routers in float32 too.
+        dtypes = {spec.dtype for key, spec in found.items() if not key.endswith(ROUTER_SUFFIX)}
+        routers = {spec.dtype for key, spec in found.items() if key.endswith(ROUTER_SUFFIX)} - {torch.float32}
+        if len(dtypes) > 1 or not next(iter(dtypes)).is_floating_point or not routers <= dtypes:
+            raise ConvertError(f"{where}: the tensors have dtypes {sorted(map(str, dtypes | routers))}: one "
+                               "floating-point dtype is needed (the routers may be float32 beside it)")
 
     def _check_embeddings(self) -> None:
         """The stacks' input embeddings (and a tied output layer), when the folder has them, equal `shared`."""
@@ -300,7 +321,7 @@ def import_huggingface(folder: str, save: str, target_tp: int | None = None, tar
 # --- export ---------------------------------------------------------------------------------------------------
 
 
-class _Source:
+class ExportSource:
     """Our tensors of a checkpoint, by state-dict name: a whole tensor, or one expert of a bank read
     with its neighbours in a block of at most BLOCK_BYTES (a stored chunk is read once, not once per
     expert). The last block read is kept: an entry's Hugging Face tensors are produced in turn from it."""
@@ -326,7 +347,7 @@ class _Source:
         return self._block if expert is None else self._block[expert - index[0][0]:expert - index[0][0] + 1]
 
 
-def _hf_plan(settings: T5Settings, source: _Source, hf_vocab_size: int) -> list[tuple[str, TensorSpec, Any]]:
+def export_plan(settings: T5Settings, source: ExportSource, hf_vocab_size: int) -> list[tuple[str, TensorSpec, Any]]:
     """(Hugging Face name, spec, produce) of every tensor of the exported folder, in file order."""
     vocab_dtype = source.reader.tensors[EMBEDDING].dtype
     plan = []
@@ -397,7 +418,7 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
         if experts != expected:
             raise ConvertError(f"--load {load}: its expert banks ({sorted(experts)[:2]} ...) are not where its "
                                f"model_config puts Switch layers ({sorted(expected)[:2]} ...)")
-        plan = _hf_plan(settings, _Source(reader), hf_vocab_size)
+        plan = export_plan(settings, ExportSource(reader), hf_vocab_size)
         shards = _shards(plan, max_shard_bytes)
         names = ([SAFETENSORS] if len(shards) == 1 else
                  [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

@@ -8,6 +8,10 @@
 The trainer and `megatron-switch convert` both use these functions: `write_tracker` replaces the
 tracker atomically (temporary file, fsync, rename), `latest_checkpoint` resolves what `--load`
 points at and says what to pass instead when it points at something else.
+
+A checkpoint reads only itself: every file a checkpoint's records name (a storage index, a weight
+map, checksum entries) goes through `inside` before it is opened, and records that are small by
+nature (the tracker, a config) are read with a size cap (`read_small_file`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,36 @@ CONSOLIDATED_INDEX = "model.safetensors.index.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says which file and why, and what to do."""
+
+
+class OutsideCheckpointError(CheckpointError):
+    """A checkpoint names a file outside its own folder; the message names the record and the path."""
+
+
+def inside(folder: str, name: object, record: str, also: tuple[str, ...] = ()) -> str:
+    """`folder`/`name`, for a file that `record` (a storage index entry, a weight map entry, ...)
+    names, once it is shown to stay in `folder`: `name` is a relative path that does not climb out,
+    and the file it resolves to (symbolic links followed) lies in `folder`, or in one of `also` (a
+    Hugging Face cache's blobs). OutsideCheckpointError names the record and the path otherwise.
+    Nothing is opened here; the caller opens what this returns."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise OutsideCheckpointError(f"{record} names {name!r}, which is not a file name: the record is damaged or "
+                                     f"was not written by a checkpoint writer")
+    if os.path.isabs(name) or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise OutsideCheckpointError(f"{record} names {name!r}, a path outside the checkpoint's folder {folder}: a "
+                                     f"checkpoint reads only its own files, so this record was crafted or edited. "
+                                     f"If that file really belongs to the checkpoint, copy it into {folder} and name "
+                                     f"it relative to that folder")
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    for root in (folder, *also):
+        base = os.path.realpath(root)
+        if os.path.commonpath([real, base]) == base:
+            return path
+    raise OutsideCheckpointError(f"{record} names {name!r}, which resolves (through a symbolic link) to {real}, "
+                                 f"outside the checkpoint's folder {folder}: a checkpoint reads only its own files. If "
+                                 f"that file really belongs to the checkpoint, copy it into {folder} in place of the "
+                                 f"link")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -57,14 +91,28 @@ def holds_checkpoints(root: str) -> bool:
     return os.path.isfile(os.path.join(root, TRACKER)) or bool(saved_iterations(root))
 
 
+def read_small_file(path: str, limit: int, what: str) -> bytes:
+    """The bytes of `path`, a record that is small by nature (a tracker, a config): at most `limit`
+    bytes are read, and CheckpointError names the file and its size when it holds more."""
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise CheckpointError(f"{path}: {os.path.getsize(path)} bytes, more than {what} holds (at most {limit}): "
+                              f"it is not {what}; replace it with one, or remove it")
+    return data
+
+
+TRACKER_LIMIT = 4096  # an iteration number (or Megatron-LM's "release"), with room for whitespace
+
+
 def read_tracker(root: str) -> int:
+    """The iteration the tracker of `root` names (read with a size cap)."""
     tracker = os.path.join(root, TRACKER)
-    with open(tracker) as f:
-        text = f.read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}") from None
+    text = read_small_file(tracker, TRACKER_LIMIT, "a tracker").decode(errors="replace").strip()
+    if not re.fullmatch(r"\d+", text):
+        raise CheckpointError(f"{tracker}: expected an iteration number, found {text[:40]!r}; write the iteration "
+                              f"to load into it, or pass --ckpt-step N")
+    return int(text)
 
 
 def latest_checkpoint(root: str, step: int | None = None) -> tuple[int, str]:
