@@ -32,7 +32,7 @@ KILLED = 128 + signal.SIGKILL
 
 def train(args, cwd, env=None, **extra):
     """`megatron-switch train` in a fresh process; returns (completed process, seconds)."""
-    environment = dict(os.environ, MEGATRON_SWITCH_CACHE=os.path.join(str(cwd), "cache"), **(env or {}))
+    environment = {**os.environ, "MEGATRON_SWITCH_CACHE": os.path.join(str(cwd), "cache"), **(env or {})}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         if var not in (env or {}):
             environment.pop(var, None)
@@ -383,6 +383,15 @@ def bad_inputs(tmp_path_factory):
     (root / "ckpt" / "iter_0000004").mkdir(parents=True)
     (root / "ckpt" / "iter_0000004" / "metadata.json").write_text("{}")
     (root / "ckpt" / "latest_checkpointed_iteration.txt").write_text("4")
+    # .bin/.idx pairs that were not written together (both preprocessed, so both have a fingerprint)
+    from megatron_switch.data.preprocess import write_indexed_dataset
+    from megatron_switch.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer("ByteLevelTokenizer", None)
+    for name, text in (("short", "a" * 300), ("long", "b" * 900), ("other", "c" * 300)):
+        write_indexed_dataset([text], str(root / name), tokenizer)
+    shutil.copy(root / "short.idx", root / "long.idx")  # another dataset's index: the .bin is longer
+    shutil.copy(root / "other.bin", root / "short.bin")  # another dataset's tokens: the same size
     return root, one_token
 
 
@@ -403,6 +412,10 @@ FLAG_CASES = [
     (["--load", "{root}/ckpt/iter_0000004"], "pass its parent, --load {root}/ckpt --ckpt-step 4"),
     (["--load", "{root}/st"], "is a consolidated safetensors checkpoint"),
     (["--master-port", "{busy}"], "is in use on this machine"),
+    (["--data-path", "{root}/long"], "{root}/long.bin (1802 bytes) and {root}/long.idx (its sequences end at byte "
+                                     "602) are not one pair"),  # 901 and 301 byte-level tokens of 2 bytes
+    (["--data-path", "{root}/short"],
+     "{root}/short.bin and {root}/short.idx do not match {root}/short.fingerprint.json"),
     (["--ckpt-step", "2"], "--ckpt-step needs --load DIR"),
 ]
 
@@ -421,6 +434,9 @@ def test_bad_input_is_answered_before_any_process_starts(tmp_path, bad_inputs, f
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message.format(**fill) in proc.stderr
     assert "Traceback" not in proc.stderr
+    # the error and where to read about the flags, not argparse's usage of every flag first
+    assert proc.stderr.strip().splitlines()[-1] == "(`megatron-switch train --help` describes every flag)", proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 2 and "usage:" not in proc.stderr, proc.stderr
     # a check that comes after the ranks' imports have started (the tokenizer's) ends them too
     assert survivors(str(tmp_path / "cache")) == []
 
@@ -457,3 +473,64 @@ def test_other_commands_refuse_a_zero_read_as_default(tmp_path, capsys):
             main(argv)
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+# -- inputs of the other commands, refused with the file named --------------------------------------------
+
+def _command(args, cwd, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, "-m", "megatron_switch.cli", *args], cwd=cwd, stdout=stdout,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_preprocess_refuses_empty_binary_and_undecodable_inputs(tmp_path):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    (tmp_path / "random.txt").write_bytes(bytes(range(256)) * 64)  # binary: a NUL byte first
+    (tmp_path / "latin1.txt").write_bytes("caf\u00e9 au lait".encode("latin-1"))
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    (tmp_path / "number.jsonl").write_bytes(b'{"text": 3}\n')
+    cases = [("empty.txt", "input empty.txt is empty: it holds no text to tokenize"),
+             ("random.txt", "random.txt: a NUL byte at byte 0: binary data, not text"),
+             ("latin1.txt", "latin1.txt: not UTF-8 text (byte 3 is b'\\xe9')"),
+             ("bad.jsonl", "bad.jsonl:2: not UTF-8 text"),
+             ("number.jsonl", "number.jsonl:1: 'text' holds a int, not text")]
+    for name, message in cases:
+        proc = _command(["preprocess", "--input", name, "--output-prefix", "out/data"], tmp_path)
+        out, err = proc.communicate()
+        assert proc.returncode == 2, (name, out, err)
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 2, (name, err)
+        assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []  # nothing written
+
+
+def test_a_data_path_may_name_the_bin_file(tmp_path):
+    from megatron_switch.data.check import dataset_tokens, parse_data_path
+    from megatron_switch.data.preprocess import write_indexed_dataset
+    from megatron_switch.data.tokenizers import build_tokenizer
+
+    write_indexed_dataset(["some text"], str(tmp_path / "x"), build_tokenizer("ByteLevelTokenizer", None))
+    for given in ("x.bin", "x.idx", "x"):
+        prefixes, _ = parse_data_path([str(tmp_path / given)])
+        assert prefixes == [str(tmp_path / "x")] and dataset_tokens(prefixes[0]) == 10
+    assert parse_data_path(["1", str(tmp_path / "x.bin")]) == ([str(tmp_path / "x")], [1.0])
+
+
+def test_plan_says_as_json_that_nothing_fits_and_a_closed_pipe_ends_quietly(tmp_path):
+    proc = _command(["plan", "--preset", "switch-c-2048", "--nodes", "1", "--gpus-per-node", "1", "--json"], tmp_path)
+    out, err = proc.communicate()
+    assert proc.returncode == 2
+    report = json.loads(out)
+    assert report["fits"] is False and report["layouts"] == [] and "GPUs would fit it" in report["error"]
+    assert report["model"] == "switch-c-2048" and "nothing fits" in err
+
+    proc = _command(["plan", "--preset", "switch-base-128", "--nodes", "4", "--top", "20"], tmp_path)
+    proc.stdout.close()  # the reader is gone before the plan is printed (`plan ... | head`)
+    err = proc.stderr.read()
+    assert proc.wait() == 128 + signal.SIGPIPE and err == "", err
+
+
+def test_an_unwritable_working_directory_is_refused_before_any_rank_starts(tmp_path, tmpfs):
+    subprocess.run(["mount", "-o", "remount,ro", str(tmpfs)], check=True)
+    proc, _ = train([*TINY, "--train-iters", "1"], tmpfs, env={"MEGATRON_SWITCH_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--plots-dir ./plots (the default: ./plots without --save, <save>/plots with it) is not writable " \
+           "(Read-only file system)" in proc.stderr
+    assert "Traceback" not in proc.stderr and survivors(str(tmp_path / "cache")) == []
