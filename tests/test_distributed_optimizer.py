@@ -5,6 +5,7 @@ runs with and without it."""
 
 from __future__ import annotations
 
+import math
 import shutil
 
 import pytest
@@ -260,7 +261,29 @@ def _at_iteration_3(run, tmp_path):
     return root
 
 
+def _adam_bounds(steps: int, beta1: float = 0.9, beta2: float = 0.999) -> tuple[float, float]:
+    """(C, A) for Adam after `steps` steps, whatever the gradients g_1..g_t were:
+    |m_t| <= C sqrt(v_t) for the raw moments (m_t = (1-b1) sum b1^(t-k) g_k, v_t = (1-b2) sum b2^(t-k) g_k^2;
+    Cauchy-Schwarz: C = (1-b1)/sqrt(1-b2) * sqrt(sum_j<t (b1^2/b2)^j)), and |m^_t / (sqrt(v^_t) + eps)| <= A
+    for the bias-corrected step (A = C sqrt(1-b2^t) / (1-b1^t): 1.0, 1.0013, 1.0036 for t = 1, 2, 3)."""
+    c = (1 - beta1) / math.sqrt(1 - beta2) * math.sqrt(sum((beta1 * beta1 / beta2) ** j for j in range(steps)))
+    return c, c * math.sqrt(1 - beta2 ** steps) / (1 - beta1 ** steps)
+
+
 def test_checkpoints_hold_the_same_tensors_with_and_without_it(bf16_runs, tmp_path):
+    """The two runs are the same training, but not the same arithmetic: the sharded run sums its gradient
+    norm from reduce-scattered shards (another order of the float32 sums: the clip factor differs in the
+    last bits) and updates pieces of each tensor with the elementwise kernels' vector and scalar paths
+    at other offsets (FMA or not, by CPU). A last-bit difference can round a bf16 weight the other way,
+    and then a token's expert (a discrete choice) can differ: an expert that receives no token in one run
+    gets no update there and a full Adam step (about lr) in the other (seen: 5e-4 on an expert bias on an
+    AMD EPYC). So no fixed tolerance is right on every x86-64 CPU. What holds on any CPU:
+    - within each checkpoint, exactly: every bf16 weight is its float32 master rounded to bf16 (a cast,
+      the same on every CPU), and Adam's moments obey |m| <= C sqrt(v) element by element (`_adam_bounds`:
+      a moment block saved at another element's place breaks it);
+    - across the runs: a float32 master moves by at most A x lr per step in either run, so after steps with
+      learning rates lr_1..lr_t (as logged) the two differ by at most 2 A sum(lr_t), plus float32 rounding.
+      Weights start at N(0, 0.02): a block saved at the wrong place is off by about its own size (~0.03)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     saved = {}
@@ -271,12 +294,30 @@ def test_checkpoints_hold_the_same_tensors_with_and_without_it(bf16_runs, tmp_pa
     optimizer_keys = [k for k in saved["plain"] if k.startswith("optimizer.")]
     assert any(k.startswith("optimizer.main_param.") for k in optimizer_keys)
     assert any(".experts." in k for k in optimizer_keys)
-    for key, value in saved["plain"].items():  # the same training: model and optimizer alike
-        if isinstance(value, torch.Tensor):  # (a block in the wrong place would be off by its own size)
-            other = saved["sharded"][key]
-            assert value.shape == other.shape and value.dtype == other.dtype, key
-            scale = value.float().abs().max().clamp(min=1e-12)
-            assert (value.float() - other.float()).abs().max() <= 1e-2 * scale, key
+    lrs = [r["lr"] for r in metrics(bf16_runs / "plain" / "plots")[:3]]
+    assert lrs == [r["lr"] for r in metrics(bf16_runs / "sharded" / "plots")[:3]]
+    c, a = _adam_bounds(3)
+    drift = 2 * sum(_adam_bounds(t)[1] * lr for t, lr in enumerate(lrs, 1))
+    assert drift < 0.005  # (well below the weights' size: the check can fail)
+    for name, state in saved.items():
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            assert value.shape == saved["plain"][key].shape and value.dtype == saved["plain"][key].dtype, key
+            if key.startswith("optimizer.state.exp_avg."):
+                v = state["optimizer.state.exp_avg_sq." + key[len("optimizer.state.exp_avg."):]]
+                assert (v >= 0).all() and (value.abs() <= c * v.sqrt() * (1 + 1e-5)).all(), (name, key)
+            elif not key.startswith("optimizer.") and value.dtype == torch.bfloat16:
+                master = state["optimizer.main_param." + key]  # every bf16 weight has its float32 master
+                assert master.dtype == torch.float32 and torch.equal(value, master.to(value.dtype)), (name, key)
+    masters = [k for k in saved["plain"] if k.startswith("optimizer.main_param.")]
+    masters += [k for k, v in saved["plain"].items()  # float32 weights (routers) are their own masters
+                if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and not k.startswith("optimizer.")]
+    assert any(".router." in k for k in masters)
+    for key in masters:
+        master, other = saved["plain"][key], saved["sharded"][key]
+        bound = drift + 1e-6 * torch.maximum(master.abs(), other.abs())
+        assert ((master - other).abs() <= bound).all(), (key, float((master - other).abs().max()), drift)
 
 
 @pytest.mark.parametrize("saved_by,resumed_with,rel", [
