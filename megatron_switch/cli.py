@@ -95,6 +95,7 @@ def _rendezvous_entry(connection, address: str, port: Optional[int], world_size:
 
     from torch.distributed import DistNetworkError, TCPStore
 
+    os.setsid()  # (a Ctrl-C at the terminal goes to the ranks, through the launcher; the store ends after them)
     try:
         store = TCPStore(address, port or 0, world_size, is_master=True, wait_for_workers=False,
                          timeout=datetime.timedelta(minutes=timeout_minutes))
