@@ -145,7 +145,7 @@ def initialize_parallel(tp: int = 1, pp: int = 1, ep: int = 1, num_experts: Opti
         backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
-        if world_size == 1 and "MASTER_PORT" not in os.environ:  # one process meets no one: no port
+        if world_size == 1:  # one process meets no one: no port, an in-memory store
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -13,11 +13,10 @@ import_megatron_core()  # as the entry points do (compat/startup.py)
 def single_process_groups():
     """Megatron's parallel state for one gloo process (world size 1), torn down afterwards."""
     from megatron_switch.parallel import destroy_parallel, initialize_parallel
+    from tests.helpers import free_port
 
     saved = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
-    for key in ("MASTER_ADDR", "MASTER_PORT"):  # one process meets no one: no port (an in-memory store)
-        os.environ.pop(key, None)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     initialize_parallel(backend="gloo")
     try:
         yield

@@ -209,8 +209,9 @@ def test_default_corpus_and_index_cache_across_nodes_with_their_own_disks(tmp_pa
 
     spawn(_data_on_two_nodes, 2, str(tmp_path))
     corpus = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-ByteLevelTokenizer"
-    for node in ("node0", "node1"):  # the corpus, complete, and no temporary files
-        assert sorted(set(os.listdir(tmp_path / node)) - {"index-cache"}) == [f"{corpus}.bin", f"{corpus}.idx"]
+    for node in ("node0", "node1"):  # the corpus, complete (with the pair's fingerprint), and no temporary files
+        assert sorted(set(os.listdir(tmp_path / node)) - {"index-cache"}) == [
+            f"{corpus}.bin", f"{corpus}.fingerprint.json", f"{corpus}.idx"]
 
 
 def test_bf16_resume_without_optimizer_state_keeps_the_loaded_weights(single_process_groups, tmp_path):
