@@ -27,6 +27,7 @@ import torch
 
 from megatron_switch.checkpoint import safe_pickle
 from megatron_switch.checkpoint.convert import convert, open_checkpoint
+from megatron_switch.checkpoint.layout import CheckpointError
 from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError
 from tests.test_train import SMALL, run_train
 
@@ -477,7 +478,7 @@ def test_unpickler_resolves_exact_names_only():
 def test_an_oversized_tracker_is_refused_after_a_capped_read(tmp_path):
     """A tracker holds an iteration number; one of 1 MiB (spaces after the number: `strip` would accept it)
     is refused, naming the file, without being read whole."""
-    from megatron_switch.checkpoint.layout import TRACKER, TRACKER_LIMIT, CheckpointError, latest_checkpoint
+    from megatron_switch.checkpoint.layout import TRACKER, TRACKER_LIMIT, latest_checkpoint
 
     (tmp_path / ITER / "mp_rank_00").mkdir(parents=True)
     tracker = tmp_path / TRACKER
@@ -487,3 +488,449 @@ def test_an_oversized_tracker_is_refused_after_a_capped_read(tmp_path):
         latest_checkpoint(str(tmp_path))
     tracker.write_bytes(b"2\n")
     assert latest_checkpoint(str(tmp_path)) == (2, str(tmp_path / ITER))
+
+
+class _Watch:
+    """Files opened or read in folder `outside` while the watch lasts, by any process in any language
+    (Linux inotify: safetensors opens files from Rust, torch from C++, the trainer in other
+    processes; an audit hook would see only this interpreter's Python opens)."""
+
+    _OPEN, _ACCESS, _NONBLOCK, _ISDIR = 0x20, 0x1, 0o4000, 0x40000000
+
+    def __init__(self, outside):
+        import ctypes
+
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(self._NONBLOCK)
+        assert self.fd >= 0 and self._libc.inotify_add_watch(self.fd, str(outside).encode(),
+                                                            self._OPEN | self._ACCESS) >= 0
+        self.seen: set[str] = set()
+
+    def opened(self) -> set[str]:
+        import struct
+
+        while True:
+            try:
+                data = os.read(self.fd, 1 << 16)
+            except BlockingIOError:
+                return self.seen
+            at = 0
+            while at < len(data):
+                _, mask, _, size = struct.unpack_from("iIII", data, at)
+                if not mask & self._ISDIR:
+                    self.seen.add(data[at + 16:at + 16 + size].rstrip(b"\0").decode())
+                at += 16 + size
+
+    def __enter__(self) -> _Watch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
+
+
+def _outside(tmp_path) -> pathlib.Path:
+    (tmp_path / "outside").mkdir(exist_ok=True)
+    return tmp_path / "outside"
+
+
+def _rewrite_metadata(iteration, edit) -> None:
+    """torch_dist `.metadata` of `iteration` (our own file: unpickled plainly here) after `edit(metadata)`."""
+    with open(iteration / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    edit(metadata)
+    with open(iteration / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+
+
+def _name_outside(metadata, target: str) -> None:
+    for info in metadata.storage_data.values():
+        if info.relative_path == "__0_0.distcp":
+            info.relative_path = target
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+def test_a_torch_dist_storage_index_naming_a_file_outside_is_refused_unopened(ckpts, tmp_path, absolute):
+    """`.metadata` whose storage entries name ../../outside/__0_0.distcp (or its absolute path), a real
+    shard moved out of the checkpoint: convert and the trainer's --load refuse it, naming the entry and
+    the path, and neither opens the file (they read it into the new checkpoint before)."""
+    outside = _outside(tmp_path)
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch_dist"], crafted)
+    shutil.move(crafted / ITER / "__0_0.distcp", outside / "__0_0.distcp")
+    name = str(outside / "__0_0.distcp") if absolute else "../../outside/__0_0.distcp"
+    _rewrite_metadata(crafted / ITER, lambda metadata: _name_outside(metadata, name))
+    message = f"names '{name}', a path outside the checkpoint's folder {crafted / ITER}"
+    with _Watch(outside) as watch:
+        with pytest.raises(CheckpointError, match="the storage entry of .*" + message.replace(".", r"\.")):
+            convert(str(crafted), str(tmp_path / "out"), fmt="torch_dist", progress=False, log=_quiet)
+        if not absolute:  # (the trainer's --load, once: both forms are the same check)
+            proc = run_train([*RUN[:-1], "3", "--load", str(crafted), "--plots-dir", str(tmp_path / "plots")],
+                             tmp_path, check=False)
+            assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert watch.opened() == set()
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_torch_dist_storage_index_beyond_its_files_is_refused(ckpts, tmp_path):
+    """Sizes in `.metadata` bounded by the files: a byte range past the end of its file, a tensor whose
+    shape its chunks do not hold (a [10^6 x ...] embedding read whole would allocate gigabytes)."""
+    from megatron_switch.checkpoint.distcp import read_metadata
+
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch_dist"], crafted)
+    size = (crafted / ITER / "__0_0.distcp").stat().st_size
+
+    def past_the_end(metadata):
+        info = next(i for i in metadata.storage_data.values() if i.relative_path == "__0_0.distcp")
+        info.length = size + 1
+
+    _rewrite_metadata(crafted / ITER, past_the_end)
+    with pytest.raises(CheckpointError, match=f"bytes .* of __0_0.distcp, which holds {size} bytes"):
+        read_metadata(str(crafted / ITER), trusted=False)
+    shutil.copy(ckpts["torch_dist"] / ITER / ".metadata", crafted / ITER / ".metadata")
+
+    def wider(metadata):
+        meta = metadata.state_dict_metadata["embedding.word_embeddings.weight"]
+        meta.size = torch.Size([10**6, *meta.size[1:]])
+
+    _rewrite_metadata(crafted / ITER, wider)
+    with pytest.raises(CheckpointError, match=r"tensor embedding.word_embeddings.weight has shape \(1000000, 64\) "
+                                           r"\(64000000 elements\), its chunks hold 24576"):
+        convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+
+
+def test_integrity_records_naming_files_outside_are_refused_unopened(ckpts, tmp_path):
+    """An integrity.json entry naming ../../outside/secret.txt with that file's real SHA-256 made convert
+    and the trainer open and hash it (and load: a probe for what any readable file holds); refused."""
+    import hashlib
+
+    outside = _outside(tmp_path)
+    secret = outside / "secret.txt"
+    secret.write_text("a file outside the checkpoint\n")
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ckpts["torch_dist"], crafted)
+    record = json.loads((crafted / ITER / "integrity.json").read_text())
+    record["entries"].append({"what": "probe", "file": "../../outside/secret.txt", "start": 0, "length": 30,
+                              "sha256": hashlib.sha256(secret.read_bytes()).hexdigest()})
+    (crafted / ITER / "integrity.json").write_text(json.dumps(record))
+    message = (f"integrity.json: entry {len(record['entries']) - 1} (probe) names '../../outside/secret.txt', a "
+               f"path outside the checkpoint's folder {crafted / ITER}")
+    with _Watch(outside) as watch:
+        with pytest.raises(CheckpointError) as err:
+            convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+        assert message in str(err.value)
+        proc = run_train([*RUN[:-1], "3", "--load", str(crafted), "--plots-dir", str(tmp_path / "plots")], tmp_path,
+                         check=False)
+        assert proc.returncode != 0 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert watch.opened() == set()
+
+
+MALFORMED_ENTRIES = {
+    "negative length": ({"length": -5}, "entry 0 (.*): length is -5, not a byte count"),
+    "negative start": ({"start": -5}, "entry 0 (.*): start is -5, not a byte count"),
+    "file not a string": ({"file": 7}, "entry 0 (.*) names 7, which is not a file name"),
+    "checksum not hex": ({"sha256": "x" * 64}, "entry 0 (.*): sha256 is 'xxx.*', not a SHA-256"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_ENTRIES))
+def test_malformed_integrity_entries_are_named_not_tracebacks(ckpts, tmp_path, case):
+    """A negative length or start, or a file that is not a string, raised from deep in the hashing
+    (ValueError, OSError, TypeError tracebacks): each is refused naming the entry."""
+    edit, message = MALFORMED_ENTRIES[case]
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ckpts["torch_dist"], crafted)
+    record = json.loads((crafted / ITER / "integrity.json").read_text())
+    record["entries"][0].update(edit)
+    (crafted / ITER / "integrity.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=f"{crafted / ITER / 'integrity.json'}: {message}"):
+        open_checkpoint(str(crafted))
+    if case == "negative length":
+        done = _cli_convert("--load", crafted, "--save", tmp_path / "out")
+        assert done.returncode == 1 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+@pytest.mark.parametrize("absolute", [False, True], ids=["relative", "absolute"])
+def test_a_consolidated_weight_map_naming_a_file_outside_is_refused_unopened(ckpts, tmp_path, absolute):
+    outside = _outside(tmp_path)
+    crafted = tmp_path / "crafted"
+    shutil.copytree(ckpts["safetensors"], crafted)
+    shutil.move(crafted / "model.safetensors", outside / "model.safetensors")
+    name = str(outside / "model.safetensors") if absolute else "../outside/model.safetensors"
+    index = json.loads((crafted / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {k: name if v == "model.safetensors" else v for k, v in index["weight_map"].items()}
+    (crafted / "model.safetensors.index.json").write_text(json.dumps(index))
+    with _Watch(outside) as watch:
+        with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: the weight_map entry of .* names "
+                                               f"'{name}', a path outside the checkpoint's folder {crafted}"):
+            convert(str(crafted), str(tmp_path / "out"), fmt="torch_dist", progress=False, log=_quiet)
+        assert watch.opened() == set()
+
+
+def test_a_rank_file_linked_from_outside_is_refused_unopened(ckpts, tmp_path):
+    """Legacy rank files are found by name; one that is a symbolic link out of the checkpoint is refused by
+    convert and by the trainer's reader (`read_legacy_file`), which never open it."""
+    from megatron_switch.parallel import Layout
+    from megatron_switch.training.legacy_load import read_legacy_file
+
+    outside = _outside(tmp_path)
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch"], crafted)
+    file = _rank_file(crafted)
+    shutil.move(file, outside / "model_optim_rng.pt")
+    file.symlink_to(outside / "model_optim_rng.pt")
+    message = (f"the rank file names 'mp_rank_00/model_optim_rng.pt', which resolves (through a symbolic link) "
+               f"to {outside / 'model_optim_rng.pt'}, outside the checkpoint's folder {crafted / ITER}")
+    with _Watch(outside) as watch:
+        with pytest.raises(CheckpointError) as err:
+            convert(str(crafted), str(tmp_path / "out"), fmt="torch_dist", progress=False, log=_quiet)
+        assert message in str(err.value)
+        with pytest.raises(CheckpointError) as err:
+            read_legacy_file(str(crafted / ITER), str(file), Layout())
+        assert message in str(err.value)
+        assert watch.opened() == set()
+
+
+def _rewrite_rank_file(file, members: dict) -> None:
+    """Rank file `file` (a torch.save zip) with `members` {name: (bytes, compression)} in place of its own."""
+    import zipfile
+
+    new = file.with_suffix(".new")
+    with zipfile.ZipFile(file) as source, zipfile.ZipFile(new, "w") as target:
+        for info in source.infolist():
+            data, method = members.get(info.filename.split("/", 1)[1], (source.read(info), zipfile.ZIP_STORED))
+            target.writestr(zipfile.ZipInfo(info.filename), data, compress_type=method, compresslevel=1)
+    os.replace(new, file)
+
+
+def test_a_rank_file_whose_pickle_inflates_past_what_a_checkpoint_holds_is_refused(ckpts, tmp_path):
+    """data.pkl deflated: a few MB on disk, 300 MiB declared (it was inflated and unpickled, 2.4 GB for a
+    1 GiB one); refused by convert and by the trainer's reader, trusted or not, before inflating."""
+    import zipfile
+
+    from megatron_switch.checkpoint import safe_pickle
+
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch"], crafted)
+    file = _rank_file(crafted)
+    with zipfile.ZipFile(file) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("/data.pkl")))
+    _rewrite_rank_file(file, {"data.pkl": (pickled + bytes(300 << 20), zipfile.ZIP_DEFLATED)})
+    assert file.stat().st_size < 16 << 20
+    message = f"declares {len(pickled) + (300 << 20)} bytes of pickled structure, more than a checkpoint's holds"
+    with pytest.raises(CheckpointError, match=message):
+        convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+    for trusted in (False, True):
+        with pytest.raises(CheckpointError, match=message):
+            safe_pickle.load(str(file), trusted=trusted)
+
+
+@pytest.mark.parametrize("how", ["size", "offset", "stride"])
+def test_tensor_records_beyond_their_storage_are_refused_by_one_check(ckpts, tmp_path, how):
+    """A tensor record whose size, offset or stride reaches past its storage: convert raised torch's
+    `Trying to resize storage that is not resizable`; convert and the trainer's reader (`load`) now
+    refuse it with the same words (`safe_pickle.check_tensor_record`)."""
+    import collections
+
+    from megatron_switch.checkpoint import safe_pickle
+
+    class Record:
+        def __init__(self, tensor, offset, size, stride):
+            self.args = (tensor.untyped_storage(), tensor.dtype, offset, size, stride)
+
+        def __reduce_ex__(self, protocol):
+            storage, dtype, offset, size, stride = self.args
+            return (torch._utils._rebuild_tensor_v2,
+                    (torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True), offset, size,
+                     stride, False, collections.OrderedDict()))
+
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch"], crafted)
+    file = _rank_file(crafted)
+    state = torch.load(file, weights_only=False)
+    tensor = state["model"]["decoder.final_layernorm.weight"]
+    n = tensor.numel()
+    offset, size, stride = {"size": (0, (1000 * n,), (1,)), "offset": (1000 * n, (n,), (1,)),
+                            "stride": (0, (n,), (1000,))}[how]
+    state["model"]["decoder.final_layernorm.weight"] = Record(tensor, offset, size, stride)
+    torch.save(state, file)
+    message = (f"a tensor record of shape {size}, stride {stride} at offset {offset} reaches element "
+               f"{offset + 1 + (size[0] - 1) * stride[0]} of storage data/.*, which holds {n}")
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+    with pytest.raises(CheckpointError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        safe_pickle.load(str(file), trusted=False)
+    if how == "size":
+        done = _cli_convert("--load", crafted, "--save", tmp_path / "out")
+        assert done.returncode == 1 and "Traceback" not in done.stderr and "reaches element" in done.stderr
+
+
+def test_sizes_in_rank_file_args_are_bounded_by_the_rank_files(ckpts, tmp_path):
+    """args.tensor_model_parallel_size of 10^9 built a list of 10^9 rank files (killed past 3 GB); a
+    num_layers the files do not hold placed layers on stages that do not exist."""
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch"], crafted)
+    file = _rank_file(crafted)
+    state = torch.load(file, weights_only=False)
+    state["args"].tensor_model_parallel_size = 10**9
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match="args.tensor_model_parallel_size is 1000000000, but the checkpoint has 1 "
+                                           "mp_rank_. directories"):
+        convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+    state["args"].tensor_model_parallel_size = 1
+    state["args"].num_layers = 10**9
+    torch.save(state, file)
+    with pytest.raises(CheckpointError, match=r"args.num_layers is 1000000000, but its 4 layers x 1 pipeline stages "
+                                           r"make 4"):
+        convert(str(crafted), str(tmp_path / "out"), progress=False, log=_quiet)
+
+
+def test_a_model_config_that_disagrees_with_its_tensors_is_refused(ckpts, tmp_path):
+    """A torch_dist common state whose model_config says 10^9 layers (a layout's stages and layer lists
+    are built from it): refused, naming the field, before anything is laid out."""
+    from megatron_switch.checkpoint.distcp import read_common_state
+
+    crafted = tmp_path / "crafted"
+    _copy_to_craft(ckpts["torch_dist"], crafted)
+    state = read_common_state(str(crafted / ITER), trusted=True)
+    state["model_config"] = {**state["model_config"], "num_layers": 10**9}
+    torch.save(state, crafted / ITER / "common.pt")
+    with pytest.raises(CheckpointError, match="model_config gives num_layers 1000000000, its tensors hold 4 layers"):
+        convert(str(crafted), str(tmp_path / "out"), target_pp=3, progress=False, log=_quiet)
+
+
+HF_COUNTS = {"num_experts": "num_experts is 1000000000, the weights hold 4 experts per sparse layer",
+             "num_layers": "num_layers is 1000000000, the weights hold 4 encoder blocks",
+             "num_decoder_layers": "num_decoder_layers is 1000000000, the weights hold 4 decoder blocks"}
+
+
+def test_hugging_face_and_model_configs_disagreeing_with_their_weights_are_refused(tmp_path):
+    """config.json with num_experts, num_layers or num_decoder_layers of 10^9 (its tensors small) built
+    lists of names 10^9 long (6.5 GB after 40 s, or the OOM killer): refused naming the field, before
+    any list is built; likewise a model_config of ours exported to Hugging Face."""
+    pytest.importorskip("transformers")
+    from megatron_switch.checkpoint.distcp import read_common_state
+    from megatron_switch.checkpoint.huggingface_convert import export_huggingface, import_huggingface
+    from tests.test_hf_convert import hf_switch, save_hf
+
+    folder = pathlib.Path(save_hf(hf_switch(4, 2, True, "relu", seed=1), tmp_path / "hf"))
+    config = json.loads((folder / "config.json").read_text())
+    for field, message in HF_COUNTS.items():
+        (folder / "config.json").write_text(json.dumps({**config, field: 10**9}))
+        with pytest.raises(CheckpointError, match=f"{folder}/config.json does not describe these weights: {message}"):
+            import_huggingface(str(folder), str(tmp_path / "out"), progress=False, log=_quiet)
+    (folder / "config.json").write_text(json.dumps({**config, "note": " " * (1 << 20)}))
+    with pytest.raises(CheckpointError, match=r"config.json: \d+ bytes, more than a model config holds"):
+        import_huggingface(str(folder), str(tmp_path / "out"), progress=False, log=_quiet)
+    (folder / "config.json").write_text(json.dumps(config))
+    import_huggingface(str(folder), str(tmp_path / "ours"), progress=False, log=_quiet)
+    assert not (tmp_path / "out").exists()
+
+    iteration = tmp_path / "ours" / "iter_0000000"
+    (iteration / "integrity.json").unlink()  # a crafted checkpoint brings none
+    state = read_common_state(str(iteration), trusted=True)
+    state["model_config"] = {**state["model_config"], "encoder_num_layers": 10**9}
+    torch.save(state, iteration / "common.pt")
+    with pytest.raises(CheckpointError, match="its model_config does not describe these weights: encoder_num_layers "
+                                              "is 1000000000, the weights hold 4 encoder layers"):
+        export_huggingface(str(tmp_path / "ours"), str(tmp_path / "exported"), progress=False, log=_quiet)
+
+
+def _hf_cache(root, weights: dict) -> pathlib.Path:
+    """A Hugging Face download cache of one model: `snapshots/REV/*` are links to `../../blobs/<sha256>`."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    repo = root / "models--org--switch"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    files = {f"model-0000{i + 1}-of-00002.safetensors": {k: weights[k]} for i, k in enumerate(weights)}
+    for name, tensors in files.items():
+        save_file(tensors, str(root / name))
+    (root / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {k: name for name, tensors in files.items() for k in tensors}}))
+    for name in [*files, "model.safetensors.index.json"]:
+        blob = hashlib.sha256((root / name).read_bytes()).hexdigest()
+        shutil.move(root / name, repo / "blobs" / blob)
+        (snapshot / name).symlink_to(f"../../blobs/{blob}")
+    return snapshot
+
+
+def test_a_hugging_face_cache_snapshot_is_followed_into_its_blobs_and_nowhere_else(tmp_path):
+    """A revision folder of the download cache holds links to its repository's blobs: read as before.
+    A weight index naming a path out of the folder, or a shard linked anywhere else (another folder,
+    another repository's blobs), is refused and never opened."""
+    from megatron_switch.checkpoint.huggingface import read_huggingface_weights
+
+    weights = {"shared.weight": torch.randn(8, 4), "lm_head.weight": torch.randn(8, 4)}
+    snapshot = _hf_cache(tmp_path, weights)
+    found = read_huggingface_weights(str(snapshot))
+    assert found.keys() == weights.keys() and all(torch.equal(found[k], weights[k]) for k in weights)
+
+    outside = _outside(tmp_path)
+    other = tmp_path / "models--org--other" / "blobs"
+    other.mkdir(parents=True)
+    shard = snapshot / "model-00001-of-00002.safetensors"
+    for place in (outside, other):
+        shutil.copy(shard, place / "stolen.safetensors")
+    index = snapshot / "model.safetensors.index.json"
+    blob = os.readlink(index)
+    with _Watch(outside) as watch, _Watch(other) as watch_other:
+        index.unlink()
+        index.write_text(json.dumps({"weight_map": {"shared.weight": "../../../outside/stolen.safetensors",
+                                                    "lm_head.weight": "model-00002-of-00002.safetensors"}}))
+        with pytest.raises(CheckpointError, match="model.safetensors.index.json: the weight_map entry of shared.weight "
+                                                  "names '../../../outside/stolen.safetensors', a path outside"):
+            read_huggingface_weights(str(snapshot))
+        index.unlink()
+        index.symlink_to(blob)
+        for place in (outside, other):
+            shard.unlink()
+            shard.symlink_to(place / "stolen.safetensors")
+            with pytest.raises(CheckpointError, match=f"names 'model-00001-of-00002.safetensors', which resolves "
+                                                      f"\\(through a symbolic link\\) to {place}/stolen.safetensors"):
+                read_huggingface_weights(str(snapshot))
+        assert watch.opened() == set() and watch_other.opened() == set()
+
+
+IDX_CASES = {  # (which entry, its new value), the message
+    "negative length": (("lengths", 20, -700), "sequence 20 (of 50) has a negative length, -700"),
+    "pointer past the .bin": (("pointers", 20, 10**9), "sequence 20 (of 50) lies at bytes 1000000000..1000002800"),
+    "document index past the sequences": (("documents", 20, 10**9), "document index entry 20 (of 51) is 1000000000"),
+}
+
+
+@pytest.mark.parametrize("case", list(IDX_CASES))
+def test_indexed_data_is_checked_whole_before_it_is_read(tmp_path, case):
+    """A .idx entry in the middle that megatron-core's reader takes as it is (a negative length read as
+    the rest of the .bin, a pointer past the .bin that fails only when sampled, a document index of
+    10^9): refused on open, naming the file, the entry and the fix, by the launcher too."""
+    import struct
+
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_switch.data.check import DataError, dataset_tokens
+
+    prefix = tmp_path / "data"
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=numpy.int32)
+    for document in range(50):
+        builder.add_document(torch.arange(700) % 250 + document, [700])
+    builder.finalize(f"{prefix}.idx")
+    assert dataset_tokens(str(prefix)) == 50 * 700
+    (array, entry, value), message = IDX_CASES[case]
+    header, sequences = 34, 50
+    at, kind = {"lengths": (header, "<i"), "pointers": (header + 4 * sequences, "<q"),
+                "documents": (header + 12 * sequences, "<q")}[array]
+    data = bytearray((tmp_path / "data.idx").read_bytes())
+    struct.pack_into(kind, data, at + struct.calcsize(kind) * entry, value)
+    (tmp_path / "data.idx").write_bytes(bytes(data))
+    with pytest.raises(DataError) as err:
+        dataset_tokens(str(prefix))
+    assert str(err.value).startswith(f"{prefix}.idx: {message}") and "megatron-switch preprocess" in str(err.value)
+    if case == "negative length":
+        proc = run_train([*SMALL, "--train-iters", "1", "--data-path", str(prefix), "--split", "1,0,0"], tmp_path,
+                         check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -279,9 +279,12 @@ def _drop_missing_file(folder):
 BAD = {
     "router-bias": (_set_config(router_bias=True), [], "router_bias is true: the Switch router has no bias"),
     "ungated-gelu": (_set_config(dense_act_fn="gelu"), [], "applies dense_act_fn 'gelu' ungated"),
-    "more-experts": (_set_config(num_experts=8), [], "missing decoder.block.1.layer.2.mlp.experts.expert_4"),
+    "more-experts": (_set_config(num_experts=8), [], "config.json does not describe these weights: num_experts is "
+                                                     "8, the weights hold 4 experts per sparse layer"),
     "fewer-layers": (_set_config(num_layers=2, num_decoder_layers=2, num_sparse_encoder_layers=1,
-                                 num_sparse_decoder_layers=1), [], "unexpected decoder.block.2"),
+                                 num_sparse_decoder_layers=1), [],
+                     "num_layers is 2, the weights hold 4 encoder blocks; num_decoder_layers is 2, the weights hold "
+                     "4 decoder blocks"),
     "wider": (_set_config(d_ff=32), [], "the config gives (32, 16)"),
     "truncated-shard": (_truncate_a_shard, [], "is not a complete safetensors file"),
     "index-names-missing-file": (_drop_missing_file, [], "the download is incomplete; fetch the missing shards"),

@@ -42,6 +42,7 @@ from megatron_switch.checkpoint.contents import (
     full_index,
     is_optimizer,
 )
+from megatron_switch.checkpoint.layout import CheckpointError, inside
 from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, CheckpointCodeError, allowed_object, load
 
 INDEX = "model.safetensors.index.json"
@@ -164,7 +165,7 @@ class ConsolidatedReader(CheckpointReader):
         from safetensors import safe_open
 
         try:
-            with open(os.path.join(path, INDEX)) as f:
+            with open(inside(path, INDEX, f"{path}: the index")) as f:
                 index = json.load(f)
             meta = index["metadata"]
             if meta.get("format") != FORMAT:
@@ -175,12 +176,16 @@ class ConsolidatedReader(CheckpointReader):
                 raise ConvertError(f"{path}/{INDEX}: format version {version!r}, newer than this megatron-switch "
                                    f"reads ({VERSION}): upgrade megatron-switch")
             self._where = index["weight_map"]
-            for file in sorted(set(self._where.values())):
-                with safe_open(os.path.join(path, file), framework="pt") as handle:
+            files = {}
+            for name, file in self._where.items():  # every file checked before any is opened
+                if not (isinstance(file, str) and file in files):
+                    files[file] = inside(path, file, f"{path}/{INDEX}: the weight_map entry of {name}")
+            for file in sorted(files):
+                with safe_open(files[file], framework="pt") as handle:
                     for name in handle.keys():  # noqa: SIM118  (a safetensors handle, not a dict)
                         view = handle.get_slice(name)
                         self.tensors[name] = TensorSpec(tuple(view.get_shape()), _DTYPES[view.get_dtype()])
-        except ConvertError:
+        except CheckpointError:  # ConvertError, or a file outside the folder: named already
             raise
         except FileNotFoundError as err:
             raise ConvertError(f"{path}: {err.filename} is missing") from None
@@ -209,8 +214,11 @@ class ConsolidatedReader(CheckpointReader):
         from safetensors import safe_open
 
         try:
-            with safe_open(os.path.join(self.path, OBJECTS_FILE), framework="pt") as handle:
+            with safe_open(inside(self.path, OBJECTS_FILE, f"{self.path}: the objects' tensors"),
+                           framework="pt") as handle:
                 return handle.get_tensor(name)
+        except CheckpointError:
+            raise
         except Exception as err:  # noqa: BLE001
             raise ConvertError(f"{self.path}: object tensor {name} cannot be read from {OBJECTS_FILE} "
                                f"({type(err).__name__}: {err})") from None

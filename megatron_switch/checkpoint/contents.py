@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from megatron_switch.checkpoint.layout import CheckpointError
+from megatron_switch.checkpoint.layout import CheckpointError, inside
 
 Index = tuple[tuple[int, int], ...]  # [start, stop) per dimension
 MANIFEST = "manifest.json"
@@ -176,7 +176,7 @@ def read_manifest(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(file):
         return None
     try:
-        with open(file) as f:
+        with open(inside(path, MANIFEST, f"{path}: the manifest")) as f:
             manifest = json.load(f)
         manifest["tensors"]
         return manifest

@@ -65,9 +65,9 @@ from megatron_switch.checkpoint.contents import (
     TensorSpec,
     full_index,
 )
+from megatron_switch.checkpoint.layout import CheckpointError, inside
 from megatron_switch.checkpoint.safe_pickle import (
     DCP_METADATA,
-    CheckpointCodeError,
     Unpickler,
     check_extra_state,
     load,
@@ -118,10 +118,71 @@ class _BlockLoadPlanner(LoadPlanner):
 
 
 def read_metadata(path: str, *, trusted: bool) -> Metadata:
-    """The `.metadata` of the torch_dist directory `path`, unpickled through the allow-list."""
+    """The `.metadata` of the torch_dist directory `path`, unpickled through the allow-list, and its
+    storage index checked (`check_metadata`) before any file it names is opened."""
     file = os.path.join(path, METADATA)
-    with open(file, "rb") as f:
-        return Unpickler(f, trusted=trusted, what=file, allowed=DCP_METADATA).load()
+    with open(inside(path, METADATA, f"{path}: the storage index"), "rb") as f:
+        metadata = Unpickler(f, trusted=trusted, what=file, allowed=DCP_METADATA).load()
+    check_metadata(path, metadata)
+    return metadata
+
+
+def check_metadata(path: str, metadata: Any) -> None:
+    """ConvertError unless the storage index `metadata` of torch_dist directory `path` stays inside
+    what the directory holds: every file it names is inside `path` (`layout.inside`), every stored
+    item is a byte range inside its file, every tensor chunk lies within its tensor's shape and fits
+    in the bytes stored for it, and a tensor's chunks hold at least its elements. So no size read
+    from the index allocates more than the files hold, and no file outside is read."""
+    file = os.path.join(path, METADATA)
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict) \
+            or not isinstance(metadata.state_dict_metadata, dict):
+        raise ConvertError(f"{file} is not a torch_dist storage index: the checkpoint is damaged")
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        where = f"{file}: the storage entry of {getattr(index, 'fqn', index)}"
+        name = getattr(info, "relative_path", None)
+        if not (isinstance(name, str) and name in sizes):
+            stored = inside(path, name, where)
+            if not os.path.isfile(stored):
+                raise ConvertError(f"{where} names {name}, which is not in {path}: the checkpoint is incomplete; "
+                                      f"copy the missing file from where it was saved")
+            sizes[name] = os.path.getsize(stored)
+        start, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(start) is not int or type(length) is not int or start < 0 or length < 0 \
+                or start + length > sizes[name]:
+            raise ConvertError(f"{where}: bytes {start!r}..+{length!r} of {name}, which holds {sizes[name]} bytes: "
+                                  f"the file is truncated or corrupt")
+    for fqn, meta in metadata.state_dict_metadata.items():
+        if isinstance(meta, TensorStorageMetadata):
+            _check_chunks(file, fqn, meta, metadata.storage_data)
+
+
+def _check_chunks(file: str, fqn: str, meta: TensorStorageMetadata, storage: dict) -> None:
+    """`meta`'s chunks inside its shape and inside their stored bytes; together at least its elements."""
+    where = f"{file}: tensor {fqn}"
+    shape = tuple(meta.size)
+    element = meta.properties.dtype.itemsize
+    if any(type(n) is not int or n < 0 for n in shape):
+        raise ConvertError(f"{where} has shape {shape}: the index is damaged")
+    held = 0
+    for chunk in meta.chunks:
+        offsets, sizes = tuple(chunk.offsets), tuple(chunk.sizes)
+        if len(offsets) != len(shape) or len(sizes) != len(shape) or any(
+                type(a) is not int or type(n) is not int or a < 0 or n < 0 or a + n > dim
+                for a, n, dim in zip(offsets, sizes, shape)):
+            raise ConvertError(f"{where}: a chunk at {offsets} of {sizes} lies outside its shape {shape}: the "
+                                  f"index is damaged")
+        info = storage.get(MetadataIndex(fqn, offsets))
+        if info is None:
+            raise ConvertError(f"{where}: the chunk at {offsets} has no storage entry: the index is damaged")
+        numel = math.prod(sizes)
+        if not getattr(info, "transform_descriptors", None) and numel * element > info.length:
+            raise ConvertError(f"{where}: the chunk at {offsets} has {numel} elements ({numel * element} bytes), "
+                                  f"stored in {info.length} bytes: the index is damaged")
+        held += numel
+    if held < math.prod(shape):
+        raise ConvertError(f"{where} has shape {shape} ({math.prod(shape)} elements), its chunks hold {held}: "
+                              f"the index is damaged")
 
 
 class _KnownMetadataReader(FileSystemReader):
@@ -168,7 +229,7 @@ def read_common_state(path: str, *, trusted: bool) -> dict:
     where megatron-core >= 0.19 keeps it, inside the checkpoint; through the allow-list."""
     file = common_state_file(path)
     if file is not None:
-        return load(file, trusted=trusted)
+        return load(inside(path, COMMON_STATE_FILE, f"{path}: the common state"), trusted=trusted)
     key = _object_key(COMMON_STATE_KEY)
     return read_objects(path, [key], trusted=trusted)[key][0]
 
@@ -215,7 +276,7 @@ class DistCheckpointReader(CheckpointReader):
         try:
             self._metadata = read_metadata(path, trusted=trusted)
             self.common = read_common_state(path, trusted=trusted)
-        except CheckpointCodeError:
+        except CheckpointError:  # named by the checks (and the allow-list) already
             raise
         except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
             raise ConvertError(f"{path}: torch_dist metadata cannot be read ({type(err).__name__}: {err}); "
@@ -232,7 +293,7 @@ class DistCheckpointReader(CheckpointReader):
     def _read_objects(self, keys) -> dict[str, Any]:
         try:
             values = read_objects(self.path, keys, trusted=self.trusted, metadata=self._metadata)
-        except CheckpointCodeError:
+        except CheckpointError:
             raise
         except Exception as err:  # noqa: BLE001
             raise ConvertError(f"{self.path}: objects cannot be read ({type(err).__name__}); the checkpoint "

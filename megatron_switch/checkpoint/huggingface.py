@@ -21,6 +21,7 @@ from collections.abc import Mapping
 import torch
 
 from megatron_switch.checkpoint.contents import TensorSpec
+from megatron_switch.checkpoint.layout import inside
 from megatron_switch.layer import SwitchMLP
 
 
@@ -32,24 +33,41 @@ _INDEX = "{}.index.json"
 SAFETENSORS, BIN = "model.safetensors", "pytorch_model.bin"
 
 
+def cache_blobs(folder: str) -> tuple[str, ...]:
+    """Where else the files of model folder `folder` may lie: a Hugging Face download cache keeps each
+    file once, in `models--ORG--NAME/blobs/<hash>`, and a revision's folder
+    (`models--ORG--NAME/snapshots/<revision>/`) holds symbolic links to them (`../../blobs/<hash>`);
+    for such a folder, that repository's blobs folder (nothing else of the cache), else nothing."""
+    real = os.path.realpath(folder)
+    snapshots = os.path.dirname(real)
+    blobs = os.path.join(os.path.dirname(snapshots), "blobs")
+    return (blobs,) if os.path.basename(snapshots) == "snapshots" and os.path.isdir(blobs) else ()
+
+
+def model_file(folder: str, name: object, record: str) -> str:
+    """`folder`/`name` once it is shown to stay in the model folder (or its cache blobs): `layout.inside`."""
+    return inside(folder, name, record, also=cache_blobs(folder))
+
+
 def _weight_files(folder: str, single: str) -> dict[str, list[str]] | None:
     """{file: the tensor names its index gives it (None: no index)} for `single` in `folder`, or for
-    the shards its index names; None when neither is there."""
+    the shards its index names; None when neither is there. Every file is checked to lie in the
+    folder (`model_file`) before any is opened."""
     if os.path.isfile(os.path.join(folder, single)):
-        return {os.path.join(folder, single): None}
+        return {model_file(folder, single, f"{folder}: the weights"): None}
     index = os.path.join(folder, _INDEX.format(single))
     if not os.path.isfile(index):
         return None
     try:
-        with open(index) as f:
+        with open(model_file(folder, _INDEX.format(single), f"{folder}: the weight index")) as f:
             weight_map = json.load(f)["weight_map"]
         files: dict[str, list[str]] = {}
         for name, file in weight_map.items():
             files.setdefault(file, []).append(name)
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise WeightMappingError(f"{index} is not a weight index ({type(err).__name__}: {err})") from None
-    if any(os.path.basename(f) != f for f in files):
-        raise WeightMappingError(f"{index} names files outside its folder")
+    for file, names in files.items():
+        model_file(folder, file, f"{index}: the weight_map entry of {names[0]}")
     missing = sorted(f for f in files if not os.path.isfile(os.path.join(folder, f)))
     if missing:
         raise WeightMappingError(f"{index} names {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}, "

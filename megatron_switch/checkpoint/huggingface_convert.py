@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import tempfile
@@ -42,7 +43,7 @@ from megatron_switch.checkpoint.contents import (
     is_optimizer,
     row_blocks,
 )
-from megatron_switch.checkpoint.huggingface import SAFETENSORS, HuggingFaceFolder, WeightMappingError
+from megatron_switch.checkpoint.huggingface import SAFETENSORS, HuggingFaceFolder, WeightMappingError, model_file
 from megatron_switch.checkpoint.huggingface_t5 import (
     EMBEDDING,
     HF_INPUT_EMBEDDINGS,
@@ -58,6 +59,7 @@ from megatron_switch.checkpoint.huggingface_t5 import (
     settings_from_model_config,
     state_dict_name,
 )
+from megatron_switch.checkpoint.layout import read_small_file
 from megatron_switch.checkpoint.pipeline import (
     check_new_directory,
     check_target_flags,
@@ -73,6 +75,7 @@ CONFIG = "config.json"
 TRAIN_FLAGS = "train-flags.txt"
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer_config.json", "special_tokens_map.json")
 LAYER_NORM_EPSILON = 1e-6  # the trainer's T5 (T5Settings' default)
+CONFIG_LIMIT = 1 << 20  # a config.json holds a few dozen fields (Switch-C's: 2 KB)
 ROUTER_SUFFIX = ".mlp.router.classifier.weight"
 
 
@@ -82,8 +85,8 @@ def read_hf_config(folder: str) -> dict:
         raise ConvertError(f"--from-hf {folder}: no {CONFIG}: not a Hugging Face model folder (save_pretrained "
                            f"writes one)")
     try:
-        with open(path) as f:
-            config = json.load(f)
+        config = json.loads(read_small_file(model_file(folder, CONFIG, f"{folder}: the config"), CONFIG_LIMIT,
+                                            "a model config"))
         if not isinstance(config, dict):
             raise ValueError("not a JSON object")
     except ValueError as err:
@@ -112,6 +115,61 @@ def check_hf_config(config: Mapping, where: str) -> None:
             problems.append(f"{key} is {config.get(key)!r}: a positive integer is needed")
     if problems:
         raise ConvertError(f"{where}: cannot convert this model: " + "; ".join(problems))
+
+
+def layer_and_expert_numbers(names, layer: str) -> dict[str, set[int]]:
+    """{"encoder", "decoder": the layer numbers, "experts": the expert numbers} that tensor `names`
+    hold, with `layer` the word between stack and number ("block" in Hugging Face's names, "layers"
+    in ours); Hugging Face names each expert (`experts.expert_J.`), we stack them on axis 0."""
+    found: dict[str, set[int]] = {"encoder": set(), "decoder": set(), "experts": set()}
+    pattern = re.compile(rf"^(encoder|decoder)\.{layer}\.(\d+)\.(?:.*\.experts\.expert_(\d+)\.)?")
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            found[match.group(1)].add(int(match.group(2)))
+            if match.group(3) is not None:
+                found["experts"].add(int(match.group(3)))
+    return found
+
+
+def check_counts(where: str, counts: list[tuple[str, Any, int, str]], fix: str) -> None:
+    """ConvertError naming every (field, value, count, what) whose recorded `value` is not the `count`
+    the tensors hold: a config's layer and expert counts are checked against the weights before
+    any list of names is built from them (a config of 10^9 experts would build 10^9 names)."""
+    wrong = [f"{field} is {value!r}, the weights hold {count} {what}" for field, value, count, what in counts
+             if type(value) is not int or value != count]
+    if wrong:
+        raise ConvertError(f"{where} does not describe these weights: {'; '.join(wrong)}. {fix}")
+
+
+def check_hf_counts(config: Mapping, specs: Mapping[str, TensorSpec], where: str) -> None:
+    """The layer, sparse-layer and expert counts of Hugging Face config `config` against the tensors
+    of its folder (`specs`): ConvertError naming each field that disagrees (`check_counts`)."""
+    found = layer_and_expert_numbers(specs, "block")
+    decoder_field = "num_decoder_layers" if config.get("num_decoder_layers") else "num_layers"
+    counts = [("num_layers", config.get("num_layers"), len(found["encoder"]), "encoder blocks"),
+              (decoder_field, config.get(decoder_field), len(found["decoder"]), "decoder blocks")]
+    for stack, field in (("encoder", "num_layers"), ("decoder", decoder_field)):
+        sparse = config.get(f"num_sparse_{stack}_layers")
+        if sparse is not None and (type(sparse) is not int or not 0 <= sparse <= len(found[stack])):
+            counts.append((f"num_sparse_{stack}_layers", sparse, len(found[stack]), f"{stack} blocks, at most that "
+                           "many sparse"))
+    if config.get("num_sparse_encoder_layers") or config.get("num_sparse_decoder_layers") or found["experts"]:
+        counts.append(("num_experts", config.get("num_experts"), len(found["experts"]), "experts per sparse layer"))
+    check_counts(where, counts, "Use the config.json that came with these weights")
+
+
+def check_model_counts(model_config: Mapping, reader: CheckpointReader, where: str) -> None:
+    """The encoder and decoder layer counts and the expert count a Switch T5 checkpoint's
+    `model_config` records, against its tensors (`check_counts`)."""
+    model = [name for name in reader.tensors if not is_optimizer(name)]
+    found = layer_and_expert_numbers(model, "layers")
+    banks = {reader.tensors[name].shape[0] for name in model if ".mlp.experts." in name}
+    counts = [("encoder_num_layers", model_config.get("encoder_num_layers"), len(found["encoder"]), "encoder layers"),
+              ("decoder_num_layers", model_config.get("decoder_num_layers"), len(found["decoder"]), "decoder layers")]
+    if model_config.get("num_experts") or banks:
+        counts.append(("num_experts", model_config.get("num_experts"), max(banks, default=0), "experts per bank"))
+    check_counts(where, counts, "The record was edited, or belongs to another model")
 
 
 def _description(settings: T5Settings) -> dict:
@@ -171,13 +229,15 @@ class HuggingFaceReader(CheckpointReader):
     def __init__(self, folder: str, *, tp: int = 1, divisible_by: int = 128, trusted: bool = False):
         super().__init__(folder, trusted=trusted)
         self.config = read_hf_config(folder)
-        self.hf_vocab_size = int(self.config.get("vocab_size") or 0)
-        self.settings = hf_settings(self.config, folder, tp, divisible_by)
-        rows = self.settings.vocab_size
-        try:
+        check_hf_config(self.config, folder)
+        try:  # the files' headers first: the config's counts are checked against them (`check_hf_counts`)
             self.folder = HuggingFaceFolder(folder, trusted=trusted)
         except WeightMappingError as err:
             raise ConvertError(str(err)) from None
+        check_hf_counts(self.config, self.folder.specs, f"{folder}/{CONFIG}")
+        self.hf_vocab_size = int(self.config.get("vocab_size") or 0)
+        self.settings = hf_settings(self.config, folder, tp, divisible_by)
+        rows = self.settings.vocab_size
         self._check_keys()
         self._entries = {checkpoint_name(entry.ours): entry for entry in entries(self.settings)}
         self.tensors.update(checkpoint_specs(self.settings, self.folder.specs, rows))
@@ -408,6 +468,7 @@ def export_huggingface(load: str, out: str, max_shard_bytes: int = 5 * 10**9, pr
         model_config = reader.common.get("model_config") or {}
         try:
             settings = settings_from_model_config(model_config, tied=OUTPUT not in reader.tensors)
+            check_model_counts(model_config, reader, f"--load {load}: its model_config")
             imported = reader.common.get("huggingface_config")
             hf_vocab_size = int(imported["vocab_size"]) if imported else settings.vocab_size
             config = hf_config_of(settings, hf_vocab_size, imported)

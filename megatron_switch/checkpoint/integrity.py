@@ -31,6 +31,7 @@ from megatron_switch.checkpoint.layout import (
     CheckpointError,
     checkpoint_dir,
     checkpoint_format,
+    inside,
     iteration_of,
     saved_iterations,
 )
@@ -102,18 +103,55 @@ def record_integrity(path: str, writer: dict[str, Any]) -> None:
 
 
 def read_integrity(path: str) -> dict[str, Any] | None:
-    """integrity.json of iteration directory `path`, or None when it has none."""
+    """integrity.json of iteration directory `path`, or None when it has none; its records checked
+    (`check_record`) before any file they name is opened."""
     file = os.path.join(path, INTEGRITY)
     if not os.path.isfile(file):
         return None
+    damaged = ("the checkpoint's checksums are damaged; load an earlier iteration (--ckpt-step N) or start "
+               "without --load")
     try:
-        with open(file) as f:
+        with open(inside(path, INTEGRITY, f"{path}: the checksum record"), "rb") as f:
             record = json.load(f)
         record["entries"], record["writer"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{file} cannot be read ({type(err).__name__}): the checkpoint's checksums are "
-                              f"damaged; load an earlier iteration (--ckpt-step N) or start without --load") from None
+        raise CheckpointError(f"{file} cannot be read ({type(err).__name__}): {damaged}") from None
+    check_record(path, record, damaged)
     return record
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def check_record(path: str, record: Any, damaged: str) -> None:
+    """CheckpointError naming the first entry of integrity record `record` (of iteration directory
+    `path`) that is not a byte range of a file inside `path` with a SHA-256: a `file` that is not a
+    relative path inside the folder (OutsideCheckpointError), a `start` or `length` that is not a
+    non-negative integer, a checksum that is not 64 hex digits. The one place integrity records are
+    validated; `damaged` says what to do."""
+    file = os.path.join(path, INTEGRITY)
+    if not isinstance(record, dict) or not isinstance(record.get("entries"), list) \
+            or not isinstance(record.get("writer"), dict):
+        raise CheckpointError(f"{file}: not a checksum record (no entries list and writer): {damaged}")
+    checked: set[str] = set()
+    for i, entry in enumerate(record["entries"]):
+        where = f"{file}: entry {i}"
+        if not isinstance(entry, dict):
+            raise CheckpointError(f"{where} is {type(entry).__name__}, not a record: {damaged}")
+        where += f" ({str(entry.get('what'))[:80]})"
+        name = entry.get("file")
+        if not (isinstance(name, str) and name in checked):
+            inside(path, name, where)
+            checked.add(name)
+        for key in ("start", "length"):
+            value = entry.get(key)
+            if type(value) is not int or value < 0:
+                raise CheckpointError(f"{where}: {key} is {value!r}, not a byte count (a non-negative integer): "
+                                      f"{damaged}")
+        digest = entry.get("sha256")
+        if not (isinstance(digest, str) and len(digest) == 64 and set(digest) <= _HEX):
+            raise CheckpointError(f"{where}: sha256 is {str(digest)[:80]!r}, not a SHA-256 (64 hex digits): "
+                                  f"{damaged}")
 
 
 def writer_of(path: str) -> dict[str, Any] | None:

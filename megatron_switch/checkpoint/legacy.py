@@ -23,6 +23,7 @@ unless the reader is told to trust them.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import re
 from typing import Any
@@ -38,6 +39,7 @@ from megatron_switch.checkpoint.contents import (
     full_index,
     is_optimizer,
 )
+from megatron_switch.checkpoint.layout import inside
 from megatron_switch.checkpoint.sharding import (
     Coord,
     Layout,
@@ -87,6 +89,28 @@ def layout_of_args(args) -> Layout:
                   getattr(args, "expert_model_parallel_size", 1) or 1)
 
 
+def _bounded_layout(args, path: str, rank_dirs: list[str], file: str) -> Layout:
+    """The layout rank file `file`'s `args` record, refused unless its sizes are positive integers
+    and its TP x PP x EP rank files could all be among the `rank_dirs` (mp_rank_* directories) of
+    `path`: the sizes are read from a file, and the list of rank files is built from them."""
+    sizes = {name: getattr(args, f"{name}_model_parallel_size", 1) or 1 for name in ("tensor", "pipeline", "expert")}
+    for name, size in sizes.items():
+        if type(size) is not int or not 1 <= size <= len(rank_dirs):
+            raise ConvertError(f"{file}: args.{name}_model_parallel_size is {size!r}, but the checkpoint has "
+                               f"{len(rank_dirs)} mp_rank_* directories (one per TP x PP x EP rank): the file was "
+                               f"edited or is corrupt")
+    layout = Layout(sizes["tensor"], sizes["pipeline"], sizes["expert"])
+    files = layout.tp * layout.pp * layout.ep
+    if files > len(rank_dirs):  # one is missing among the first len(rank_dirs) + 1
+        held = set(rank_dirs)
+        first = next(c for c in itertools.product(range(layout.pp), range(layout.tp), range(layout.ep))
+                     if rank_dir_name(layout, (c[1], c[0], c[2])) not in held)
+        raise ConvertError(f"missing rank file {rank_file(path, layout, (first[1], first[0], first[2]))}: a legacy "
+                           f"checkpoint saved at {layout} has {files} files (mp_rank_TT[_PPP][_EEE]), {path} holds "
+                           f"{len(rank_dirs)}; copy the missing ones from the training run")
+    return layout
+
+
 MODEL_CONFIG_ARGS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_experts",
                      "padded_vocab_size", "max_position_embeddings", "untie_embeddings_and_output_weights",
                      "swiglu")
@@ -105,7 +129,8 @@ class LegacyReader(CheckpointReader):
             raise ConvertError(f"{path}: no mp_rank_* directories: not a legacy (--ckpt-format torch) checkpoint")
         with self._open_file(os.path.join(path, names[0], FILENAME)) as first:
             head = {k: v for k, v in first.structure.items() if k not in ("model", "optimizer")}
-        self.layout = layout_of_args(head["args"])
+            first_layers = count_layers(first.structure.get("model") or {})
+        self.layout = _bounded_layout(head["args"], path, names, os.path.join(path, names[0], FILENAME))
         self.refs: dict[Coord, dict[str, Any]] = {}
         self.files = {c: rank_file(path, self.layout, c) for c in self.layout.coords()}
         missing = [f for f in self.files.values() if not os.path.isfile(f)]
@@ -115,10 +140,11 @@ class LegacyReader(CheckpointReader):
                                f"a legacy checkpoint saved at {self.layout} has {len(self.files)} files "
                                f"(mp_rank_TT[_PPP][_EEE]); copy the missing ones from the training run")
         args = head["args"]
-        self.num_layers = int(getattr(args, "num_layers", 0) or 0)
-        if not self.num_layers:  # a file without the model shape: count the layers of stage 0
-            with self._open_file(self.files[(0, 0, 0)]) as reader:
-                self.num_layers = count_layers(reader.structure["model"]) * self.layout.pp
+        self.num_layers = getattr(args, "num_layers", None) or first_layers * self.layout.pp
+        if self.num_layers != first_layers * self.layout.pp:  # (names[0] is a file of stage 0)
+            raise ConvertError(f"{os.path.join(path, names[0], FILENAME)}: args.num_layers is {self.num_layers!r}, "
+                               f"but its {first_layers} layers x {self.layout.pp} pipeline stages make "
+                               f"{first_layers * self.layout.pp}: the file was edited or is corrupt")
         self._open: dict[Coord, TorchFileReader] = {}
         step, groups = None, None
         for coord, file in self.files.items():
@@ -163,6 +189,7 @@ class LegacyReader(CheckpointReader):
             self.common["optimizer_step"] = float(step) if step is not None else 0.0
 
     def _open_file(self, file: str) -> TorchFileReader:
+        inside(self.path, os.path.relpath(file, self.path), f"{self.path}: the rank file")
         try:
             return TorchFileReader(file, trusted=self.trusted)
         except FileNotFoundError:

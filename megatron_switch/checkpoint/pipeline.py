@@ -76,8 +76,15 @@ def open_checkpoint(path: str, *, trusted: bool = False) -> CheckpointReader:
 
 
 def _model_config(reader: CheckpointReader) -> dict:
+    """The source's model_config, its layer count checked against its tensors (a layout's stages
+    and the lists of layers are built from it)."""
     config = dict(reader.common.get("model_config") or {})
-    config.setdefault("num_layers", count_layers(reader.tensors))
+    layers = count_layers(reader.tensors)
+    config.setdefault("num_layers", layers)
+    if layers and config["num_layers"] != layers:
+        raise ConvertError(f"{reader.path}: its model_config gives num_layers {config['num_layers']!r}, its tensors "
+                           f"hold {layers} layers (decoder.layers.0 ... {layers - 1}): the record was edited or "
+                           f"belongs to another model")
     experts = [s.shape[0] for n, s in reader.tensors.items() if EXPERTS in n]
     if experts:
         config.setdefault("num_experts", experts[0])

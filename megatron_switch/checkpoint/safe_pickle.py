@@ -17,6 +17,11 @@ flag of `train` and `convert`) restores plain unpickling for a checkpoint whose 
 - `WEIGHTS`: the allow-list of a Hugging Face `pytorch_model*.bin` (tensors only).
 - `check_extra_state`: Transformer Engine's FP8 `_extra_state`, a pickle in a byte tensor that
   Transformer Engine before 2.18 unpickles without restriction when a model loads it.
+- What a torch.save archive can hold, checked before anything is inflated or allocated (also for a
+  trusted file): `archive_sizes` (every zip member inside the file, no more inflated than its
+  compression can produce, data.pkl at most PICKLE_LIMIT), `storage_record` (a storage's recorded
+  elements are exactly its member's bytes) and `check_tensor_record` (a tensor's size, offset and
+  stride inside its storage): the one check of each, for the trainer (`load`) and convert (`torchzip`).
 
 Where they are used: legacy rank files (`legacy` through `torchzip`, the trainer's legacy load),
 torch_dist (`distcp`: `.metadata`, the common state, objects; the trainer's torch_dist load),
@@ -36,6 +41,7 @@ import io
 import os
 import pickle
 import warnings
+import zipfile
 from typing import Any, BinaryIO
 
 import torch
@@ -204,8 +210,140 @@ class Unpickler(pickle.Unpickler):
         return found
 
 
-def _placeholder(*args: Any) -> None:
-    return None
+# --- what a torch.save archive can hold: its zip members and its tensor records --------------------------
+
+# A pickled structure (data.pkl: names, hyper-parameters, references to tensors), never the tensors
+# themselves: Megatron-LM's rank files and Hugging Face's .bin hold a few MB; a larger one is refused
+# before it is inflated and unpickled.
+PICKLE_LIMIT = 256 << 20
+# Deflate never inflates more than 1032:1 (258 bytes from each 2-bit code): a member declaring more lies.
+_DEFLATE_RATIO = 1032
+
+
+class ArchiveError(ConvertError):
+    """A torch.save archive whose members or tensor records exceed what the file holds; the message
+    names the file, the member or record, and the sizes."""
+
+
+def archive_sizes(stream: BinaryIO, what: str) -> dict[str, int]:
+    """{member name without the archive's folder: declared size} of the torch.save zip `stream`, read
+    from its central directory (nothing is inflated), after checking that every member lies inside
+    the file, is stored (as torch.save writes them) or deflated to no more than deflate can produce,
+    and that `data.pkl` declares at most PICKLE_LIMIT bytes. ArchiveError otherwise."""
+    start = stream.tell()
+    try:
+        end = stream.seek(0, os.SEEK_END) - start
+        stream.seek(start)
+        infos = zipfile.ZipFile(stream).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise ArchiveError(f"{what} is not a complete torch.save archive ({type(err).__name__}: {err}); it may be "
+                           f"truncated or corrupt") from None
+    finally:
+        stream.seek(start)
+    sizes = {}
+    for info in infos:
+        name = info.filename.split("/", 1)[-1]
+        member = f"{what}: member {info.filename}"
+        if name in sizes:
+            raise ArchiveError(f"{member} is in the archive twice: the file was crafted or is corrupt")
+        if info.header_offset + info.compress_size > end:
+            raise ArchiveError(f"{member} lies at bytes {info.header_offset}..+{info.compress_size}, past the end of "
+                               f"the file ({end} bytes): it is truncated or corrupt")
+        if info.compress_type == zipfile.ZIP_STORED:
+            bound = info.compress_size
+        elif info.compress_type == zipfile.ZIP_DEFLATED:
+            bound = _DEFLATE_RATIO * info.compress_size + 1024
+        else:
+            raise ArchiveError(f"{member} is compressed with method {info.compress_type}; torch.save stores members "
+                               f"uncompressed: the file was repacked or crafted")
+        if info.file_size > bound:
+            raise ArchiveError(f"{member} declares {info.file_size} bytes from {info.compress_size} stored: more than "
+                               f"its compression can produce; the file was crafted or is corrupt")
+        if name == "data.pkl" and info.file_size > PICKLE_LIMIT:
+            raise ArchiveError(f"{member} declares {info.file_size} bytes of pickled structure, more than a "
+                               f"checkpoint's holds (at most {PICKLE_LIMIT}; its tensors are stored apart): the file "
+                               f"was crafted or is corrupt, and it is not inflated")
+        sizes[name] = info.file_size
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageRecord:
+    """A tensor storage a torch.save pickle refers to (its persistent id), not read."""
+
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+def storage_record(saved_id: Any, sizes: dict[str, int] | None, what: str) -> StorageRecord:
+    """The storage that the persistent id `saved_id` (("storage", storage type, key, location,
+    numel), as torch.save writes it; files of the format before zip archives add a view: None or
+    (key, offset, size)) names; with the archive's member `sizes`, its record `data/<key>` must hold
+    exactly those elements. ArchiveError otherwise."""
+    if not (isinstance(saved_id, tuple) and len(saved_id) in (5, 6) and saved_id[0] == "storage"):
+        raise pickle.UnpicklingError(f"unknown persistent id {str(saved_id)[:80]}")
+    _, storage_type, key, _location, numel = saved_id[:5]
+    view = saved_id[5] if len(saved_id) == 6 else None
+    if storage_type is torch.UntypedStorage:
+        dtype = torch.uint8
+    else:
+        with warnings.catch_warnings():  # the legacy storage classes warn on any use
+            warnings.simplefilter("ignore")
+            dtype = getattr(storage_type, "dtype", None)
+    if not isinstance(dtype, torch.dtype) or type(numel) is not int or numel < 0:
+        raise ArchiveError(f"{what}: storage {str(key)[:40]} is recorded as {numel!r} elements of {storage_type!r}: "
+                           f"the file is corrupt")
+    if sizes is not None:
+        declared = sizes.get(f"data/{key}")
+        if declared != numel * dtype.itemsize:
+            held = "no such member" if declared is None else f"{declared} bytes"
+            raise ArchiveError(f"{what}: storage data/{key} is recorded as {numel} {dtype} elements "
+                               f"({numel * dtype.itemsize} bytes), the archive holds {held}: the file was edited or "
+                               f"is corrupt")
+    if view is not None:
+        if not (isinstance(view, tuple) and len(view) == 3 and all(type(n) is int and n >= 0 for n in view[1:])
+                and view[1] + view[2] <= numel):
+            raise ArchiveError(f"{what}: storage {str(key)[:40]} of {numel} elements has the view {str(view)[:80]}, "
+                               f"which it does not hold: the file is corrupt")
+        return StorageRecord(str(key), dtype, view[2])
+    return StorageRecord(str(key), dtype, numel)
+
+
+def check_tensor_record(storage: Any, offset: Any, size: Any, stride: Any, what: str) -> None:
+    """ArchiveError unless a tensor record (`storage`, a StorageRecord, viewed from `offset` with
+    `size` and `stride`, as torch's _rebuild_tensor_v2 takes them) stays inside its storage: the one
+    check of every tensor record read here (`load` for the trainer, `torchzip` for convert)."""
+    record = f"{what}: a tensor record of shape {size!r}, stride {stride!r} at offset {offset!r}"
+    if not isinstance(storage, StorageRecord):
+        raise ArchiveError(f"{record} refers to {type(storage).__name__}, not a storage: the file is corrupt")
+    if not (type(offset) is int and offset >= 0 and isinstance(size, (tuple, list, torch.Size))
+            and isinstance(stride, (tuple, list)) and len(size) == len(stride)
+            and all(type(n) is int and n >= 0 for n in (*size, *stride))):
+        raise ArchiveError(f"{record} is malformed: the file is corrupt")
+    end = offset if 0 in size else offset + 1 + sum((n - 1) * step for n, step in zip(size, stride))
+    if end > storage.numel:
+        raise ArchiveError(f"{record} reaches element {end} of storage data/{storage.key}, which holds "
+                           f"{storage.numel}: the file was edited or is corrupt")
+
+
+def tensor_builders(make, what: str) -> dict[Global, Any]:
+    """What a pickle's tensor-building globals become when tensors are not built: each record checked
+    (`check_tensor_record`), then `make(storage, offset, size, stride)` (a TensorRef, or nothing).
+    A Parameter or a tensor with Python attributes gives its data."""
+    def rebuild(storage, offset, size, stride, *unused):
+        check_tensor_record(storage, offset, size, stride, what)
+        return make(storage, offset, tuple(size), tuple(stride))
+
+    def data_of(data, *unused):
+        return data
+
+    def from_type(func, new_type, args, state):
+        return func(*args)
+
+    return {("torch._utils", "_rebuild_tensor_v2"): rebuild, ("torch._utils", "_rebuild_parameter"): data_of,
+            ("torch._utils", "_rebuild_parameter_with_state"): data_of,
+            ("torch._tensor", "_rebuild_from_type_v2"): from_type}
 
 
 class _Anything:
@@ -218,18 +356,19 @@ class _Anything:
         pass
 
 
-# What a screen builds instead of tensors: nothing (no storage is read).
-_TENSOR_BUILDERS = {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_parameter"),
-                    ("torch._utils", "_rebuild_parameter_with_state"), ("torch._tensor", "_rebuild_from_type_v2")}
-
-
 class _Screen(Unpickler):
-    """Reads a pickle through the allow-list without building tensors or reading storages; allowed
-    globals this environment does not define (Transformer Engine's, without it) go to `missing`."""
+    """Reads a pickle through the allow-list without building tensors or reading storages (each
+    tensor record checked against its storage, each storage against the archive's `sizes`);
+    allowed globals this environment does not define (Transformer Engine's, without it) go to
+    `missing`."""
 
-    def __init__(self, file: BinaryIO, *, what: str, allowed: AllowList):
+    def __init__(self, file: BinaryIO, *, what: str, allowed: AllowList, sizes: dict[str, int] | None = None):
         super().__init__(file, trusted=False, what=what, allowed=allowed)
         self.missing: set[Global] = set()
+        self.sizes = sizes
+        self.storages: dict[str, int] = {}  # key: bytes, each storage once (tensors may share one)
+        self.value: Any = None  # what the pickle gives (tensors as nothing, storages as StorageRecords)
+        self.builders = tensor_builders(lambda *record: None, what)
 
     def find_class(self, module: str, name: str) -> Any:
         key = (module, name)
@@ -237,8 +376,8 @@ class _Screen(Unpickler):
             raise _refusal(self.what, key, f"which is not among the globals {self.allowed.holders} hold")
         if key in _STORAGE_LOADERS:
             return self._nested
-        if key in _TENSOR_BUILDERS:
-            return _placeholder
+        if key in self.builders:
+            return self.builders[key]
         found = _resolve(key)
         if found is None:
             self.missing.add(key)
@@ -246,31 +385,43 @@ class _Screen(Unpickler):
         self.found[key] = found
         return found
 
-    def _nested(self, data: bytes) -> None:
-        self.missing |= _screen_archive(io.BytesIO(data), what=self.what, allowed=WEIGHTS).missing
+    def _nested(self, data: bytes) -> Any:
+        """A storage pickled on its own (torch.save of it, inside a plain pickle): its record."""
+        nested = _screen_archive(io.BytesIO(data), what=self.what, allowed=WEIGHTS)
+        self.missing |= nested.missing
+        return nested.value
 
-    def persistent_load(self, saved_id: Any) -> None:
-        if not (isinstance(saved_id, tuple) and saved_id and saved_id[0] == "storage"):
-            raise pickle.UnpicklingError(f"unknown persistent id {saved_id!r}")
-        return None
+    def persistent_load(self, saved_id: Any) -> StorageRecord:
+        record = storage_record(saved_id, self.sizes, self.what)
+        self.storages[record.key] = max(self.storages.get(record.key, 0), record.numel * record.dtype.itemsize)
+        return record
 
 
 def _screen_archive(stream: BinaryIO, *, what: str, allowed: AllowList) -> _Screen:
     """A screen of the torch.save file `stream` (its `found` and `missing` globals), every global
-    checked against `allowed`. Zip archives (torch >= 1.6) hold the pickle in data.pkl; older files
-    are a run of pickles (magic number, protocol, system info, the object, its storage keys) followed
-    by raw storages."""
+    checked against `allowed` and every tensor record against the file. Zip archives (torch >= 1.6)
+    hold the pickle in data.pkl; older files are a run of pickles (magic number, protocol, system
+    info, the object, its storage keys) followed by raw storages, which must fit in what follows."""
     start = stream.tell()
     is_zip = stream.read(4) == b"PK\x03\x04"
     stream.seek(start)
     if is_zip:
+        sizes = archive_sizes(stream, what)
         screen = _Screen(io.BytesIO(torch._C.PyTorchFileReader(stream).get_record("data.pkl")), what=what,
-                         allowed=allowed)
-        screen.load()
+                         allowed=allowed, sizes=sizes)
+        screen.value = screen.load()
         return screen
     screens = [_Screen(stream, what=what, allowed=allowed) for _ in range(5)]
     for screen in screens:
-        screen.load()
+        screen.value = screen.load()
+    screens[0].value = screens[3].value  # the object (the others: magic number, protocol, system info, keys)
+    position = stream.tell()
+    left = stream.seek(0, os.SEEK_END) - position
+    stream.seek(position)
+    needed = sum(sum(screen.storages.values()) for screen in screens)
+    if needed > left:
+        raise ArchiveError(f"{what}: its records name storages of {needed} bytes, the file holds {left} after its "
+                           f"pickles: it is truncated or was edited")
     for screen in screens[1:]:
         screens[0].found.update(screen.found)
         screens[0].missing |= screen.missing
@@ -294,12 +445,16 @@ def load(source: str | os.PathLike | bytes | BinaryIO, *, trusted: bool, what: s
     what = what or (os.fspath(source) if isinstance(source, (str, os.PathLike)) else "a torch.save object")
     stream, opened = _stream(source)
     try:
-        if trusted:
-            return torch.load(stream, map_location=map_location, weights_only=False)
         start = stream.tell()
+        if trusted:  # run what it names, but inflate nothing beyond what the file can hold
+            if stream.read(4) == b"PK\x03\x04":
+                stream.seek(start)
+                archive_sizes(stream, what)
+            stream.seek(start)
+            return torch.load(stream, map_location=map_location, weights_only=False)
         try:
             screen = _screen_archive(stream, what=what, allowed=allowed)
-        except CheckpointCodeError:
+        except ConvertError:  # refused by the allow-list or by the archive's sizes, named there
             raise
         except Exception as err:  # noqa: BLE001  (miniz and pickle raise several types)
             raise ConvertError(f"{what} is not a complete torch.save file ({type(err).__name__}: "
@@ -333,7 +488,7 @@ def check_extra_state(value: Any, *, trusted: bool, what: str) -> None:
         return
     try:
         screen()
-    except CheckpointCodeError:
+    except ConvertError:
         raise
     except Exception as err:  # noqa: BLE001  (pickle and miniz raise several types)
         raise ConvertError(f"{what}: not a readable Transformer Engine state ({type(err).__name__}); the "

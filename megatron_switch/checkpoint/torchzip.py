@@ -6,7 +6,9 @@ archive with the pickled structure in `data.pkl` and each tensor storage in its 
 
 - `TorchFileReader` unpickles the structure with every tensor replaced by a `TensorRef` (key,
   dtype, offset, shape, stride) and reads one storage record on demand (`materialize`). The
-  structure is read through `safe_pickle`'s allow-list (CHECKPOINT) unless the caller trusts the file.
+  structure is read through `safe_pickle`'s allow-list (CHECKPOINT) unless the caller trusts the file;
+  the archive's members and every tensor record are checked against what the file holds first
+  (`safe_pickle.archive_sizes`, `storage_record`, `check_tensor_record`).
 - `write_torch_file` pickles a structure whose tensors may be `PendingTensor`s (shape, dtype and a
   function that produces the data); each storage is produced, written and dropped in turn.
 
@@ -22,14 +24,23 @@ import io
 import math
 import pickle
 import sys
-import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import serialization
 
-from megatron_switch.checkpoint.safe_pickle import CHECKPOINT, AllowList, CheckpointCodeError, Unpickler
+from megatron_switch.checkpoint.safe_pickle import (
+    CHECKPOINT,
+    AllowList,
+    ArchiveError,
+    CheckpointCodeError,
+    StorageRecord,
+    Unpickler,
+    archive_sizes,
+    storage_record,
+    tensor_builders,
+)
 
 
 class TorchFileError(ValueError):
@@ -48,50 +59,23 @@ class TensorRef:
     stride: tuple[int, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class _StorageRef:
-    key: str
-    dtype: torch.dtype
-    numel: int
-
-
-def _rebuild_ref(storage: _StorageRef, offset, size, stride, *unused) -> TensorRef:
-    return TensorRef(storage.key, storage.dtype, storage.numel, offset, tuple(size), tuple(stride))
-
-
-def _rebuild_parameter_ref(data, *unused):
-    return data
-
-
-def _rebuild_from_type_ref(func, new_type, args, state):
-    """A tensor with Python attributes (Megatron-LM's master weights): the data, without them."""
-    return func(*args)
-
-
-_REF_BUILDERS = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_ref,
-                 ("torch._utils", "_rebuild_parameter"): _rebuild_parameter_ref,
-                 ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_ref,
-                 ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_ref}
-
-
 class _RefUnpickler(Unpickler):
-    """Unpickles a `torch.save` structure through the allow-list, leaving tensors as `TensorRef`s."""
+    """Unpickles a `torch.save` structure through the allow-list, leaving tensors as `TensorRef`s,
+    each checked against its storage and each storage against the archive's member `sizes`."""
+
+    def __init__(self, file, *, sizes: dict[str, int], **kwargs):
+        super().__init__(file, **kwargs)
+        self.sizes = sizes
+        self.builders = tensor_builders(
+            lambda storage, offset, size, stride: TensorRef(storage.key, storage.dtype, storage.numel, offset, size,
+                                                            stride), self.what)
 
     def find_class(self, module: str, name: str):
         found = super().find_class(module, name)  # refuses what is not allowed
-        return _REF_BUILDERS.get((module, name), found)
+        return self.builders.get((module, name), found)
 
-    def persistent_load(self, saved_id):
-        typename, storage_type, key, _location, numel = saved_id
-        if typename != "storage":
-            raise pickle.UnpicklingError(f"unknown persistent id {typename!r}")
-        if storage_type is torch.UntypedStorage:
-            dtype = torch.uint8
-        else:
-            with warnings.catch_warnings():  # the legacy storage classes warn on any use
-                warnings.simplefilter("ignore")
-                dtype = storage_type.dtype
-        return _StorageRef(key, dtype, numel)
+    def persistent_load(self, saved_id) -> StorageRecord:
+        return storage_record(saved_id, self.sizes, self.what)
 
 
 _WHOLE = object()
@@ -110,9 +94,13 @@ class TorchFileReader:
         self.path = path
         try:
             self._file = open(path, "rb")  # noqa: SIM115  (kept open for reads; closed by close())
+            sizes = archive_sizes(self._file, path)
             self._zip = torch._C.PyTorchFileReader(self._file)
-            self.structure = _RefUnpickler(io.BytesIO(self._zip.get_record("data.pkl")), trusted=trusted,
+            self.structure = _RefUnpickler(io.BytesIO(self._zip.get_record("data.pkl")), sizes=sizes, trusted=trusted,
                                            what=path, allowed=allowed).load()
+        except ArchiveError as err:
+            self.close()
+            raise TorchFileError(str(err)) from None
         except (FileNotFoundError, CheckpointCodeError):
             self.close()
             raise

@@ -3,9 +3,10 @@ megatron-core, so `megatron-switch train` answers about bad data before any proc
 
 The `.idx` layout (megatron.core.datasets.indexed_dataset): a 9-byte magic, version (<Q, 1), dtype
 code (<B), sequence count S and document count D (<Q each), then S int32 lengths, S int64 byte
-pointers into `.bin`, D int64 document indices. A truncated or foreign file, a `.bin` and `.idx` that
-were not written together (`check_pair`), and a dataset too small for one training sample are each
-named with the file and the fix.
+pointers into `.bin`, D int64 document indices. A truncated or foreign file, a `.bin` shorter than
+the index says (`check_index_entries`: every entry, not only the last), a `.bin` and `.idx` that were
+not written together (`check_pair`), and a dataset too small for one training sample are each named
+with the file and the fix.
 """
 
 from __future__ import annotations
@@ -104,10 +105,62 @@ def dataset_tokens(prefix: str) -> int:
         if size < needed:
             raise DataError(f"{idx} is truncated: {size} bytes, its header needs {needed} for {sequences} sequences; "
                             f"{_preprocess_hint(prefix)}")
-        lengths = numpy.fromfile(f, dtype=numpy.int32, count=sequences)
-        pointers = numpy.fromfile(f, dtype=numpy.int64, count=sequences)
-    check_pair(prefix, int(pointers[-1]) + int(lengths[-1]) * _ITEMSIZE[code] if sequences else 0)
-    return int(lengths.sum(dtype=numpy.int64))
+        tokens = check_index_entries(prefix, f, _ITEMSIZE[code], sequences, documents)
+        end = 0
+        if sequences:  # where the last sequence ends: Megatron's builder writes the .bin up to there, no further
+            f.seek(_HEADER + 4 * (sequences - 1))
+            length = int(numpy.fromfile(f, dtype=numpy.int32, count=1)[0])
+            f.seek(_HEADER + 4 * sequences + 8 * (sequences - 1))
+            end = int(numpy.fromfile(f, dtype=numpy.int64, count=1)[0]) + length * _ITEMSIZE[code]
+    check_pair(prefix, end)
+    return tokens
+
+
+_CHUNK = 1 << 20  # index entries checked at a time (20 MiB of numpy arrays)
+
+
+def check_index_entries(prefix: str, f, itemsize: int, sequences: int, documents: int) -> int:
+    """Tokens of indexed dataset `prefix` after every entry of its `.idx` (open as `f`, just past the
+    header) is checked against its `.bin`, a chunk at a time: every sequence length non-negative,
+    every sequence (pointer + length x token size) inside the `.bin`, and the document index a
+    non-decreasing run from 0 to the sequence count (megatron-core's reader checks none of it:
+    a negative length reads as the rest of the .bin, a pointer past it fails when that sample
+    is drawn). DataError names the file, the entry and the fix."""
+    idx, data = idx_path(prefix), bin_path(prefix)
+    size = os.path.getsize(data)
+    hint = f"the index is corrupt or belongs to another .bin; {_preprocess_hint(prefix)}"
+    tokens = 0
+    for start in range(0, sequences, _CHUNK):
+        count = min(_CHUNK, sequences - start)
+        f.seek(_HEADER + 4 * start)
+        lengths = numpy.fromfile(f, dtype=numpy.int32, count=count).astype(numpy.int64)
+        f.seek(_HEADER + 4 * sequences + 8 * start)
+        pointers = numpy.fromfile(f, dtype=numpy.int64, count=count)
+        ends = pointers + lengths * itemsize  # no overflow once pointers are within the .bin
+        bad = numpy.flatnonzero((lengths < 0) | (pointers < 0) | (pointers > size) | (ends > size))
+        if bad.size:
+            i = int(bad[0])
+            where = f"{idx}: sequence {start + i} (of {sequences})"
+            if lengths[i] < 0:
+                raise DataError(f"{where} has a negative length, {lengths[i]}: {hint}")
+            raise DataError(f"{where} lies at bytes {pointers[i]}..{pointers[i] + lengths[i] * itemsize} of {data}, "
+                            f"which holds {size} bytes: {hint}")
+        tokens += int(lengths.sum())
+    f.seek(_HEADER + 12 * sequences)
+    previous = 0
+    for start in range(0, documents, _CHUNK):
+        firsts = numpy.fromfile(f, dtype=numpy.int64, count=min(_CHUNK, documents - start))
+        bad = (numpy.diff(firsts, prepend=previous) < 0) | (firsts > sequences)
+        bad[0] |= start == 0 and firsts[0] != 0
+        if bad.any():
+            j = int(numpy.flatnonzero(bad)[0])
+            raise DataError(f"{idx}: document index entry {start + j} (of {documents}) is {firsts[j]}; the entries "
+                            f"rise from 0 to the sequence count {sequences}: {hint}")
+        previous = int(firsts[-1])
+    if previous != sequences or not documents:
+        raise DataError(f"{idx}: its document index ({documents} entries) ends at {previous}, not at the sequence "
+                        f"count {sequences}: {hint}")
+    return tokens
 
 
 FINGERPRINT_SUFFIX = ".fingerprint.json"  # beside PREFIX.bin and PREFIX.idx, written by `preprocess`

@@ -254,11 +254,10 @@ def load_checkpoint(root: str, model, pieces: OptimizerPieces, scheduler, step: 
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     from megatron_switch.checkpoint.distcp import load_dist_checkpoint, read_common_state
-    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError
 
     try:
         common = read_common_state(path, trusted=trust_checkpoint_code)
-    except CheckpointCodeError:
+    except CheckpointError:  # a file outside the checkpoint, a global off the allow-list, sizes: named there
         raise
     except Exception as err:  # noqa: BLE001  (pickle, zip and I/O raise several types)
         raise CheckpointError(f"checkpoint {path}: its common state cannot be read ({type(err).__name__}); it may "
@@ -270,7 +269,7 @@ def load_checkpoint(root: str, model, pieces: OptimizerPieces, scheduler, step: 
                           with_optimizer="optimizer" in common,
                           with_rng=common.get("world_size") == dist.get_world_size())
         loaded = load_dist_checkpoint(template, path, trusted=trust_checkpoint_code)
-    except CheckpointCodeError:
+    except CheckpointError:
         raise
     except (Exception, CheckpointException) as err:  # noqa: BLE001  (several types; say which checkpoint and why)
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__

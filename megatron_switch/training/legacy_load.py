@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from megatron_switch.checkpoint.layout import CheckpointError
+from megatron_switch.checkpoint.layout import CheckpointError, inside
 from megatron_switch.checkpoint.sharding import local_name, model_metadata
 from megatron_switch.training.optimizer_state import OptimizerPieces
 from megatron_switch.training.ownership import piece_of
@@ -81,15 +81,17 @@ def load_legacy_model(path: str, model, trust_checkpoint_code: bool = False) -> 
 
 
 def read_legacy_file(path: str, file: str, layout, trust_checkpoint_code: bool = False) -> dict:
-    from megatron_switch.checkpoint.safe_pickle import CheckpointCodeError, load
+    """Rank file `file` of iteration directory `path` (a file inside it), through the allow-list."""
+    from megatron_switch.checkpoint.safe_pickle import load
 
     try:
-        return load(file, trusted=trust_checkpoint_code)
+        return load(inside(path, os.path.relpath(file, path), f"{path}: the rank file"),
+                    trusted=trust_checkpoint_code)
     except FileNotFoundError:
         raise CheckpointError(f"legacy checkpoint {path}: no {os.path.relpath(file, path)} for this rank at "
                               f"{layout}; convert it to this layout with `megatron-switch convert "
                               f"--target-tp {layout.tp} --target-pp {layout.pp} --target-ep {layout.ep}`") from None
-    except CheckpointCodeError:
+    except CheckpointError:  # outside the folder, refused by the allow-list or the archive's sizes: named there
         raise
     except Exception as err:  # noqa: BLE001  (zip and pickle raise several types)
         raise CheckpointError(f"checkpoint file {file} cannot be loaded ({type(err).__name__}); it may be "
