@@ -4,7 +4,13 @@ Transformer Engine extra state, a Hugging Face .bin) is refused with an error na
 the file, and the code it names does not run (the sentinel file it would create does not appear);
 `--trust-checkpoint-code` loads it (and runs it). Real checkpoints of every format, ours and
 Megatron-LM-shaped, still load and convert bit-identically, and the allow-lists hold every global
-their pickles name."""
+their pickles name.
+
+A checkpoint also reads only itself: each crafted file (a storage index, weight map, integrity entry or
+rank file naming a file outside the folder; sizes in configs, trackers, zip members, tensor records,
+rank-file arguments and `.idx` entries beyond what the files hold; malformed integrity entries) is
+planted, refused with a message naming the record, and, where a file outside was named, that file
+is watched with inotify and never opened."""
 
 from __future__ import annotations
 
